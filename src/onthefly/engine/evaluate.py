@@ -1,0 +1,102 @@
+"""Evaluation passes: fused metrics, per-modality accuracy, features for the linear probe and robustness."""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from onthefly.engine.metrics import accuracy, macro_map
+from onthefly.models.fusion import EstimatorUnavailable
+
+
+def to_device(batch: dict, modalities: Iterable[str], device: torch.device):
+    non_blocking = device.type == "cuda"
+    inputs = {m: batch[m].to(device, non_blocking=non_blocking) for m in modalities}
+    return inputs, batch["label"].to(device, non_blocking=non_blocking)
+
+
+def iterate(loader, modalities, device, limit: Optional[int] = None):
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        yield to_device(batch, modalities, device)
+
+
+@torch.no_grad()
+def extract_features(model, loader, device, limit: Optional[int] = None):
+    """Encoder features of a whole split: ({modality: [N, D]}, labels [N]), in eval mode."""
+    model.eval()
+    feats, labels = {m: [] for m in model.modalities}, []
+    for inputs, y in iterate(loader, model.modalities, device, limit):
+        for m, f in model.encode(inputs).items():
+            feats[m].append(f.float())
+        labels.append(y)
+    return {m: torch.cat(v) for m, v in feats.items()}, torch.cat(labels)
+
+
+@torch.no_grad()
+def metrics_from_features(head, feats: Dict[str, torch.Tensor], labels: torch.Tensor, estimator) -> Dict[str, float]:
+    logits = head(feats)
+    out = {
+        "loss": float(F.cross_entropy(logits, labels)),
+        "acc": accuracy(logits, labels),
+        "map": macro_map(logits, labels),
+    }
+    if len(feats) > 1:
+        try:
+            for m, z in head.unimodal_logits(feats, estimator).items():
+                out[f"acc_{m}"] = accuracy(z, labels)
+        except EstimatorUnavailable:
+            pass
+    return out
+
+
+def evaluate(model, loader, device, estimator, limit: Optional[int] = None) -> Dict[str, float]:
+    feats, labels = extract_features(model, loader, device, limit)
+    return metrics_from_features(model.head, feats, labels, estimator)
+
+
+def linear_probe(
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    steps: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> float:
+    """Test accuracy of a linear classifier trained (full-batch Adam) on frozen features (CVPR Fig. 1)."""
+    (xtr, ytr), (xte, yte) = train, test
+    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = (0.01 * torch.randn(xtr.shape[1], num_classes, generator=g)).to(xtr.device).requires_grad_()
+    b = torch.zeros(num_classes, device=xtr.device, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(xtr @ w + b, ytr).backward()
+            opt.step()
+    with torch.no_grad():
+        return accuracy(xte @ w + b, yte)
+
+
+@torch.no_grad()
+def robustness_curve(
+    head, feats: Dict[str, torch.Tensor], labels: torch.Tensor, modality: str, ratios: Iterable[float], seed: int = 0
+) -> list[float]:
+    """Fused accuracy when ``modality``'s feature is zeroed for a fraction r of test samples (same order for
+    every r, so the removed sets are nested)."""
+    n = len(labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(labels.device)
+    accs = []
+    for r in ratios:
+        removed = torch.zeros(n, dtype=torch.bool, device=labels.device)
+        removed[order[: int(round(r * n))]] = True
+        f = dict(feats)
+        f[modality] = torch.where(removed[:, None], torch.zeros_like(f[modality]), f[modality])
+        accs.append(accuracy(head(f), labels))
+    return accs
+

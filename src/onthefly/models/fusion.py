@@ -1,0 +1,159 @@
+"""Fusion heads. Each maps per-modality features to class logits and can give uni-modal logits (METHOD.md §1).
+
+Every head supports the generic zero-out estimator (the head applied with every other modality's feature set to
+zero, one batched head forward for all modalities). A head with a cheaper exact estimator overrides
+:meth:`FusionHead.natural_unimodal`; one without sets ``natural_estimator = None``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from onthefly.config import Estimator, configurable
+from onthefly.models.encoders import init_weights
+
+
+class EstimatorUnavailable(RuntimeError):
+    pass
+
+
+class FusionHead(nn.Module):
+    natural_estimator: Optional[str] = "zero_out"  # name of the head's own estimator; None: zero-out only
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int):
+        super().__init__()
+        self.modalities = list(feature_dims)
+        self.feature_dims = dict(feature_dims)
+        self.num_classes = num_classes
+
+    def natural_unimodal(self, feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return self.zero_out_unimodal(feats)
+
+    def zero_out_unimodal(self, feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """z_m = head(features with every modality but m zeroed), all modalities in one head forward."""
+        mods, b = self.modalities, next(iter(feats.values())).shape[0]
+        stacked = {
+            m: torch.cat([feats[m] if m == keep else torch.zeros_like(feats[m]) for keep in mods]) for m in mods
+        }
+        return dict(zip(mods, self.forward(stacked).split(b)))
+
+    def unimodal_logits(self, feats: Dict[str, torch.Tensor], estimator: Estimator | str = Estimator.natural):
+        if Estimator(estimator) is Estimator.zero_out:
+            return self.zero_out_unimodal(feats)
+        if self.natural_estimator is None:
+            raise EstimatorUnavailable(
+                f"fusion head {type(self).__name__} has no natural uni-modal estimator; "
+                "set discrepancy.estimator=zero_out to estimate each modality by zeroing the others."
+            )
+        return self.natural_unimodal(feats)
+
+
+@configurable("fusion", runtime=("feature_dims", "num_classes"))
+class ConcatFusion(FusionHead):
+    """f = W [φ_1; ...; φ_M] + b. Uni-modal: z_m = W_m φ_m + b / M (the W-slice estimator)."""
+
+    natural_estimator = "w_slice"
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int):
+        super().__init__(feature_dims, num_classes)
+        self.fc = nn.Linear(sum(feature_dims.values()), num_classes)
+        init_weights(self)
+
+    def forward(self, feats):
+        return self.fc(torch.cat([feats[m] for m in self.modalities], dim=1))
+
+    def natural_unimodal(self, feats):
+        weights = self.fc.weight.split([self.feature_dims[m] for m in self.modalities], dim=1)
+        bias = self.fc.bias / len(self.modalities)
+        return {m: feats[m] @ w.t() + bias for m, w in zip(self.modalities, weights)}
+
+
+@configurable("fusion", runtime=("feature_dims", "num_classes"))
+class SumFusion(FusionHead):
+    """f = Σ_m (W_m φ_m + b_m). Uni-modal: z_m = W_m φ_m + b_m (per-branch)."""
+
+    natural_estimator = "branch"
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int):
+        super().__init__(feature_dims, num_classes)
+        self.fc = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in feature_dims.items()})
+        init_weights(self)
+
+    def forward(self, feats):
+        return sum(self.fc[m](feats[m]) for m in self.modalities)
+
+    def natural_unimodal(self, feats):
+        return {m: self.fc[m](feats[m]) for m in self.modalities}
+
+
+class _TwoModalityHead(FusionHead):
+    """Heads in which one modality (``condition``) modulates the other's per-branch logits."""
+
+    natural_estimator = "branch"
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None):
+        super().__init__(feature_dims, num_classes)
+        if len(feature_dims) != 2:
+            raise ValueError(
+                f"{type(self).__name__} fuses exactly two modalities, got {list(feature_dims)}; "
+                "use fusion=concat, sum or mlp for other counts."
+            )
+        self.cond = condition or self.modalities[0]
+        if self.cond not in feature_dims:
+            raise ValueError(f"fusion.condition={self.cond!r} is not one of the modalities {self.modalities}")
+        self.target = next(m for m in self.modalities if m != self.cond)
+        self.branch = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in feature_dims.items()})
+
+    def natural_unimodal(self, feats):
+        return {m: self.branch[m](feats[m]) for m in self.modalities}
+
+
+@configurable("fusion", runtime=("feature_dims", "num_classes"))
+class FiLMFusion(_TwoModalityHead):
+    """f = γ(φ_c) ⊙ z_t + z_c: the conditioning modality c scales the target's branch logits z_t = W_t φ_t + b_t
+    feature-wise (γ = 1 + W_γ φ_c) and adds its own branch logits z_c. Uni-modal: the branches z_c, z_t."""
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None):
+        super().__init__(feature_dims, num_classes, condition)
+        self.gamma = nn.Linear(feature_dims[self.cond], num_classes)
+        init_weights(self)
+        nn.init.zeros_(self.gamma.weight)  # start as plain sum fusion
+
+    def forward(self, feats):
+        z_c, z_t = self.branch[self.cond](feats[self.cond]), self.branch[self.target](feats[self.target])
+        return (1 + self.gamma(feats[self.cond])) * z_t + z_c
+
+
+@configurable("fusion", runtime=("feature_dims", "num_classes"))
+class GatedFusion(_TwoModalityHead):
+    """f = W_o (σ(z_c) ⊙ z_t) + b_o: the conditioning modality's branch logits gate the target's (the CVPR
+    paper's gated baseline, on branch logits). Uni-modal: the branches z_c, z_t."""
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None):
+        super().__init__(feature_dims, num_classes, condition)
+        self.out = nn.Linear(num_classes, num_classes)
+        init_weights(self)
+
+    def forward(self, feats):
+        gate = torch.sigmoid(self.branch[self.cond](feats[self.cond]))
+        return self.out(gate * self.branch[self.target](feats[self.target]))
+
+
+@configurable("fusion", runtime=("feature_dims", "num_classes"))
+class MLPFusion(FusionHead):
+    """Concatenation followed by a hidden layer. No closed-form uni-modal logits: zero-out only."""
+
+    natural_estimator = None
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, hidden: int = 128, dropout: float = 0.0):
+        super().__init__(feature_dims, num_classes)
+        self.net = nn.Sequential(
+            nn.Linear(sum(feature_dims.values()), hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+        init_weights(self)
+
+    def forward(self, feats):
+        return self.net(torch.cat([feats[m] for m in self.modalities], dim=1))

@@ -1,0 +1,41 @@
+"""`python -m onthefly.train [group=option ...] [key=value ...]` (add `-m` for a multirun sweep)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from onthefly.config import CONF_DIR, register_configs
+
+register_configs()
+log = logging.getLogger("onthefly")
+
+
+def default_name(cfg: DictConfig) -> str:
+    choices = HydraConfig.get().runtime.choices
+    return f"{choices.get('dataset')}-{choices.get('fusion')}-{choices.get('modulation')}-s{cfg.seed}"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float:
+    from onthefly.engine.loop import TrainingError, run
+
+    if cfg.name is None:
+        with open_dict(cfg):
+            cfg.name = default_name(cfg)
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        results = run(cfg, out_dir)
+    except TrainingError as err:
+        log.error("%s", err)
+        sys.exit(1)
+    test = results.get("test", {})
+    log.info("test/acc %.4f  test/map %.4f  -> %s", test.get("acc", float("nan")), test.get("map", float("nan")), out_dir)
+    return float(test.get("acc", results["best"]["score"]))
+
+
+if __name__ == "__main__":
+    main()
