@@ -66,6 +66,7 @@ class TrainerConfig:
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch's default)
+    channels_last: bool = True  # NHWC conv layout (faster on CPU and on tensor cores)
     modalities: Optional[List[str]] = None  # None: every modality of the dataset; [audio]: a uni-modal model
     limit_train_batches: Optional[int] = None
     limit_eval_batches: Optional[int] = None

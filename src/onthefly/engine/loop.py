@@ -212,11 +212,11 @@ def _config_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def run(cfg: DictConfig, out_dir: Path | str) -> dict:
+def train(cfg: DictConfig, out_dir: Path | str):
     """Train and evaluate one configuration; everything the run makes goes under ``out_dir``.
 
     Writes config.yaml, metrics.csv (per epoch), steps.csv (per step), results.json, best.pt and, unless
-    logger.mode=disabled, a W&B run under out_dir/wandb.
+    logger.mode=disabled, a W&B run under out_dir/wandb. Returns (results, model at its best epoch, splits).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,6 +233,8 @@ def run(cfg: DictConfig, out_dir: Path | str) -> dict:
     if unknown:
         raise TrainingError(f"trainer.modalities names {unknown}, but the dataset has {splits.modalities}")
     model = build_model(cfg, modalities, splits.num_classes).to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     modulation: Modulation = instantiate(cfg.modulation)
     if modulation.needs_rho and len(modalities) < 2:
         raise TrainingError(
@@ -266,10 +268,15 @@ def run(cfg: DictConfig, out_dir: Path | str) -> dict:
                        out_dir / "best.pt")
         logger.finish(results)
         failed = False
-        return results
+        return results, model, splits
     except BaseException as err:  # record what happened, keep what was computed, re-raise
         logger.finish({"status": "failed", "error": f"{type(err).__name__}: {err}", "config": config,
                        "epochs_done": len(logger.epoch_rows)})
         raise
     finally:
         logger.close(failed=failed)
+
+
+def run(cfg: DictConfig, out_dir: Path | str) -> dict:
+    """:func:`train`, returning only the results dict (what results.json holds)."""
+    return train(cfg, out_dir)[0]

@@ -74,6 +74,8 @@ class ResNet18(nn.Module):
         if frames:
             b, t = x.shape[:2]
             x = x.flatten(0, 1)
+        if self.stem[0].weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # the model was moved to channels_last
         h = self.layers(self.stem(x)).mean(dim=(2, 3))  # [B*T, D]
         return h.view(b, t, -1).mean(dim=1) if frames else h
 

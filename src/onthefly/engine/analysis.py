@@ -1,0 +1,64 @@
+"""After training: linear probes, missing-modality robustness, and loading a finished run from its folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from onthefly.engine.evaluate import extract_features, linear_probe, robustness_curve
+from onthefly.engine.loop import make_loader, select_device
+from onthefly.models import build_model
+
+RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def load_run(run_dir: Path | str, device: str = "auto"):
+    """(cfg, model with its best weights, splits, device) of a finished run folder."""
+    run_dir = Path(run_dir)
+    cfg_path, ckpt_path = run_dir / "config.yaml", run_dir / "best.pt"
+    for path in (cfg_path, ckpt_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run_dir must be a finished run folder of `onthefly.train`.")
+    cfg = OmegaConf.load(cfg_path)
+    dev = select_device(device)
+    splits = instantiate(cfg.dataset).splits()
+    modalities = list(cfg.trainer.modalities) if cfg.trainer.modalities else list(splits.modalities)
+    model = build_model(cfg, modalities, splits.num_classes)
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+    except Exception as err:  # noqa: BLE001
+        raise RuntimeError(f"{ckpt_path} is not a checkpoint of this run's model ({err}); retrain or pick another run.") from err
+    return cfg, model.to(dev), splits, dev
+
+
+def _features(model, splits, device, batch_size: int, split: str):
+    dataset = splits.probe_train if split == "train" else splits[split]
+    return extract_features(model, make_loader(dataset, batch_size, False, 0, 0, device), device)
+
+
+def probe(model, splits, device, batch_size: int = 256, seed: int = 0, steps: int = 300) -> dict[str, float]:
+    """Linear-probe test accuracy of each encoder (frozen), trained on the train split."""
+    (ftr, ytr), (fte, yte) = (_features(model, splits, device, batch_size, s) for s in ("train", "test"))
+    return {m: linear_probe((ftr[m], ytr), (fte[m], yte), splits.num_classes, steps=steps, seed=seed) for m in ftr}
+
+
+def robustness(model, splits, device, ratios: Iterable[float] = RATIOS, batch_size: int = 256, seed: int = 0):
+    """{modality: [fused test accuracy with that modality removed for a fraction r of samples]}."""
+    feats, labels = _features(model, splits, device, batch_size, "test")
+    if len(feats) < 2:
+        return {}
+    with torch.no_grad():
+        return {m: robustness_curve(model.head, feats, labels, m, ratios, seed) for m in feats}
+
+
+def plot_robustness(curves: dict[str, list[float]], path: Path, ratios: Iterable[float] = RATIOS,
+                    title: Optional[str] = None) -> Path:
+    from onthefly.plots import line_plot
+
+    return line_plot({f"{m} removed": (list(ratios), accs) for m, accs in curves.items()}, path,
+                     xlabel="fraction of test samples without the modality", ylabel="fused accuracy",
+                     title=title or "missing-modality robustness")
