@@ -74,6 +74,7 @@ class TrainerConfig:
     select_on: Split = Split.val  # split that selects the checkpoint; `test` reproduces the official code
     eval_test: bool = True
     save_checkpoint: bool = True
+    plots: bool = True  # ρ / k / q curves (plots/*.png, also to W&B) at the end of the run
     progress: bool = True
     deterministic: bool = True
     grad_clip: Optional[float] = None
@@ -138,6 +139,7 @@ class SGDConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
+    foreach: Optional[bool] = None  # multi-tensor update (faster; None: torch's default for the device)
 
 
 @dataclass
@@ -148,6 +150,7 @@ class AdamWConfig:
     weight_decay: float = 0.01
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    foreach: Optional[bool] = None
 
 
 @dataclass

@@ -43,7 +43,11 @@ def modulate_gradients(grads: list[torch.Tensor], k: torch.Tensor, ge_scale: flo
         stds = [torch.nan_to_num(g.std(), nan=0.0).add(1e-8).mul(ge_scale) for g in grads]
     torch._foreach_mul_(grads, k)
     if ge_scale > 0:
-        torch._foreach_add_(grads, [torch.randn_like(g).mul_(s) for g, s in zip(grads, stds)])
+        # one contiguous draw for all tensors (i.i.d., so its layout is irrelevant): randn_like on
+        # channels_last gradients takes a slow path, ~6x slower on CPU
+        noise = torch.randn(sum(g.numel() for g in grads), device=grads[0].device, dtype=grads[0].dtype)
+        chunks = noise.split([g.numel() for g in grads])
+        torch._foreach_add_(grads, [c.view(g.shape).mul_(s) for c, g, s in zip(chunks, grads, stds)])
 
 
 @configurable("modulation")

@@ -10,10 +10,15 @@ from onthefly.config import configurable
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 
 
-class Rescale(str, enum.Enum):
-    global_ = "global"  # every feature × 1/(1 - θ), θ = Σ d_m q_m / Σ d_m (official code)
-    per_modality = "per_modality"  # φ_m × 1/(1 - q_m)
-    none = "none"
+# global: every feature × 1/(1 - θ), θ = Σ d_m q_m / Σ d_m (official code) | per_modality: φ_m × 1/(1 - q_m) | none.
+# OmegaConf matches a config string to an enum member by NAME, and `global` is a Python keyword, so the enum is
+# built with the functional API (member `global`; `global_` is an alias for code).
+Rescale = enum.Enum(
+    "Rescale",
+    [("global", "global"), ("global_", "global"), ("per_modality", "per_modality"), ("none", "none")],
+    type=str,
+    module=__name__,
+)
 
 
 class QSource(str, enum.Enum):
@@ -82,10 +87,12 @@ class OPM(Modulation):
             rho, self.prev_rho = self.prev_rho, ctx.rho.detach().clone()
         if rho is None or ctx.epoch not in self.window:
             ctx.log_per_modality("q", torch.zeros_like(ctx.rho))
+            ctx.log_per_modality("drop", torch.zeros_like(ctx.rho))
             return
         q = opm_drop_probs(rho, self.q_base, self.lam)
         ctx.log_per_modality("q", q)
         if torch.rand(()).item() >= self.p_exe:  # CPU generator: no device sync
+            ctx.log_per_modality("drop", torch.zeros_like(q))  # same columns every step
             return
         ctx.features, keep = drop_features(ctx.features, q, self.rescale)
         ctx.log_per_modality("drop", 1 - keep.float().mean(0))
