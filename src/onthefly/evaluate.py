@@ -1,6 +1,6 @@
 """Analyse a finished run: `python -m onthefly.evaluate {probe,robustness,plots} run_dir=PATH [device=cpu] [seed=0]`.
 
-probe       freeze each encoder, train a linear classifier on the train split, report test accuracy (probe.json)
+probe       freeze each encoder, fit a linear classifier on train (L2 chosen on val), report test accuracy (probe.json)
 robustness  fused test accuracy when one modality is removed for a fraction r of samples (robustness.json + PNG)
 plots       ρ / k / q curves from the run's steps.csv (plots/*.png)
 """
@@ -28,6 +28,8 @@ def _parse(argv):
         opts[key] = value
     if "run_dir" not in opts:
         parser.error("run_dir=PATH is required (a folder written by `python -m onthefly.train`)")
+    if not Path(opts["run_dir"]).is_dir():
+        parser.error(f"run_dir={opts['run_dir']} is not a folder (expected a run folder written by `python -m onthefly.train`)")
     return args.command, Path(opts["run_dir"]), opts["device"], int(opts["seed"])
 
 
@@ -56,15 +58,16 @@ def main(argv=None) -> int:
 
     if command == "plots":
         paths = run_plots(run_dir)
-        print("\n".join(map(str, paths)) or f"no steps.csv in {run_dir}")
+        print("\n".join(map(str, paths)) or f"nothing to plot: {run_dir} has no steps.csv with rho/k/q columns "
+              "(a uni-modal run, or logger.log_steps=false)")
         return 0
     cfg, model, splits, dev = analysis.load_run(run_dir, device)
     if command == "probe":
-        result = analysis.probe(model, splits, dev, seed=seed)
+        result = analysis.probe(model, splits, dev)
         (run_dir / "probe.json").write_text(json.dumps(result, indent=2))
-        for m, acc in result.items():
-            print(f"probe/acc_{m}: {acc:.4f}")
-        _log_to_wandb(run_dir, {f"probe/acc_{m}": v for m, v in result.items()}, {})
+        for m, r in result.items():
+            print(f"probe/acc_{m}: {r['acc']:.4f}  (val {r['val_acc']:.4f}, l2 {r['l2']:g})")
+        _log_to_wandb(run_dir, {f"probe/acc_{m}": r["acc"] for m, r in result.items()}, {})
     else:
         curves = analysis.robustness(model, splits, dev, seed=seed)
         if not curves:

@@ -266,6 +266,11 @@ def train(cfg: DictConfig, out_dir: Path | str):
         if tc.save_checkpoint:
             torch.save({"model": model.state_dict(), "epoch": results["best"]["epoch"] if results["best"] else None},
                        out_dir / "best.pt")
+        if tc.plots:
+            from onthefly.plots import run_plots
+
+            for path in run_plots(out_dir):
+                logger.log_image(f"plots/{path.stem}", path)
         logger.finish(results)
         failed = False
         return results, model, splits

@@ -3,23 +3,26 @@ from __future__ import annotations
 
 import json
 import math
+import netrc
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 import pandas as pd
 
 
 def wandb_logged_in() -> bool:
-    """True when W&B has an API key (WANDB_API_KEY, ~/.netrc or its settings file); never prompts."""
+    """True when W&B has an API key: WANDB_API_KEY, or a ~/.netrc entry for its host (what `wandb login` writes).
+
+    Reads no W&B API and never prompts."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
     try:
-        import wandb
-
-        return bool(wandb.api.api_key)
-    except Exception:  # noqa: BLE001  (any failure to read a key means: not logged in)
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 
 
