@@ -33,6 +33,9 @@ def _slug(label: str) -> str:
 
 def run_job(label: str, overrides: list[str], seed: int, out_root: str) -> dict:
     """One training run + linear probes, in a worker process."""
+    import os
+
+    os.environ.setdefault("WANDB_SILENT", "true")  # 18 runs of W&B banners would bury the table
     from onthefly.config import compose
     from onthefly.engine.analysis import probe
     from onthefly.engine.loop import train
@@ -41,10 +44,10 @@ def run_job(label: str, overrides: list[str], seed: int, out_root: str) -> dict:
     run_dir = Path(out_root) / _slug(label) / f"seed{seed}"
     t0 = time.time()
     results, model, splits = train(cfg, run_dir)
-    probes = probe(model, splits, next(model.parameters()).device, seed=seed)
+    probes = probe(model, splits, next(model.parameters()).device)
     row = {"method": label, "seed": seed, "run_dir": str(run_dir), "seconds": time.time() - t0}
     row.update({k: v for k, v in results["test"].items() if k.startswith("acc") or k == "map"})
-    row.update({f"probe_{m}": v for m, v in probes.items()})
+    row.update({f"probe_{m}": p["acc"] for m, p in probes.items()})
     if len(results["modalities"]) == 1:  # a uni-modal model's own accuracy is its modality's accuracy
         row[f"acc_{results['modalities'][0]}"] = row["acc"]
     return row

@@ -1,0 +1,3 @@
+"""Datasets over caches (and the built-in synthetic benchmark), transforms and frame sampling."""
+from onthefly.data import synth_av  # noqa: F401  (registers the dataset schemas)
+from onthefly.data.base import DataSplits  # noqa: F401

@@ -1,0 +1,43 @@
+"""What every dataset builder hands the training loop."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from torch.utils.data import Dataset
+
+
+class CacheMissingError(FileNotFoundError):
+    """A dataset cache is absent or stale; the message names the command that makes it."""
+
+
+def require_cache(path: Path, prep_command: str) -> Path:
+    """Return ``path`` if it exists, else fail with one line naming the prep command and ONTHEFLY_DATA."""
+    path = Path(path)
+    if not path.exists():
+        raise CacheMissingError(
+            f"No dataset cache at {path}. Build it with `{prep_command}`, or point paths.data_root "
+            f"(env ONTHEFLY_DATA) at the folder that holds it."
+        )
+    return path
+
+
+@dataclass
+class DataSplits:
+    """train / val / test datasets yielding dicts {modality: tensor, ..., "label": int, "index": int}."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    modalities: list[str]
+    class_names: list[str] = field(default_factory=list)
+    train_eval: Optional[Dataset] = None  # the train split with evaluation transforms (linear probe); None: train
+
+    @property
+    def probe_train(self) -> Dataset:
+        return self.train_eval if self.train_eval is not None else self.train
+
+    def __getitem__(self, split: str) -> Dataset:
+        return {"train": self.train, "val": self.val, "test": self.test}[split]
