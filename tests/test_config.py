@@ -1,0 +1,314 @@
+"""The Hydra config tree: every option composes and builds, and mistakes fail at compose time with a clear message."""
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from onthefly.config import CONF_DIR, compose, register_configs
+from onthefly.models import MultimodalModel, build_model
+from onthefly.modulation.base import Modulation
+
+register_configs()  # imports the schema modules once, at collection rather than inside a test
+torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # torch imports torch._dynamo on the first optimizer (~2 s)
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ("dataset", "backbone", "fusion", "modulation", "optim", "scheduler", "trainer", "logger", "paths", "debug",
+          "experiment")
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+TINY_DATA = ["dataset.num_train=16", "dataset.num_val=8", "dataset.num_test=8"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # tiny tensor ops are far slower with several threads on a busy 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def _cfg(*overrides: str):
+    """compose() is deterministic for given overrides (and ~0.3 s): compose each set once per session."""
+    return compose(list(overrides))
+
+
+def _leaves(node, prefix=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, prefix + (k,))
+    else:
+        yield prefix, node
+
+
+def _lookup(container: dict, path: tuple):
+    for k in path:
+        container = container[k]
+    return container
+
+
+def _error_text(exc: BaseException) -> str:
+    parts = []
+    while exc is not None:
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def test_options_were_found():
+    found = {g for g, _ in OPTIONS}
+    assert found == set(GROUPS)
+    assert ("modulation", "opm_ogm") in OPTIONS and ("fusion", "mlp") in OPTIONS
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_with_its_own_values(group, option):
+    path = CONF_DIR / group / f"{option}.yaml"
+    cfg = _cfg(f"{group}={option}")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    defaults = raw.pop("defaults", [])
+    is_global = "@package _global_" in path.read_text().splitlines()[0]
+    composed = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    base = composed if is_global else composed[group]
+    for key, value in _leaves(raw):
+        assert _lookup(base, key) == value, f"{group}={option}: {'.'.join(key)}"
+    # an option that names a class schema builds that class
+    for entry in defaults:
+        if isinstance(entry, str) and entry.endswith("_schema") and entry != "backbone_schema":
+            assert base["_target_"].rsplit(".", 1)[-1] == entry[: -len("_schema")]
+    # the whole config resolves (interpolations, env defaults)
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "dataset"])
+def test_dataset_options_build_tiny_splits(option):
+    cfg = compose([f"dataset={option}", *TINY_DATA])
+    splits = instantiate(cfg.dataset).splits()
+    assert list(splits.modalities) == list(cfg.dataset.modalities)
+    assert splits.num_classes == cfg.dataset.num_classes
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 8, 8)
+    item = splits.train[0]
+    assert set(cfg.dataset.modalities) <= set(item)
+    assert 0 <= item["label"] < cfg.dataset.num_classes
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "backbone"])
+def test_backbone_options_build_every_modality_encoder(option):
+    overrides = [f"backbone={option}"]
+    if option == "resnet18":
+        overrides.append("backbone.width=4")  # same structure, far fewer parameters
+    cfg = compose(overrides)
+    modalities = list(cfg.backbone.encoders)
+    assert {"audio", "visual", "sensor"} <= set(modalities)
+    model = build_model(cfg, modalities, num_classes=3)
+    assert isinstance(model, MultimodalModel)
+    width = cfg.backbone.width
+    assert model.feature_dims["audio"] == model.feature_dims["visual"] == 8 * width
+    assert model.feature_dims["sensor"] == width
+    model.eval()
+    with torch.no_grad():
+        out = model({"audio": torch.randn(2, 1, 16, 16), "visual": torch.randn(2, 3, 16, 16),
+                     "sensor": torch.randn(2, cfg.backbone.encoders.sensor.in_dim)})
+    assert out.shape == (2, 3)
+
+
+def test_backbone_without_a_modality_fails_with_a_clear_message():
+    cfg = _cfg()
+    with pytest.raises(ValueError, match="no encoder for modality"):
+        build_model(cfg, ["audio", "depth"], num_classes=3)
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "fusion"])
+def test_fusion_options_instantiate(option):
+    cfg = _cfg(f"fusion={option}")
+    head = instantiate(cfg.fusion, feature_dims={"audio": 8, "visual": 8}, num_classes=3)
+    assert type(head).__name__ == cfg.fusion._target_.rsplit(".", 1)[-1]
+    out = head({"audio": torch.randn(5, 8), "visual": torch.randn(5, 8)})
+    assert out.shape == (5, 3)
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "modulation"])
+def test_modulation_options_instantiate_and_set_up(option):
+    cfg = _cfg(f"modulation={option}")
+    method = instantiate(cfg.modulation)
+    assert isinstance(method, Modulation)
+    assert type(method).__name__ == cfg.modulation._target_.rsplit(".", 1)[-1]
+    model = build_model(cfg, ["audio", "visual"], num_classes=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        method.setup(model, 3)
+    assert not [w for w in caught if "selects no parameter" in str(w.message)]  # ResNet encoders have convs
+
+
+def test_ogm_overrides_reach_the_object():
+    ogm = instantiate(compose(["modulation=ogm", "modulation.alpha=0.3", "modulation.end=7"]).modulation)
+    assert ogm.alpha == pytest.approx(0.3) and ogm.noise == 0.0 and ogm.window.end == 7
+
+
+def test_ogm_ge_noise_scale_reaches_the_object():
+    assert instantiate(compose(["modulation=ogm_ge", "modulation.ge_scale=2"]).modulation).noise == pytest.approx(2.0)
+
+
+def test_opm_ogm_nested_overrides_reach_both_parts():
+    both = instantiate(compose(["modulation=opm_ogm", "modulation.ogm.alpha=2.6", "modulation.opm.p_exe=0.2"]).modulation)
+    assert both.ogm.alpha == pytest.approx(2.6) and both.opm.p_exe == pytest.approx(0.2)
+    assert both.ogm.noise == pytest.approx(1.0)  # opm_ogm uses OGM-GE
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "optim"])
+def test_optim_options_build_an_optimizer(option):
+    cfg = _cfg(f"optim={option}")
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer = instantiate(cfg.optim)(params)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert type(optimizer).__name__ == cfg.optim._target_.rsplit(".", 1)[-1]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr)
+    assert optimizer.param_groups[0]["weight_decay"] == pytest.approx(cfg.optim.weight_decay)
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "scheduler"])
+def test_scheduler_options_build_a_scheduler(option):
+    cfg = _cfg(f"scheduler={option}")
+    optimizer = instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(3))], lr=0.5)
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    optimizer.step()
+    scheduler.step()
+    lr = optimizer.param_groups[0]["lr"]
+    if option == "step":
+        assert cfg.scheduler.step_size > 1 and lr == pytest.approx(0.5)  # no decay before step_size epochs
+    else:
+        assert lr == pytest.approx(0.5)
+
+
+def test_step_scheduler_decays_after_step_size():
+    cfg = compose(["scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.1", "optim.lr=1.0"])
+    optimizer = instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(1))])
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    lrs = []
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+
+def test_debug_preset_wins_over_experiment():
+    cfg = compose(["experiment=demo", "debug=fast"])
+    assert cfg.trainer.epochs == 2  # demo says 10, debug is applied last
+    assert cfg.trainer.threads == 1  # from demo, untouched by debug
+    assert cfg.optim._target_ == "torch.optim.AdamW"
+    assert cfg.logger.mode.value == "disabled"
+
+
+def test_misspelt_key_fails_and_names_the_key():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["modulation=ogm_ge", "modulation.alpah=0.8"])
+    assert "alpah" in _error_text(info.value)
+
+
+def test_misspelt_nested_key_fails_and_names_the_key():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["modulation=opm_ogm", "modulation.ogm.alpah=0.8"])
+    assert "modulation.ogm.alpah" in _error_text(info.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.epochs=abc", "trainer.epochs"),
+    ("trainer.batch_size=1.5", "trainer.batch_size"),
+    ("seed=x", "seed"),
+])
+def test_wrong_type_fails_and_names_the_key(override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose([override])
+    assert key in _error_text(info.value)
+
+
+def test_unknown_group_option_fails():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["fusion=nope"])
+    assert "fusion/nope" in _error_text(info.value)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["modulation=ogm", "modulation.scope=bogus"], "modulation.scope"),
+    (["modulation=ogm", "modulation.coeff_form=bogus"], "modulation.coeff_form"),
+    (["modulation=opm", "modulation.rescale=bogus"], "modulation.rescale"),
+    (["modulation=opm", "modulation.q_source=bogus"], "modulation.q_source"),
+    (["modulation=opm_ogm", "modulation.opm.rescale=bogus"], "modulation.opm.rescale"),
+    (["discrepancy.estimator=bogus"], "discrepancy.estimator"),
+    (["discrepancy.reduce=bogus"], "discrepancy.reduce"),
+    (["trainer.select_on=bogus"], "trainer.select_on"),
+    (["logger.mode=bogus"], "logger.mode"),
+])
+def test_unknown_enum_value_fails_at_compose_time(overrides, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(overrides)
+    text = _error_text(info.value)
+    assert key in text and "bogus" in text
+
+
+@pytest.mark.parametrize("overrides,attr,value", [
+    (["modulation=ogm", "modulation.scope=all"], "scope", "all"),
+    (["modulation=ogm", "modulation.coeff_form=shifted"], "coeff_form", "shifted"),
+    (["modulation=opm", "modulation.rescale=none"], "rescale", "none"),
+    (["modulation=opm", "modulation.rescale=global"], "rescale", "global"),
+    (["modulation=opm", "modulation.q_source=previous"], "q_source", "previous"),
+])
+def test_valid_enum_values_compose(overrides, attr, value):
+    method = instantiate(compose(overrides).modulation)
+    assert getattr(method, attr).value == value
+
+
+def test_data_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONTHEFLY_DATA", str(tmp_path))
+    cfg = compose([])
+    assert cfg.paths.data_root == str(tmp_path)
+    assert OmegaConf.to_container(cfg.paths, resolve=True)["data_root"] == str(tmp_path)
+
+
+def test_data_root_defaults_to_data_without_the_environment(monkeypatch):
+    monkeypatch.delenv("ONTHEFLY_DATA", raising=False)
+    assert compose([]).paths.data_root == "data"
+
+
+# --- packaging ---------------------------------------------------------------------------------------------
+def _name(requirement: str) -> str:
+    name = re.split(r"[\s<>=!~\[;,]", requirement.strip(), maxsplit=1)[0]
+    name = re.sub(r"[-_.]+", "-", name).lower()
+    return {"pytorch": "torch"}.get(name, name)
+
+
+def test_pyproject_and_environment_list_the_same_packages():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pip_side = {_name(r) for r in project["dependencies"]}
+    pip_side |= {_name(r) for r in project["optional-dependencies"]["dev"]}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda_side = set()
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            conda_side |= {_name(r) for r in dep.get("pip", []) if not r.strip().startswith("-e")}
+        else:
+            conda_side.add(_name(dep))
+    conda_side -= {"python", "pip"}
+    assert "torch" in pip_side and "pytest" in pip_side
+    assert conda_side == pip_side, (
+        f"only in environment.yml: {sorted(conda_side - pip_side)}; only in pyproject.toml: {sorted(pip_side - conda_side)}"
+    )
+
+
+def test_requirement_name_normalisation():
+    assert _name("pytorch>=2.4,<2.15") == "torch"
+    assert _name("hydra_core >= 1.3") == "hydra-core"
+    assert _name("Python=3.11") == "python"
+    assert _name("ruamel.yaml[jinja2]>0.1") == "ruamel-yaml"
