@@ -171,6 +171,17 @@ class ConstantLRConfig:
 
 # --- schemas derived from class signatures ---------------------------------------------------------------
 def _field_for(name: str, annotation: Any, default: Any):
+@dataclass
+class AdamConfig:
+    _target_: str = "torch.optim.Adam"
+    _partial_: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # L2 (coupled), as plain Adam does
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    foreach: Optional[bool] = None
+
+
     if default is inspect.Parameter.empty:
         return (name, annotation, field(default=MISSING))
     if isinstance(default, (list, dict)):
@@ -252,3 +263,4 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    cs.store(group="optim", name="Adam_schema", node=AdamConfig)

@@ -16,12 +16,15 @@ from onthefly.modulation.base import Modulation, StepContext
 
 @configurable("modulation")
 class ModalityDropout(Modulation):
-    """Zero one named modality's features for each sample with a fixed probability p (CVPR 2022 Table 2)."""
+    """Zero one named modality's features for each sample with a fixed probability p (CVPR 2022 Table 2).
 
-    def __init__(self, modality: str = "audio", p: float = 0.5, rescale: bool = False):
+    ``modality`` None drops the model's first modality (audio for audio-visual data, rgb for UCF-101)."""
+
+    def __init__(self, modality: Optional[str] = None, p: float = 0.5, rescale: bool = False):
         self.modality, self.p, self.rescale = modality, float(p), rescale
 
     def setup(self, model, num_classes: int) -> None:
+        self.modality = self.modality or model.modalities[0]
         if self.modality not in model.encoders:
             raise ValueError(
                 f"modulation.modality={self.modality!r} is not a modality of this model ({list(model.encoders)})"
