@@ -1,7 +1,8 @@
-"""Analyse a finished run: `python -m onthefly.evaluate {probe,robustness,plots} run_dir=PATH [device=cpu] [seed=0]`.
+"""Analyse a finished run: `python -m onthefly.evaluate {probe,robustness,estimator,plots} run_dir=PATH [device=cpu] [seed=0]`.
 
 probe       freeze each encoder, fit a linear classifier on train (L2 chosen on val), report test accuracy (probe.json)
 robustness  fused test accuracy when one modality is removed for a fraction r of samples (robustness.json + PNG)
+estimator   how often the head's own uni-modal estimator and zero-out name the same dominant modality
 plots       ρ / k / q curves from the run's steps.csv (plots/*.png)
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from onthefly.config import register_configs
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m onthefly.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["probe", "robustness", "plots"])
+    parser.add_argument("command", choices=["probe", "robustness", "estimator", "plots"])
     parser.add_argument("overrides", nargs="*", help="run_dir=PATH (required), device=auto, seed=0")
     args = parser.parse_args(argv)
     opts = {"device": "auto", "seed": "0"}
@@ -50,6 +51,33 @@ def _log_to_wandb(run_dir: Path, payload: dict, images: dict) -> None:
         print(f"note: could not add results to the W&B run ({err}); they are in {run_dir}", file=sys.stderr)
 
 
+def analyse(kind: str, run_dir: Path, device: str = "auto", seed: int = 0) -> dict:
+    """Run one analysis of a finished run, write <kind>.json (and plots) into it, add it to the run's W&B run."""
+    from onthefly.engine import analysis
+
+    run_dir = Path(run_dir)
+    _, model, splits, dev = analysis.load_run(run_dir, device)
+    images = {}
+    if kind == "probe":
+        result = analysis.probe(model, splits, dev)
+        payload = {f"probe/acc_{m}": r["acc"] for m, r in result.items()}
+    elif kind == "robustness":
+        curves = analysis.robustness(model, splits, dev, seed=seed)
+        if not curves:
+            raise ValueError("robustness needs a model with at least two modalities")
+        result = {"ratios": list(analysis.RATIOS), "acc": curves}
+        images["robustness"] = analysis.plot_robustness(curves, run_dir / "plots" / "robustness.png")
+        payload = {f"robustness/acc_{m}@{r}": a for m, accs in curves.items() for r, a in zip(analysis.RATIOS, accs)}
+    elif kind == "estimator":
+        result = analysis.estimator_agreement(model, splits, dev)
+        payload = {f"estimator/{k}": v for k, v in result.items()}
+    else:
+        raise ValueError(f"unknown analysis {kind!r}; choose probe, robustness or estimator")
+    (run_dir / f"{kind}.json").write_text(json.dumps(result, indent=2))
+    _log_to_wandb(run_dir, payload, images)
+    return result
+
+
 def main(argv=None) -> int:
     command, run_dir, device, seed = _parse(argv)
     register_configs()
@@ -61,25 +89,24 @@ def main(argv=None) -> int:
         print("\n".join(map(str, paths)) or f"nothing to plot: {run_dir} has no steps.csv with rho/k/q columns "
               "(a uni-modal run, or logger.log_steps=false)")
         return 0
-    cfg, model, splits, dev = analysis.load_run(run_dir, device)
+    try:
+        result = analyse(command, run_dir, device, seed)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     if command == "probe":
-        result = analysis.probe(model, splits, dev)
-        (run_dir / "probe.json").write_text(json.dumps(result, indent=2))
         for m, r in result.items():
             print(f"probe/acc_{m}: {r['acc']:.4f}  (val {r['val_acc']:.4f}, l2 {r['l2']:g})")
-        _log_to_wandb(run_dir, {f"probe/acc_{m}": r["acc"] for m, r in result.items()}, {})
-    else:
-        curves = analysis.robustness(model, splits, dev, seed=seed)
-        if not curves:
-            print("robustness needs a model with at least two modalities", file=sys.stderr)
-            return 2
-        (run_dir / "robustness.json").write_text(json.dumps({"ratios": list(analysis.RATIOS), "acc": curves}, indent=2))
-        png = analysis.plot_robustness(curves, run_dir / "plots" / "robustness.png")
+    elif command == "robustness":
         print("r    " + "  ".join(f"{r:4.1f}" for r in analysis.RATIOS))
-        for m, accs in curves.items():
+        for m, accs in result["acc"].items():
             print(f"{m:<5}" + "  ".join(f"{a:4.2f}" for a in accs))
-        print(f"plot: {png}")
-        _log_to_wandb(run_dir, {f"robustness/acc_{m}_r1": accs[-1] for m, accs in curves.items()}, {"robustness": png})
+        print(f"plot: {run_dir / 'plots' / 'robustness.png'}")
+    else:
+        for k, v in result.items():
+            print(f"estimator/{k}: {v:.4f}" if isinstance(v, float) else f"estimator/{k}: {v}")
+        if not result:
+            print("this head has no natural estimator to compare with zero-out")
     return 0
 
 

@@ -64,3 +64,31 @@ def plot_robustness(curves: dict[str, list[float]], path: Path, ratios: Iterable
     return line_plot({f"{m} removed": (list(ratios), accs) for m, accs in curves.items()}, path,
                      xlabel="fraction of test samples without the modality", ylabel="fused accuracy",
                      title=title or "missing-modality robustness")
+
+
+@torch.no_grad()
+def estimator_agreement(model, splits, device, batch_size: int = 64, reduce: str = "pairwise") -> dict:
+    """How often the head's natural estimator and zero-out name the same dominant modality (argmax ρ), per
+    test batch of ``batch_size``; with the mean ρ of each. Empty when the head has no natural estimator."""
+    from onthefly.engine.evaluate import iterate
+    from onthefly.modulation.discrepancy import discrepancy
+
+    head = model.head
+    if head.natural_estimator is None or len(model.modalities) < 2:
+        return {}
+    model.eval()
+    agree, n = 0, 0
+    rho_sum = {"natural": 0.0, "zero_out": 0.0}
+    loader = make_loader(splits.test, batch_size, False, 0, 0, device)
+    for inputs, labels in iterate(loader, model.modalities, device):
+        feats = model.encode(inputs)
+        rhos = {e: discrepancy(head.unimodal_logits(feats, e), labels, reduce)[1] for e in rho_sum}
+        agree += int(rhos["natural"].argmax() == rhos["zero_out"].argmax())
+        n += 1
+        for e in rho_sum:
+            rho_sum[e] = rho_sum[e] + rhos[e]
+    out = {"agree": agree / max(n, 1), "batches": n}
+    for e, total in rho_sum.items():
+        for m, v in zip(model.modalities, (total / max(n, 1)).tolist()):
+            out[f"rho_{m}_{e}"] = v
+    return out
