@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: help install demo test test-fast clean
 
 help:  ## list every target with one line each
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-24s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -35,3 +35,16 @@ test-fast: $(STAMP)  ## run the fast tests only (skips `slow`)
 clean:  ## remove run outputs and caches (keeps .venv and data/)
 	rm -rf outputs multirun wandb .pytest_cache experiments/results
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+
+# --- Paper tables (experiments/*.yaml) -------------------------------------------------------------------
+LAUNCHER ?= local
+SEEDS ?=
+PARTITION ?=
+ARGS ?=
+.PHONY: tables
+
+tables: $(STAMP)  ## list every table spec with its runs, datasets and status
+	$(PY) -m onthefly.tables list
+
+reproduce-table-%: $(STAMP)  ## sweep + build one table: make reproduce-table-cvpr-t1 [LAUNCHER=joblib|slurm|submitit_local] [PARTITION=gpu] [SEEDS=0,1,2]
+	$(PY) -m onthefly.tables run $* --launcher $(LAUNCHER) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PARTITION),--partition $(PARTITION)) $(ARGS)

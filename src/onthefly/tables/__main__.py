@@ -1,0 +1,155 @@
+"""`python -m onthefly.tables {list,run,build} …`: reproduce the paper's tables.
+
+  list                           every table spec: rows, columns, seeds, data and how many runs are done
+  run NAME [--launcher local]    sweep the spec's missing runs (resumable), run its analyses, build the table
+  build NAME [--source local]    aggregate finished runs (local folders, or --source wandb) into the table
+
+Outputs go to experiments/results/<NAME>/: table.md, table.tex, table.csv, summary.csv, records.csv, table.png,
+plots/*.png; the table is also logged to W&B (group = NAME, job_type = table) unless --wandb disabled.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from onthefly.tables import aggregate, render, sweep
+from onthefly.tables.spec import EXPERIMENTS_DIR, SpecError, load_spec, spec_path
+
+
+def _seeds(text, spec):
+    return [int(s) for s in text.split(",")] if text else list(spec.seeds)
+
+
+def cmd_list(args) -> int:
+    results = Path(args.results)
+    status = 0
+    for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
+        try:
+            spec = load_spec(path)
+        except SpecError as err:
+            print(f"{path.stem:<16} INVALID: {err}")
+            status = 2
+            continue
+        cells = sweep.plan(spec, spec.seeds, results)
+        done = sum(len(c.done) for c in cells)
+        total = sum(len(c.done) + len(c.missing) for c in cells)
+        data = sorted({c.col.id + ("" if not c.no_data else " (no data)") for c in cells})
+        print(f"{spec.name:<16} {len(spec.rows)} rows × {len(spec.columns)} cols, seeds {spec.seeds}, "
+              f"{done}/{total} runs done  [{', '.join(data)}]")
+        print(f"{'':<16} {spec.title}")
+    return status
+
+
+def build(spec, results: Path, seeds, source: str = "local", project: str = "onthefly", entity=None,
+          wandb_mode: str = "offline", log=print) -> dict:
+    if source == "wandb":
+        import wandb
+
+        records = aggregate.wandb_records(spec, wandb.Api(), project, entity)
+    else:
+        records = aggregate.local_records(spec, results, seeds)
+    summary = aggregate.summarise(spec, records)
+    status = {(c.row.id, c.col.id): c.no_data for c in sweep.plan(spec, seeds, results) if c.no_data} if source == "local" else {}
+    wide = render.wide_table(spec, summary, status)
+    out = results / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = render.to_markdown(wide)
+    (out / "table.md").write_text(f"### {spec.title}\n\n{markdown}\n\n{_footer(spec, seeds, source)}\n")
+    (out / "table.tex").write_text(render.to_latex(wide, spec.title, spec.name) + "\n")
+    wide.to_csv(out / "table.csv")
+    summary.to_csv(out / "summary.csv", index=False)
+    records.to_csv(out / "records.csv", index=False)
+    pngs = [p for p in [render.table_png(spec, summary, out / "table.png")] if p]
+    pngs += render.spec_plots(spec, records, out / "plots")
+    log(f"\n### {spec.title}\n\n{markdown}\n\n{_footer(spec, seeds, source)}\n")
+    log(f"written: {out}/table.md, table.tex, table.csv, summary.csv, records.csv" +
+        (f", {len(pngs)} PNG(s)" if pngs else ""))
+    if wandb_mode != "disabled":
+        _log_table(spec, wide, pngs, project, entity, wandb_mode, out)
+    return {"summary": summary, "wide": wide, "markdown": markdown, "pngs": pngs}
+
+
+def _footer(spec, seeds, source) -> str:
+    pub = f"; paper: {spec.published_source} {spec.published_table}" if spec.published_source else ""
+    return (f"Protocol {spec.protocol or '—'}; mean ± std (population) over seeds {','.join(map(str, seeds))}; "
+            f"test split, checkpoint selected on val; source: {source}{pub}. {spec.notes}".strip())
+
+
+def _log_table(spec, wide, pngs, project, entity, mode, out: Path) -> None:
+    from onthefly.logging.sinks import wandb_logged_in
+
+    try:
+        import wandb
+
+        if mode == "online" and not wandb_logged_in():
+            print("note: no W&B login; logging the table offline", file=sys.stderr)
+            mode = "offline"
+        os.environ.setdefault("WANDB_SILENT", "true")
+        run = wandb.init(project=project, entity=entity, group=spec.name, job_type="table", name=f"table:{spec.name}",
+                         dir=str(out), mode=mode, reinit="finish_previous")
+        run.log({"table": wandb.Table(dataframe=wide.reset_index()),
+                 **{f"plots/{p.stem}": wandb.Image(str(p)) for p in pngs}})
+        run.finish()
+    except Exception as err:  # noqa: BLE001  (the files are written; W&B is a copy)
+        print(f"note: could not log the table to W&B ({err}); the files in {out} are complete", file=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    os.environ.setdefault("WANDB_SILENT", "true")  # the analyses resume each run's W&B run: keep it quiet
+    spec = load_spec(spec_path(args.name))
+    seeds = _seeds(args.seeds, spec)
+    extra = list(args.overrides)
+    if args.partition:
+        extra.append(f"hydra.launcher.partition={args.partition}")
+    results = Path(args.results)
+    cells = sweep.run_sweep(spec, seeds, args.launcher, extra, results, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
+    sweep.run_analyses(spec, cells, seeds)
+    build(spec, results, seeds, wandb_mode=args.wandb, project=args.project, entity=args.entity)
+    return 0
+
+
+def cmd_build(args) -> int:
+    spec = load_spec(spec_path(args.name))
+    build(spec, Path(args.results), _seeds(args.seeds, spec), args.source, args.project, args.entity, args.wandb)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m onthefly.tables", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(sweep.RESULTS_DIR), help="results folder (default experiments/results)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the table specs and their status")
+    for name in ("run", "build"):
+        p = sub.add_parser(name)
+        p.add_argument("name", help="table spec name (experiments/<name>.yaml)")
+        p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
+        p.add_argument("--project", default="onthefly")
+        p.add_argument("--entity", default=None)
+        p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"],
+                       help="where the table itself is logged")
+    run_p = sub.choices["run"]
+    run_p.add_argument("--launcher", default="local", choices=sorted(sweep.LAUNCHERS))
+    run_p.add_argument("--partition", default=None, help="Slurm partition (with --launcher slurm)")
+    run_p.add_argument("--dry-run", action="store_true", help="print the Hydra commands without running them")
+    run_p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    sub.choices["build"].add_argument("--source", default="local", choices=["local", "wandb"])
+    args, rest = parser.parse_known_args(argv)  # Hydra overrides may follow the options
+    bad = [r for r in rest if r.startswith("-") or "=" not in r]
+    if bad or (rest and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(bad or rest)}")
+    if args.command == "run":
+        args.overrides = [*args.overrides, *rest]
+    try:
+        return {"list": cmd_list, "run": cmd_run, "build": cmd_build}[args.command](args)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
