@@ -240,3 +240,13 @@ def test_reproduce_table_demo_end_to_end(tmp_path):
     # resumable: a second run finds every run done and launches nothing
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "0 to run" in again.stdout
+
+
+def test_projected_hours_is_runs_times_epochs_times_clips_over_throughput(tmp_path):
+    text = BASE_SPEC.replace("cremad: {{preset: demo,", "cremad: {{preset: demo, train_clips: 3600,")
+    spec = load_spec(write_spec(tmp_path, text))
+    hours = __import__("onthefly.tables.spec", fromlist=["projected_hours"]).projected_hours(
+        spec, samples_per_s=100.0, epochs_of=lambda col: 10)
+    # 2 rows own runs (probe_row reads concat's) x 3 seeds = 6 runs; 6 x 10 epochs x 3600 clips / 100 per s = 2160 s
+    assert hours["cremad"] == pytest.approx(0.6)
+    assert hours["kinetics_sounds"] is None  # no train_clips given

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from onthefly.tables import aggregate, render, sweep
-from onthefly.tables.spec import EXPERIMENTS_DIR, SpecError, load_spec, spec_path
+from onthefly.tables.spec import EXPERIMENTS_DIR, SpecError, load_spec, projected_hours, spec_path
 
 
 def _seeds(text, spec):
@@ -39,6 +39,11 @@ def cmd_list(args) -> int:
         print(f"{spec.name:<16} {len(spec.rows)} rows × {len(spec.columns)} cols, seeds {spec.seeds}, "
               f"{done}/{total} runs done  [{', '.join(data)}]")
         print(f"{'':<16} {spec.title}")
+        hours = projected_hours(spec, args.throughput)
+        known = {c: h for c, h in hours.items() if h is not None}
+        if known:
+            print(f"{'':<16} projected device-hours at {args.throughput:g} samples/s: "
+                  + ", ".join(f"{c} {h:.1f}" for c, h in known.items()) + f" (total {sum(known.values()):.1f})")
     return status
 
 
@@ -123,7 +128,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(sweep.RESULTS_DIR), help="results folder (default experiments/results)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the table specs and their status")
+    list_p = sub.add_parser("list", help="list the table specs, their status and projected device-hours")
+    list_p.add_argument("--throughput", type=float, default=1000.0,
+                        help="training samples/s of one device for the projection (measure with `make bench`)")
     for name in ("run", "build"):
         p = sub.add_parser(name)
         p.add_argument("name", help="table spec name (experiments/<name>.yaml)")

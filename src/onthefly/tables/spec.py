@@ -39,6 +39,7 @@ class Column:
     published_dataset: Optional[str] = None  # dataset name in published_results.csv (default: id)
     overrides: list[str] = field(default_factory=list)
     pending: Optional[str] = None  # why this column cannot run yet (e.g. its dataset reader is not built)
+    train_clips: Optional[int] = None  # size of the training split (published), for run-time projections
 
 
 @dataclass
@@ -66,7 +67,6 @@ class TableSpec:
     published_table: Optional[str] = None
     overrides: list[str] = field(default_factory=list)  # for every cell
     plots: list[str] = field(default_factory=list)  # rho, k, q, acc_curves, robustness, probe
-    gpu_hours: Optional[str] = None
     notes: str = ""
 
     def cells(self):
@@ -101,8 +101,8 @@ class TableSpec:
 
 
 _SPEC_KEYS = {"name", "title", "columns", "rows", "seeds", "values", "protocol", "published", "overrides", "plots",
-              "gpu_hours", "notes"}
-_COL_KEYS = {"preset", "data", "prep", "label", "published_dataset", "overrides", "pending"}
+              "notes"}
+_COL_KEYS = {"preset", "data", "prep", "label", "published_dataset", "overrides", "pending", "train_clips"}
 _ROW_KEYS = {"overrides", "label", "values", "published", "analyses", "same_runs_as"}
 _PLOTS = {"rho", "k", "q", "acc_curves", "robustness", "probe"}
 
@@ -190,8 +190,31 @@ def load_spec(path: Path | str) -> TableSpec:
         seeds=list(raw.get("seeds", [0, 1, 2])), values=list(raw.get("values", ["test/acc"])),
         protocol=raw.get("protocol", ""), published_source=published.get("source"),
         published_table=published.get("table"), overrides=list(raw.get("overrides", [])),
-        plots=list(raw.get("plots", [])), gpu_hours=raw.get("gpu_hours"), notes=raw.get("notes", ""),
+        plots=list(raw.get("plots", [])), notes=raw.get("notes", ""),
     )
+
+
+def projected_hours(spec: TableSpec, samples_per_s: float, epochs_of=None) -> dict[str, Optional[float]]:
+    """Device-hours per column to train every run of the spec: runs × epochs × train clips / throughput.
+
+    A projection, not a measurement: ``samples_per_s`` is the training throughput of one device (measure it with
+    `make bench` on the target GPU). ``epochs_of(column)`` gives a column's epochs (default: compose its preset).
+    None where the column has no ``train_clips``."""
+    epochs_of = epochs_of or _preset_epochs
+    out = {}
+    for col in spec.columns:
+        runs = len(spec.run_cells()) // max(len(spec.columns), 1) * len(spec.seeds)
+        if col.train_clips is None or col.pending:
+            out[col.id] = None
+            continue
+        out[col.id] = runs * epochs_of(col) * col.train_clips / samples_per_s / 3600
+    return out
+
+
+def _preset_epochs(col: Column) -> int:
+    from onthefly.config import compose
+
+    return int(compose([f"experiment={col.preset}", *col.overrides]).trainer.epochs)
 
 
 def spec_path(name: str) -> Path:
