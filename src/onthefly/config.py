@@ -52,6 +52,11 @@ class RhoReduce(str, enum.Enum):
     sum_others = "sum_others"
 
 
+# trainer.precision: 32 (float32), bf16 (bfloat16 autocast) or fp16 (float16 autocast + GradScaler). The value of
+# `32` is the int 32 so that `trainer.precision=32` (which Hydra reads as an int) matches it.
+Precision = enum.Enum("Precision", [("32", 32), ("bf16", "bf16"), ("fp16", "fp16")], module=__name__)
+
+
 class WandbMode(str, enum.Enum):
     offline = "offline"
     online = "online"
@@ -79,6 +84,19 @@ class TrainerConfig:
     deterministic: bool = True
     grad_clip: Optional[float] = None
     max_nonfinite_steps: int = 10  # steps with a NaN/Inf loss are skipped; past this many the run stops
+    # --- speed (GPU path; the defaults change nothing on a CPU) ---
+    precision: Precision = Precision["32"]  # 32 | bf16 (autocast) | fp16 (autocast + GradScaler, OGM sees unscaled grads)
+    compile: bool = False  # torch.compile each encoder (in place: state_dict keys unchanged)
+    compile_backend: str = "inductor"  # torch.compile backend (eager / aot_eager to debug a compile problem)
+    pin_memory: bool = True  # page-locked host batches + non-blocking copies (only on CUDA)
+    prefetch_factor: Optional[int] = None  # batches each worker loads ahead (None: torch's default); needs workers
+    # --- data parallel (torchrun / Slurm tasks; ignored in a single process) ---
+    sync_batchnorm: bool = True  # SyncBatchNorm across ranks (GPU only: BN statistics stay per rank on CPU/gloo)
+    find_unused_parameters: bool = False  # DDP option, for a model with parameters some steps do not use
+    # --- checkpoints and resume ---
+    resume: str = "never"  # never | auto (newest valid checkpoint in the run folder) | path of a checkpoint file
+    checkpoint_every_n_steps: Optional[int] = 500  # plus one at every epoch end; null: epoch ends only
+    keep_checkpoints: int = 1  # newest N kept under <run>/checkpoints/; 0: write none (no resume possible)
 
 
 @dataclass
@@ -154,6 +172,17 @@ class AdamWConfig:
 
 
 @dataclass
+class AdamConfig:
+    _target_: str = "torch.optim.Adam"
+    _partial_: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 1e-4  # L2 (coupled), as plain Adam does
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    foreach: Optional[bool] = None
+
+
+@dataclass
 class StepLRConfig:
     _target_: str = "torch.optim.lr_scheduler.StepLR"
     _partial_: bool = True
@@ -171,17 +200,6 @@ class ConstantLRConfig:
 
 # --- schemas derived from class signatures ---------------------------------------------------------------
 def _field_for(name: str, annotation: Any, default: Any):
-@dataclass
-class AdamConfig:
-    _target_: str = "torch.optim.Adam"
-    _partial_: bool = True
-    lr: float = 1e-3
-    weight_decay: float = 1e-4  # L2 (coupled), as plain Adam does
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    foreach: Optional[bool] = None
-
-
     if default is inspect.Parameter.empty:
         return (name, annotation, field(default=MISSING))
     if isinstance(default, (list, dict)):
@@ -246,6 +264,7 @@ def register_configs() -> None:
     cs.store(group="backbone", name="backbone_schema", node=BackboneConfig)
     cs.store(group="optim", name="SGD_schema", node=SGDConfig)
     cs.store(group="optim", name="AdamW_schema", node=AdamWConfig)
+    cs.store(group="optim", name="Adam_schema", node=AdamConfig)
     cs.store(group="scheduler", name="StepLR_schema", node=StepLRConfig)
     cs.store(group="scheduler", name="ConstantLR_schema", node=ConstantLRConfig)
     for module in _SCHEMA_MODULES:
@@ -263,4 +282,3 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
-    cs.store(group="optim", name="Adam_schema", node=AdamConfig)

@@ -1,8 +1,18 @@
-"""The one training loop. Methods plug in through the hooks of `onthefly.modulation.base.Modulation`."""
+"""The one training loop. Methods plug in through the hooks of `onthefly.modulation.base.Modulation`.
+
+The same loop runs in one process and under torchrun (DDP, see `onthefly.engine.distributed`), in float32 or
+mixed precision, and resumes from its checkpoints (`onthefly.engine.checkpoint`). One step, in order:
+
+    before_forward -> encoders -> uni-modal logits, scores (summed over ranks), ρ -> on_features -> head
+    -> after_forward -> loss -> backward (DDP all-reduces the gradients) -> GradScaler unscale (fp16)
+    -> gradient clipping -> after_backward (OGM edits the unscaled global gradient) -> optimizer step
+"""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import math
 import os
 import random
 import time
@@ -15,11 +25,16 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from onthefly.config import Split
-from onthefly.engine.evaluate import evaluate, iterate
+from onthefly.config import Precision, Split
+from onthefly.engine import checkpoint as ckpt
+from onthefly.engine import distributed as ddp
+from onthefly.engine.distributed import DistInfo, select_device  # noqa: F401  (select_device: public here too)
+from onthefly.engine.errors import CheckpointError, TrainingError  # noqa: F401  (re-exported)
+from onthefly.engine.evaluate import evaluate, iterate, metrics_from_features
 from onthefly.logging import RunLogger
 from onthefly.models import build_model
 from onthefly.modulation.base import Modulation, StepContext
@@ -27,9 +42,7 @@ from onthefly.modulation.discrepancy import discrepancy
 
 log = logging.getLogger("onthefly")
 
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message says what to change."""
+_AMP_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -42,13 +55,8 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, device: torch.device):
+    """A plain loader (analysis, probes). Training uses :meth:`Trainer._loader` (sharded, resumable)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -60,23 +68,84 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers:
     )
 
 
+class TrainForward(nn.Module):
+    """The differentiable part of a step as one module call. DDP synchronises gradients through the module it
+    wraps and prepares that in ``forward``, so the encoders, the hooks that act in the forward pass and the
+    head all run inside this one call. Holds the model and the method's extra module (if any) as submodules so
+    that DDP averages all their gradients."""
+
+    def __init__(self, trainer: "Trainer", model: nn.Module, extra: Optional[nn.Module]):
+        super().__init__()
+        self.model, self.extra = model, extra
+        object.__setattr__(self, "_trainer", trainer)  # a plain reference, not a submodule
+
+    def forward(self, ctx: StepContext) -> torch.Tensor:
+        return self._trainer._forward(ctx)
+
+
 class Trainer:
-    def __init__(self, cfg: DictConfig, model, modulation: Modulation, splits, optimizer, scheduler, logger: RunLogger, device):
+    def __init__(self, cfg: DictConfig, model, modulation: Modulation, splits, optimizer, scheduler, logger: RunLogger,
+                 device, *, dist: Optional[DistInfo] = None, out_dir: Optional[Path] = None,
+                 resume_state: Optional[dict] = None):
         self.cfg, self.tc = cfg, cfg.trainer
         self.model, self.modulation, self.splits = model, modulation, splits
         self.optimizer, self.scheduler, self.logger, self.device = optimizer, scheduler, logger, device
+        self.dist = dist or DistInfo()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.modalities = model.modalities
         self.estimator = cfg.discrepancy.estimator
         self.global_step = 0
         self.nonfinite_steps = 0
-        mk = lambda split, bs, shuffle: make_loader(splits[split], bs, shuffle, cfg.seed, self.tc.num_workers, device)  # noqa: E731
-        self.loaders = {
-            "train": mk("train", self.tc.batch_size, True),
-            "val": mk("val", self.tc.eval_batch_size, False),
-            "test": mk("test", self.tc.eval_batch_size, False),
-        }
+        self.overflow_steps = 0  # fp16 steps the GradScaler skipped (gradient overflow; the loss was finite)
         self.use_rho = len(self.modalities) > 1
         self._check_estimator()
+
+        # loaders: training is sharded over ranks (global batch = trainer.batch_size) and resumable mid-epoch
+        world = self.dist.world_size
+        if self.tc.batch_size % world:
+            raise TrainingError(f"trainer.batch_size={self.tc.batch_size} is the global batch: it must divide by the "
+                                f"{world} data-parallel ranks")
+        self.local_batch = self.tc.batch_size // world
+        self.train_sampler = ddp.EpochSampler(splits["train"], world, self.dist.rank, cfg.seed)
+        eval_batch = -(-self.tc.eval_batch_size // world)
+        self.loaders = {
+            "train": self._loader(ddp.SampleSeeded(splits["train"], cfg.seed), self.local_batch, self.train_sampler),
+            "val": self._loader(splits["val"], eval_batch, self._eval_sampler(splits["val"])),
+            "test": self._loader(splits["test"], eval_batch, self._eval_sampler(splits["test"])),
+        }
+        self._hook_loaders = None if self.dist.enabled else self.loaders
+
+        # precision: autocast dtype and a GradScaler that is a no-op unless fp16
+        self.amp_dtype = _AMP_DTYPES[Precision(self.tc.precision).name]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.extra = modulation.extra_module()
+        self.forward_module: nn.Module = TrainForward(self, model, self.extra)
+        if self.dist.enabled:
+            self.forward_module = nn.parallel.DistributedDataParallel(
+                self.forward_module, device_ids=None, find_unused_parameters=self.tc.find_unused_parameters)
+        self._all_reduce = ddp.all_reduce_sum if self.dist.enabled else None
+
+        # resume state
+        self.start_epoch, self._pending, self.best, self.best_state, self.history = 0, None, None, None, []
+        self.elapsed_before = 0.0
+        if resume_state is not None:
+            self._load_state(resume_state)
+
+    # --- data -------------------------------------------------------------------------------------------------
+    def _eval_sampler(self, dataset):
+        if not self.dist.enabled:
+            return None
+        return DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=False)
+
+    def _loader(self, dataset, batch_size: int, sampler=None) -> DataLoader:
+        workers = self.tc.num_workers
+        extra = {"prefetch_factor": self.tc.prefetch_factor} if workers > 0 and self.tc.prefetch_factor else {}
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+            pin_memory=self.tc.pin_memory and self.device.type == "cuda", persistent_workers=workers > 0,
+            # the loader's own generator: creating an iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.cfg.seed), **extra,
+        )
 
     def _check_estimator(self) -> None:
         head = self.model.head
@@ -94,24 +163,46 @@ class Trainer:
             self.use_rho = False
 
     def _batches(self, split: str, limit: Optional[int] = None):
+        """(inputs, labels) of a split for the hooks (G-Blending's loss estimates). Under DDP every rank reads the
+        whole split (not its shard), so every rank's method state stays identical."""
+        if self._hook_loaders is None:
+            sampler = ddp.EpochSampler(self.splits["train"], 1, 0, self.cfg.seed)
+            self._hook_loaders = {
+                "train": self._loader(ddp.SampleSeeded(self.splits["train"], self.cfg.seed), self.local_batch, sampler),
+                "val": self._loader(self.splits["val"], self.tc.eval_batch_size),
+                "test": self._loader(self.splits["test"], self.tc.eval_batch_size),
+            }
         limit = limit if limit is not None else (self.tc.limit_train_batches if split == "train" else self.tc.limit_eval_batches)
-        return iterate(self.loaders[split], self.modalities, self.device, limit)
+        return iterate(self._hook_loaders[split], self.modalities, self.device, limit)
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
         return StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
                            modalities=self.modalities, device=self.device, batches=self._batches)
 
+    def _rng(self, phase: int):
+        """Under DDP: the forward hooks draw from a stream of this rank's own (phase 1: OPM's masks differ between
+        ranks, as their samples do), after_backward from one shared by all ranks (phase 2: the GE noise is the
+        same everywhere, so the replicas stay identical). In one process: the global streams, unchanged."""
+        if not self.dist.enabled:
+            return contextlib.nullcontext()
+        rank = self.dist.rank if phase == 1 else -1
+        return ddp.seeded_rng(self.device, self.cfg.seed, phase, self.global_step, rank + 1)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
     # --- one step ---------------------------------------------------------------------------------------------
-    def train_step(self, ctx: StepContext, inputs, labels) -> dict:
-        model, hooks = self.model, self.modulation
-        ctx.inputs, ctx.labels = inputs, labels
+    def _forward(self, ctx: StepContext) -> torch.Tensor:
+        """Forward hooks, encoders, ρ, head and loss (runs inside TrainForward, hence inside DDP)."""
+        model, hooks, labels = self.model, self.modulation, ctx.labels
         hooks.before_forward(ctx)
         ctx.features = model.encode(ctx.inputs)
         if self.use_rho:
             with torch.no_grad():
                 detached = {m: f.detach() for m, f in ctx.features.items()}
                 ctx.unimodal = model.head.unimodal_logits(detached, self.estimator)
-                ctx.scores, ctx.rho = discrepancy(ctx.unimodal, labels, self.cfg.discrepancy.reduce)
+                ctx.scores, ctx.rho = discrepancy(ctx.unimodal, labels, self.cfg.discrepancy.reduce,
+                                                  all_reduce=self._all_reduce)
             ctx.log_per_modality("rho", ctx.rho)
             ctx.log_per_modality("acc", torch.stack([(z.argmax(1) == labels).float().mean() for z in ctx.unimodal.values()]))
         hooks.on_features(ctx)
@@ -122,53 +213,95 @@ class Trainer:
             fused_loss = per_sample.mean()
         else:
             fused_loss = (per_sample * ctx.sample_weight).sum() / ctx.sample_weight.sum().clamp_min(1)
-        loss = ctx.loss_weight * fused_loss + sum(ctx.extra_losses.values())
+        return ctx.loss_weight * fused_loss + sum(ctx.extra_losses.values())
+
+    def train_step(self, ctx: StepContext, inputs, labels) -> dict:
+        hooks, scaler = self.modulation, self.scaler
+        ctx.inputs, ctx.labels = inputs, labels
+        with self._rng(1), self._autocast():
+            loss = self.forward_module(ctx)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()  # DDP: gradients are the mean over ranks when this returns
+        if scaler.is_enabled():
+            scaler.unscale_(self.optimizer)  # OGM (after_backward) must see the unscaled gradient (METHOD.md §3)
         if self.tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.tc.grad_clip)
-        hooks.after_backward(ctx)
+            torch.nn.utils.clip_grad_norm_(self.forward_module.parameters(), self.tc.grad_clip)
+        with self._rng(2):
+            hooks.after_backward(ctx)
         ctx.metrics["loss"] = loss.detach()
         ctx.metrics["acc"] = (ctx.logits.argmax(1) == labels).float().mean()
-        # the step's one host sync: every scalar at once (also tells whether the loss is finite)
+        # the step's one host sync: every scalar at once (also tells whether the loss is finite); under DDP the
+        # mean over ranks, so every rank takes the same skip decision
         names = list(ctx.metrics)
-        values = dict(zip(names, torch.stack([ctx.metrics[n].float() for n in names]).tolist()))
+        stacked = [ctx.metrics[n].float() for n in names]
+        if scaler.is_enabled():
+            names.append("_overflow")
+            stacked.append(sum(scaler._found_inf_per_device(self.optimizer).values()).float().clamp(max=1))
+        values = dict(zip(names, ddp.mean_over_ranks(torch.stack(stacked), self.dist).tolist()))
+        overflow = values.pop("_overflow", 0.0) > 0
         if not np.isfinite(values["loss"]):
             self.nonfinite_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
+            if scaler.is_enabled():
+                scaler.update()  # close this step's scaler bookkeeping (the non-finite gradients lower the scale)
             if self.nonfinite_steps > self.tc.max_nonfinite_steps:
                 raise TrainingError(
                     f"loss was NaN/Inf in {self.nonfinite_steps} steps (last at epoch {ctx.epoch}, step {ctx.step}); "
                     "lower optim.lr, set trainer.grad_clip, or check the inputs. metrics.csv holds every finished epoch."
                 )
             return values
-        self.optimizer.step()
+        if scaler.is_enabled():
+            scaler.step(self.optimizer)  # skips the update itself if a gradient overflowed
+            scaler.update()
+            self.overflow_steps += int(overflow)
+        else:
+            self.optimizer.step()
         return values
 
     # --- epochs ---------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
-        sums, count, step_rows = {}, 0, []
+        start, sums, count, step_rows = 0, {}, 0, []
+        if self._pending is not None and self._pending["epoch"] == epoch:  # resuming inside this epoch
+            start, acc = self._pending["step_in_epoch"], self._pending["acc"]
+            sums, count, step_rows = dict(acc["sums"]), acc["count"], [dict(r) for r in acc["step_rows"]]
+        self._pending = None
+        sampler = self.train_sampler
+        sampler.set_epoch(epoch)
+        batches_in_epoch = math.ceil(sampler.num_samples / self.local_batch)
         limit = self.tc.limit_train_batches
-        total = len(self.loaders["train"]) if limit is None else min(limit, len(self.loaders["train"]))
-        bar = tqdm(self._batches("train"), total=total, desc=f"epoch {epoch}", leave=False,
-                   disable=not self.tc.progress, dynamic_ncols=True)
-        for step, (inputs, labels) in enumerate(bar):
-            values = self.train_step(self._ctx(epoch, step), inputs, labels)
-            self.global_step += 1
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            if self.global_step % self.tc.log_every_n_steps == 0:
-                row = {f"train/{k}": v for k, v in values.items()}
-                self.logger.log_step(row, self.global_step)
-                step_rows.append({"step": self.global_step, "epoch": epoch, **row})
-            bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['acc']:.2f}")
+        total = batches_in_epoch if limit is None else min(limit, batches_in_epoch)
+        sampler.start = min(start * self.local_batch, sampler.num_samples)
+        every = self.tc.checkpoint_every_n_steps
+        try:
+            bar = tqdm(iterate(self.loaders["train"], self.modalities, self.device, max(total - start, 0)),
+                       total=max(total - start, 0), desc=f"epoch {epoch}", leave=False,
+                       disable=not (self.tc.progress and self.dist.is_main), dynamic_ncols=True)
+            for step, (inputs, labels) in enumerate(bar, start=start):
+                values = self.train_step(self._ctx(epoch, step), inputs, labels)
+                self.global_step += 1
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                if self.global_step % self.tc.log_every_n_steps == 0:
+                    row = {f"train/{k}": v for k, v in values.items()}
+                    self.logger.log_step(row, self.global_step)
+                    step_rows.append({"step": self.global_step, "epoch": epoch, **row})
+                bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['acc']:.2f}")
+                if every and self.global_step % every == 0 and step + 1 < total:
+                    self.save_checkpoint(epoch, step + 1, {"sums": sums, "count": count, "step_rows": step_rows})
+        finally:
+            sampler.start = 0
         self.logger.write_steps(step_rows)
         return {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
 
     def evaluate(self, split: str) -> dict:
-        m = evaluate(self.model, self.loaders[split], self.device, self.estimator, self.tc.limit_eval_batches)
+        if self.dist.enabled:  # each rank encodes its shard; features gathered, padding dropped
+            feats, labels = ddp.gathered_features(self.model, self.loaders[split], self.device,
+                                                  self.tc.limit_eval_batches, self.dist)
+            m = metrics_from_features(self.model.head, feats, labels, self.estimator)
+        else:
+            m = evaluate(self.model, self.loaders[split], self.device, self.estimator, self.tc.limit_eval_batches)
         return {f"{split}/{k}": v for k, v in m.items()}
 
     def fit(self) -> dict:
@@ -176,10 +309,13 @@ class Trainer:
         if select == Split.test.value:
             warnings.warn("trainer.select_on=test: the checkpoint is chosen on the TEST split (as the official "
                           "code does); its test numbers are optimistic.", stacklevel=2)
-        self.modulation.train_start(self._ctx(0, 0))
-        best, best_state, history = None, None, []
-        t0 = time.time()
-        for epoch in range(self.tc.epochs):
+        if self._resumed_rng is not None:
+            ckpt.set_rng_state(self._resumed_rng, self.device)
+        else:
+            self.modulation.train_start(self._ctx(0, 0))
+        t0 = time.time() - self.elapsed_before
+        self._t0 = t0
+        for epoch in range(self.start_epoch, self.tc.epochs):
             te = time.time()
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
             row.update(self.train_epoch(epoch))
@@ -190,51 +326,156 @@ class Trainer:
             self.modulation.epoch_end(self._ctx(epoch, 0))
             row["time/epoch_s"] = time.time() - te
             score = row[f"{select}/acc"]
-            if best is None or score > best["score"]:
-                best = {"epoch": epoch, "score": score, "split": select}
-                best_state = copy.deepcopy(self.model.state_dict())
+            if self.best is None or score > self.best["score"]:
+                self.best = {"epoch": epoch, "score": score, "split": select}
+                self.best_state = copy.deepcopy(self.model.state_dict())
             self.logger.log_epoch(row, self.global_step)
-            history.append(row)
-            log.info("epoch %d  loss %.4f  train/acc %.3f  val/acc %.3f", epoch, row.get("train/loss", float("nan")),
-                     row.get("train/acc", float("nan")), row["val/acc"])
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
-        results = {"best": best, "train_time_s": time.time() - t0, "nonfinite_steps": self.nonfinite_steps,
-                   "last": history[-1] if history else {}}
+            self.history.append(row)
+            if self.dist.is_main:
+                log.info("epoch %d  loss %.4f  train/acc %.3f  val/acc %.3f", epoch, row.get("train/loss", float("nan")),
+                         row.get("train/acc", float("nan")), row["val/acc"])
+            self.save_checkpoint(epoch + 1, 0, None)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        results = {"best": self.best, "train_time_s": time.time() - t0, "nonfinite_steps": self.nonfinite_steps,
+                   "last": self.history[-1] if self.history else {}}
+        if self.scaler.is_enabled():
+            results["overflow_steps"] = self.overflow_steps
         if self.tc.eval_test:
             test = self.evaluate("test")
             results["test"] = {k.split("/", 1)[1]: v for k, v in test.items()}
             self.logger.log_epoch({"epoch": self.tc.epochs, **test}, self.global_step)
         return results
 
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int, step_in_epoch: int, acc: Optional[dict]) -> Optional[Path]:
+        """Write a checkpoint at this position (every rank must call it: the RNG states are gathered to rank 0)."""
+        if self.out_dir is None or self.tc.keep_checkpoints <= 0:
+            return None
+        rngs = ddp.gather_objects(ckpt.rng_state(self.device), self.dist)
+        if not self.dist.is_main:
+            return None
+        state = {
+            "config": _config_dict(self.cfg),
+            "world_size": self.dist.world_size,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": self.global_step,
+            "nonfinite_steps": self.nonfinite_steps,
+            "overflow_steps": self.overflow_steps,
+            "elapsed_s": time.time() - self._t0,
+            "epoch_acc": acc,
+            "model": self.model.state_dict(),
+            "extra": self.extra.state_dict() if self.extra is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "modulation": self.modulation.state_dict(),
+            "best": self.best,
+            "best_state": self.best_state,
+            "history": self.history,
+            "logger": self.logger.state_dict(),
+            "rng": rngs,
+        }
+        path = ckpt.save(state, ckpt.path_for(self.out_dir, self.global_step))
+        ckpt.prune(self.out_dir, self.tc.keep_checkpoints)
+        return path
+
+    _resumed_rng: Optional[dict] = None
+    _t0: float = 0.0
+
+    def _load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.extra is not None and state.get("extra") is not None:
+            self.extra.load_state_dict(state["extra"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.modulation.load_state_dict(state["modulation"])
+        self.global_step, self.nonfinite_steps = state["global_step"], state["nonfinite_steps"]
+        self.overflow_steps = state.get("overflow_steps", 0)
+        self.best, self.best_state, self.history = state["best"], state["best_state"], list(state["history"])
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.start_epoch = state["epoch"]
+        if state["step_in_epoch"]:
+            self._pending = {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"], "acc": state["epoch_acc"]}
+        rngs = state["rng"]
+        self._resumed_rng = rngs[self.dist.rank % len(rngs)]
+
 
 def _config_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
+def _resume_state(out_dir: Path, config: dict, tc, info: DistInfo) -> Optional[dict]:
+    """The checkpoint this run continues from (rank 0 chooses the file, every rank reads it), checked against
+    this run's settings; None for a fresh start."""
+    chosen = None
+    if info.is_main:
+        found = ckpt.find_resume(out_dir, tc.resume)
+        chosen = str(found[0]) if found else None
+    chosen = ddp.broadcast_object(chosen, info)
+    if chosen is None:
+        return None
+    state = ckpt.load(chosen)
+    differ = ckpt.config_differences(state["config"], config)
+    if differ:
+        saved = ckpt._flatten(state["config"])
+        now = ckpt._flatten(config)
+        shown = ", ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in differ[:6])
+        raise CheckpointError(f"checkpoint {chosen} belongs to a run with other settings ({shown}); resume with the "
+                              "same settings, or start a new run folder (or trainer.resume=never)")
+    if state["world_size"] != info.world_size and state["step_in_epoch"]:
+        raise CheckpointError(f"checkpoint {chosen} was written mid-epoch by {state['world_size']} ranks; resume it with "
+                              f"the same number of ranks (this run has {info.world_size}), or from an epoch-end checkpoint")
+    log.info("resuming from %s (epoch %d, step %d of it, global step %d)", chosen, state["epoch"],
+             state["step_in_epoch"], state["global_step"])
+    return state
+
+
 def train(cfg: DictConfig, out_dir: Path | str):
     """Train and evaluate one configuration; everything the run makes goes under ``out_dir``.
 
-    Writes config.yaml, metrics.csv (per epoch), steps.csv (per step), results.json, best.pt and, unless
-    logger.mode=disabled, a W&B run under out_dir/wandb. Returns (results, model at its best epoch, splits).
+    Writes config.yaml, metrics.csv (per epoch), steps.csv (per step), results.json, best.pt, checkpoints/ and,
+    unless logger.mode=disabled, a W&B run under out_dir/wandb. Under torchrun every rank calls this; rank 0
+    alone writes. Returns (results, model at its best epoch, splits).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     tc = cfg.trainer
+    info, device = ddp.setup(tc.device)
+    try:
+        return _train(cfg, Path(ddp.broadcast_object(str(out_dir), info)), info, device)
+    finally:
+        ddp.teardown(info)
+
+
+def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device):
+    tc = cfg.trainer
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(cfg.seed, tc.deterministic)
-    device = select_device(tc.device)
 
     splits = instantiate(cfg.dataset).splits()
     modalities = list(tc.modalities) if tc.modalities else list(splits.modalities)
     unknown = [m for m in modalities if m not in splits.modalities]
     if unknown:
         raise TrainingError(f"trainer.modalities names {unknown}, but the dataset has {splits.modalities}")
-    model = build_model(cfg, modalities, splits.num_classes).to(device)
+    model = build_model(cfg, modalities, splits.num_classes)
+    if info.enabled and tc.sync_batchnorm:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif info.is_main:
+            warnings.warn("SyncBatchNorm needs a GPU: on this CPU (gloo) run BatchNorm statistics are per rank.",
+                          stacklevel=2)
+    model = model.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if tc.compile:
+        for encoder in model.encoders.values():
+            encoder.compile(backend=tc.compile_backend)  # in place: parameter names stay as they are
     modulation: Modulation = instantiate(cfg.modulation)
     if modulation.needs_rho and len(modalities) < 2:
         raise TrainingError(
@@ -250,23 +491,28 @@ def train(cfg: DictConfig, out_dir: Path | str):
     scheduler = instantiate(cfg.scheduler)(optimizer)
 
     config = _config_dict(cfg)
+    resume_state = _resume_state(out_dir, config, tc, info)
     lc = cfg.logger
     wandb_options = {
         "mode": lc.mode.value, "project": lc.project, "entity": lc.entity, "group": lc.group,
         "job_type": lc.job_type or cfg.modulation._target_.rsplit(".", 1)[-1], "name": lc.name or cfg.name,
         "tags": list(lc.tags),
     }
-    logger = RunLogger(out_dir, config, wandb_options, log_steps=lc.log_steps)
+    logger = RunLogger(out_dir, config, wandb_options, log_steps=lc.log_steps, enabled=info.is_main,
+                       resume=resume_state["logger"] if resume_state else None)
     failed = True
     try:
-        trainer = Trainer(cfg, model, modulation, splits, optimizer, scheduler, logger, device)
+        trainer = Trainer(cfg, model, modulation, splits, optimizer, scheduler, logger, device, dist=info,
+                          out_dir=out_dir, resume_state=resume_state)
         results = trainer.fit()
         results.update(status="ok", modalities=modalities, num_classes=splits.num_classes,
                        device=str(device), config=config)
-        if tc.save_checkpoint:
+        if info.enabled:
+            results["world_size"] = info.world_size
+        if tc.save_checkpoint and info.is_main:
             torch.save({"model": model.state_dict(), "epoch": results["best"]["epoch"] if results["best"] else None},
                        out_dir / "best.pt")
-        if tc.plots:
+        if tc.plots and info.is_main:
             from onthefly.plots import run_plots
 
             for path in run_plots(out_dir):

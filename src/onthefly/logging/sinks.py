@@ -40,13 +40,50 @@ class RunLogger:
     """One run's sinks. ``wandb`` options: mode (offline | online | disabled), project, entity, group,
     job_type, name, tags. Online without a login falls back to offline with a warning."""
 
-    def __init__(self, out_dir: Path, config: dict, wandb_options: dict, log_steps: bool = True):
+    def __init__(self, out_dir: Path, config: dict, wandb_options: dict, log_steps: bool = True,
+                 enabled: bool = True, resume: Optional[dict] = None):
+        """``enabled=False`` (ranks other than 0 of a data-parallel run) writes nothing and starts no W&B run.
+        ``resume``: a checkpoint's :meth:`state_dict`, to go on with its rows, steps.csv and W&B run id."""
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
         self.log_steps = log_steps
         self.epoch_rows: list[dict] = []
         self._steps_header: Optional[list[str]] = None
-        self.run = self._start_wandb(config, dict(wandb_options))
+        self.steps_flushed = 0  # the last step written to steps.csv
+        self.run = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        opts = dict(wandb_options)
+        if resume is not None:
+            self._restore(resume)
+            if resume.get("wandb_id"):
+                opts.update(id=resume["wandb_id"], resume="allow")
+        self.run = self._start_wandb(config, opts)
+
+    # --- resume ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch_rows": [dict(r) for r in self.epoch_rows], "steps_flushed": self.steps_flushed,
+                "wandb_id": self.run.id if self.run is not None else None}
+
+    def _restore(self, state: dict) -> None:
+        """Take back a checkpoint's rows: metrics.csv rewritten from them, steps.csv cut back to the steps the
+        checkpoint had written (later rows are computed again, identically)."""
+        self.epoch_rows = [dict(r) for r in state.get("epoch_rows", [])]
+        self.steps_flushed = int(state.get("steps_flushed", 0))
+        if self.epoch_rows:
+            pd.DataFrame(self.epoch_rows).to_csv(self.out_dir / "metrics.csv", index=False)
+        else:
+            (self.out_dir / "metrics.csv").unlink(missing_ok=True)
+        path = self.out_dir / "steps.csv"
+        if path.is_file():
+            steps = pd.read_csv(path)
+            steps = steps[steps["step"] <= self.steps_flushed]
+            if len(steps):
+                steps.to_csv(path, index=False)
+                self._steps_header = list(steps.columns)
+            else:
+                path.unlink()
 
     # --- W&B ----------------------------------------------------------------------------------------------
     def _start_wandb(self, config: dict, opts: dict):
@@ -83,7 +120,7 @@ class RunLogger:
             self.run.log(metrics, step=step)
 
     def write_steps(self, rows: list[dict]) -> None:
-        if not (self.log_steps and rows):
+        if not (self.enabled and self.log_steps and rows):
             return
         df = pd.DataFrame(rows)
         path = self.out_dir / "steps.csv"
@@ -92,9 +129,12 @@ class RunLogger:
             df.to_csv(path, index=False)
         else:
             df.reindex(columns=self._steps_header).to_csv(path, mode="a", header=False, index=False)
+        self.steps_flushed = int(rows[-1]["step"])
 
     def log_epoch(self, metrics: dict, step: int) -> None:
         self.epoch_rows.append(dict(metrics))
+        if not self.enabled:
+            return
         pd.DataFrame(self.epoch_rows).to_csv(self.out_dir / "metrics.csv", index=False)
         if self.run is not None:
             self.run.log(metrics, step=step)
@@ -106,6 +146,8 @@ class RunLogger:
             self.run.log({key: wandb.Image(str(path))})
 
     def finish(self, results: dict) -> None:
+        if not self.enabled:
+            return
         results = _clean(results)
         if self.run is not None:
             results.setdefault("wandb", {"id": self.run.id, "project": self.run.project, "dir": str(self.run.dir)})

@@ -1,0 +1,179 @@
+"""Checkpoints and `trainer.resume`: exact continuation (also after SIGKILL), atomic files, clear refusals."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY, read_metrics, read_results, subprocess_env
+from onthefly.engine import checkpoint as ckpt
+from onthefly.engine.loop import CheckpointError, TrainingError
+
+# OPM+OGM-GE with q from the previous step: draws random numbers (OPM's coin and masks, the GE noise) and keeps
+# state between steps (the previous ρ), so an inexact resume shows in the numbers.
+METHOD = ["modulation=opm_ogm", "modulation.opm.q_source=previous"]
+
+
+def _numbers(out: Path) -> pd.DataFrame:
+    metrics = read_metrics(out)
+    return metrics.drop(columns=[c for c in metrics.columns if c.startswith("time/")])
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    pd.testing.assert_frame_equal(_numbers(a), _numbers(b), check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_csv(a / "steps.csv"), pd.read_csv(b / "steps.csv"), check_exact=True)
+    ra, rb = read_results(a), read_results(b)
+    assert ra["test"] == rb["test"] and ra["best"] == rb["best"]
+
+
+def test_resume_from_a_mid_epoch_checkpoint_gives_the_uninterrupted_numbers(train_run, tmp_path):
+    # 4 steps per epoch, a checkpoint every 3 steps: global step 3 is in the middle of epoch 0
+    _, full = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.keep_checkpoints=10", name="full")
+    names = [p.name for p in ckpt.list_checkpoints(full)]
+    assert names == ["step-000000008.pt", "step-000000006.pt", "step-000000004.pt", "step-000000003.pt"]
+    mid = ckpt.load(ckpt.path_for(full, 3))
+    assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (0, 3, 3)
+
+    # a run folder that holds only what the run had written up to step 3
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt.path_for(full, 3), part / "checkpoints")
+    _, resumed = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.resume=auto", name="part")
+    _assert_same_run(full, resumed)
+
+
+def test_resume_of_a_finished_run_only_evaluates_again(train_run):
+    _, out = train_run("modulation=ogm_ge", name="run")
+    before = read_results(out)
+    results, _ = train_run("modulation=ogm_ge", "trainer.resume=auto", name="run")
+    assert results["test"] == before["test"] and results["best"] == before["best"]
+    assert len(read_metrics(out)) == len(_numbers(out))
+
+
+def test_explicit_checkpoint_path_and_never(train_run, tmp_path):
+    _, first = train_run("trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=10", name="first")
+    chosen = ckpt.path_for(first, 2)
+    results, second = train_run(f"trainer.resume={chosen}", "trainer.checkpoint_every_n_steps=2", name="second")
+    _assert_same_run(first, second)
+    # never: a folder with checkpoints is trained from scratch (same numbers, since the run is deterministic)
+    results, again = train_run("trainer.checkpoint_every_n_steps=2", "trainer.resume=never", name="first")
+    assert results["test"] == read_results(second)["test"]
+
+
+def test_checkpoint_is_written_atomically_and_pruned(tmp_path):
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        ckpt.save({"global_step": step, "x": torch.arange(step)}, ckpt.path_for(run, step))
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert not leftovers, leftovers
+    ckpt.prune(run, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000000003.pt", "step-000000002.pt"]
+    state = ckpt.load(ckpt.path_for(run, 3))
+    assert state["format"] == ckpt.FORMAT and torch.equal(state["x"], torch.arange(3))
+
+
+def test_auto_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_path):
+    run = tmp_path / "run"
+    ckpt.save({"global_step": 2}, ckpt.path_for(run, 2))
+    bad = ckpt.path_for(run, 5)
+    bad.write_bytes(b"not a zip file at all")
+    with pytest.warns(UserWarning, match=re.escape(str(bad))):
+        path, state = ckpt.find_resume(run, "auto")
+    assert path == ckpt.path_for(run, 2) and state["global_step"] == 2
+
+
+def test_corrupt_checkpoint_fails_naming_the_file(train_run, tmp_path):
+    _, out = train_run("trainer.epochs=1", name="run")
+    (newest,) = ckpt.list_checkpoints(out)
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a truncated file, as a full disk could leave behind
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(newest))}.*corrupt"):
+        train_run("trainer.epochs=1", "trainer.resume=auto", name="run")
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(newest))}.*corrupt"):
+        train_run("trainer.epochs=1", f"trainer.resume={newest}", name="other")
+
+
+def test_foreign_files_are_refused_naming_the_file(train_run, tmp_path):
+    _, out = train_run("trainer.epochs=1", name="run")
+    best = out / "best.pt"
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(best))} is not an onthefly training checkpoint"):
+        train_run("trainer.epochs=1", f"trainer.resume={best}", name="other")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": ckpt.FORMAT, "obj": Path("x")}, pickled)  # needs arbitrary unpickling: refused
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(pickled))} is corrupt or unreadable"):
+        ckpt.load(pickled)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ckpt.load(tmp_path / "missing.pt")
+
+
+def test_checkpoint_of_other_settings_is_refused(train_run):
+    _, out = train_run("trainer.epochs=1", "modulation=ogm", name="run")
+    with pytest.raises(TrainingError, match=r"other settings.*modulation\.ge: False -> True"):
+        train_run("trainer.epochs=1", "modulation=ogm_ge", "trainer.resume=auto", name="run")
+
+
+def test_no_checkpoints_when_keep_is_zero(train_run):
+    _, out = train_run("trainer.keep_checkpoints=0")
+    assert not (out / "checkpoints").exists()
+
+
+# --- the real thing: SIGKILL mid-epoch, then trainer.resume=auto ------------------------------------------
+# The killed run is slowed down (a sleep before every step, which changes no number) so that the test can kill
+# it right after its first checkpoint, in the middle of epoch 0.
+SLOW_TRAIN = (
+    "import sys, time\n"
+    "from onthefly.engine import loop\n"
+    "step = loop.Trainer.train_step\n"
+    "def slow(self, *a, **k):\n"
+    "    time.sleep(0.5)\n"
+    "    return step(self, *a, **k)\n"
+    "loop.Trainer.train_step = slow\n"
+    "from onthefly.train import main\n"
+    "sys.argv = ['onthefly.train', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_run, tmp_path):
+    overrides = [*TINY, *METHOD, "trainer.checkpoint_every_n_steps=3", "logger.mode=offline"]
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, *overrides, f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = ckpt.path_for(run_dir, 3)
+    deadline = time.time() + 240
+    try:
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.exists(), f"no checkpoint appeared: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else 'timeout'}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "results.json").exists(), "the run finished before it was killed"
+    newest = ckpt.load(ckpt.list_checkpoints(run_dir)[0])
+    assert (newest["epoch"], newest["step_in_epoch"]) == (0, 3), "the kill did not land in the middle of epoch 0"
+    wandb_id = newest["logger"]["wandb_id"]
+    assert wandb_id
+
+    resume = subprocess.run([sys.executable, "-m", "onthefly.train", *overrides, "trainer.resume=auto",
+                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    assert "resuming from" in resume.stdout + resume.stderr
+
+    _, reference = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", name="reference")
+    _assert_same_run(reference, run_dir)
+    assert read_results(run_dir)["wandb"]["id"] == wandb_id, "the resumed run started a new W&B run"
+    assert all(wandb_id in p.name for p in (run_dir / "wandb").glob("offline-run-*"))
