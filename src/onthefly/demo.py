@@ -75,8 +75,10 @@ def make_plots(rows: pd.DataFrame, out: Path) -> list[Path]:
 
     paths = []
     probes = rows.groupby("method", sort=False)[["probe_audio", "probe_visual"]]
-    paths.append(grouped_bars(probes.mean() * 100, out / "probes.png", "linear-probe test accuracy (%)",
-                              "encoders probed linearly", errors=probes.std(ddof=0) * 100))
+    names = {"probe_audio": "audio encoder", "probe_visual": "visual encoder"}
+    paths.append(grouped_bars((probes.mean() * 100).rename(columns=names), out / "probes.png",
+                              "linear-probe test accuracy (%)", "each encoder probed linearly (mean ± std over seeds)",
+                              errors=(probes.std(ddof=0) * 100).rename(columns=names)))
     for prefix in ("rho_audio", "k_audio", "q_audio"):
         series = {}
         for label, group in rows.groupby("method", sort=False):

@@ -46,9 +46,10 @@ def step_curves(steps: pd.DataFrame, prefix: str, path: Path, title: str = "", s
 
 def grouped_bars(table: pd.DataFrame, path: Path, ylabel: str, title: str = "", errors: Optional[pd.DataFrame] = None) -> Path:
     """Bars for a table (rows: groups on the x axis, columns: bars within a group)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    table.plot.bar(ax=ax, yerr=errors, capsize=3, rot=0)
-    ax.set(ylabel=ylabel, title=title)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(table) + 2), 4.2))
+    table.plot.bar(ax=ax, yerr=errors, capsize=3, rot=20)
+    plt.setp(ax.get_xticklabels(), ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title, xlabel="")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
