@@ -143,12 +143,21 @@ SLOW_TRAIN = (
 )
 
 
+def _own_wandb_env() -> dict:
+    """A subprocess environment without this test process's W&B service (WANDB_SERVICE is inherited once the
+    pytest process has started W&B): the killed run must own its service, as a preempted job does, or the
+    service would still hold its run id when the resumed run asks for it."""
+    env = subprocess_env()
+    env.pop("WANDB_SERVICE", None)
+    return env
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_run, tmp_path):
     overrides = [*TINY, *METHOD, "trainer.checkpoint_every_n_steps=3", "logger.mode=offline"]
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, *overrides, f"hydra.run.dir={run_dir}"],
-                            cwd=tmp_path, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=tmp_path, env=_own_wandb_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = ckpt.path_for(run_dir, 3)
     deadline = time.time() + 240
     try:
@@ -168,12 +177,13 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_run, t
     assert wandb_id
 
     resume = subprocess.run([sys.executable, "-m", "onthefly.train", *overrides, "trainer.resume=auto",
-                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=subprocess_env(), capture_output=True,
+                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=_own_wandb_env(), capture_output=True,
                             text=True, timeout=300)
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert "resuming from" in resume.stdout + resume.stderr
 
     _, reference = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", name="reference")
     _assert_same_run(reference, run_dir)
-    assert read_results(run_dir)["wandb"]["id"] == wandb_id, "the resumed run started a new W&B run"
+    assert read_results(run_dir).get("wandb", {}).get("id") == wandb_id, \
+        f"the resumed run did not continue W&B run {wandb_id}: {resume.stderr[-2000:]}"
     assert all(wandb_id in p.name for p in (run_dir / "wandb").glob("offline-run-*"))

@@ -17,6 +17,7 @@ import os
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -449,15 +450,25 @@ def train(cfg: DictConfig, out_dir: Path | str):
         ddp.teardown(info)
 
 
-def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device):
-    tc = cfg.trainer
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+@dataclass
+class Parts:
+    """What a run trains: built (and seeded) the same way on every rank."""
+
+    model: nn.Module
+    modulation: Modulation
+    splits: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    modalities: list
+
+
+def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None) -> Parts:
+    """Seed, then build the dataset splits, the model (on ``device``, in its memory format, compiled if asked),
+    the method, the optimizer and the scheduler from ``cfg``."""
+    tc, info = cfg.trainer, info or DistInfo()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     seed_everything(cfg.seed, tc.deterministic)
-
     splits = instantiate(cfg.dataset).splits()
     modalities = list(tc.modalities) if tc.modalities else list(splits.modalities)
     unknown = [m for m in modalities if m not in splits.modalities]
@@ -489,6 +500,17 @@ def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device)
         params += list(extra.to(device).parameters())
     optimizer = instantiate(cfg.optim)(params)
     scheduler = instantiate(cfg.scheduler)(optimizer)
+    return Parts(model, modulation, splits, optimizer, scheduler, modalities)
+
+
+def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device):
+    tc = cfg.trainer
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    parts = build(cfg, device, info)
+    model, modulation, splits, modalities = parts.model, parts.modulation, parts.splits, parts.modalities
+    optimizer, scheduler = parts.optimizer, parts.scheduler
 
     config = _config_dict(cfg)
     resume_state = _resume_state(out_dir, config, tc, info)
