@@ -250,3 +250,15 @@ def test_projected_hours_is_runs_times_epochs_times_clips_over_throughput(tmp_pa
     # 2 rows own runs (probe_row reads concat's) x 3 seeds = 6 runs; 6 x 10 epochs x 3600 clips / 100 per s = 2160 s
     assert hours["cremad"] == pytest.approx(0.6)
     assert hours["kinetics_sounds"] is None  # no train_clips given
+
+
+def test_method_overrides_apply_only_to_their_method(tmp_path):
+    text = BASE_SPEC.replace("cremad: {{preset: demo,", "cremad: {{preset: demo, method_overrides: {{ogm_ge: [modulation.alpha=2.6]}},")
+    spec = load_spec(write_spec(tmp_path, text))
+    rows = {r.id: r for r in spec.rows}
+    col = spec.columns[0]
+    assert spec.cell_overrides(rows["ogm_ge"], col)[-1] == "modulation.alpha=2.6"
+    assert "modulation.alpha=2.6" not in spec.cell_overrides(rows["concat"], col)
+    bad = BASE_SPEC.replace("cremad: {{preset: demo,", "cremad: {{preset: demo, method_overrides: {{ogm_gee: [x=1]}},")
+    with pytest.raises(SpecError, match="unknown modulation option 'ogm_gee'"):
+        load_spec(write_spec(tmp_path, bad, name="t2"))

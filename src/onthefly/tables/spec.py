@@ -40,6 +40,7 @@ class Column:
     overrides: list[str] = field(default_factory=list)
     pending: Optional[str] = None  # why this column cannot run yet (e.g. its dataset reader is not built)
     train_clips: Optional[int] = None  # size of the training split (published), for run-time projections
+    method_overrides: dict = field(default_factory=dict)  # {modulation option: [overrides]} (e.g. alpha per dataset)
 
 
 @dataclass
@@ -87,7 +88,11 @@ class TableSpec:
         return keys
 
     def cell_overrides(self, row: Row, col: Column) -> list[str]:
-        return [f"experiment={col.preset}", *self.overrides, *col.overrides, *row.overrides]
+        """The cell's Hydra overrides: preset, spec, column, row, then the column's settings for the row's method."""
+        overrides = [*self.overrides, *col.overrides, *row.overrides]
+        methods = [o.split("=", 1)[1] for o in overrides if o.startswith("modulation=")]
+        method = methods[-1] if methods else "none"
+        return [f"experiment={col.preset}", *overrides, *col.method_overrides.get(method, [])]
 
     def analyses(self) -> set[str]:
         """Post-training analyses the rows need (probe, robustness, estimator)."""
@@ -102,7 +107,8 @@ class TableSpec:
 
 _SPEC_KEYS = {"name", "title", "columns", "rows", "seeds", "values", "protocol", "published", "overrides", "plots",
               "notes"}
-_COL_KEYS = {"preset", "data", "prep", "label", "published_dataset", "overrides", "pending", "train_clips"}
+_COL_KEYS = {"preset", "data", "prep", "label", "published_dataset", "overrides", "pending", "train_clips",
+             "method_overrides"}
 _ROW_KEYS = {"overrides", "label", "values", "published", "analyses", "same_runs_as"}
 _PLOTS = {"rho", "k", "q", "acc_curves", "robustness", "probe"}
 
@@ -159,6 +165,10 @@ def load_spec(path: Path | str) -> TableSpec:
             _check_preset(f"{where} column {cid}", c["preset"])
         for o in c.get("overrides", []):
             _check_override(f"{where} column {cid}", o)
+        for method, extra in (c.get("method_overrides") or {}).items():
+            _check_override(f"{where} column {cid} method_overrides", f"modulation={method}")
+            for o in extra:
+                _check_override(f"{where} column {cid} method_overrides.{method}", o)
         columns.append(Column(id=cid, **c))
     rows = []
     for rid, r in raw["rows"].items():
