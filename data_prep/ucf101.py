@@ -1,0 +1,140 @@
+"""UCF-101 -> a cache of 1-fps RGB frames and the TV-L1 optical flow (u, v) at the same times.
+
+    python -m data_prep.ucf101 raw_root=/path/to/UCF-101 splits=/path/to/ucfTrainTestlist flow=/path/to/tvl1_flow
+        [fold=1]
+
+Raw: ``UCF-101/<Class>/v_<Class>_gXX_cYY.avi``; ``ucfTrainTestlist/`` with ``classInd.txt`` (``1 ApplyEyeMakeup``,
+1-based), ``trainlistNN.txt`` (``Class/v_....avi label``) and ``testlistNN.txt`` (``Class/v_....avi``); flow:
+the precomputed TV-L1 release ``{u,v}/v_<video>/frame%06d.jpg`` (grayscale, 128 = still). Names are matched
+case-insensitively (folder HandstandPushups holds files spelled HandStandPushups). For each RGB frame time t
+the flow frame between video frames floor(t * fps) and the next one is stored. Another fold re-indexes the same
+clips: re-running with ``fold=2`` decodes nothing again.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.cache import Clip, Result
+from data_prep.media import MissingFile, decode_container, encode_frame, read_jpeg_file
+from data_prep.pipeline import CommonOptions, default_out, frame_recipe, parse_args, run_prep
+
+DATASET = "ucf101"
+FLOW_RECIPE = {"source": "precomputed TV-L1 JPEGs ({u,v}/v_<video>/frame%06d.jpg)",
+               "time": "flow frame floor(t * fps) + 1 (1-based) at each RGB frame time t"}
+
+
+@dataclass
+class Options(CommonOptions):
+    splits: str = ""  # the ucfTrainTestlist folder (required)
+    flow: str = ""  # the TV-L1 flow folder holding u/ and v/ (required)
+    fold: int = 1  # official split 1, 2 or 3
+
+
+def read_classes(folder: Path) -> list[str]:
+    classes = []
+    with open(folder / "classInd.txt") as f:
+        for line in f:
+            if line.strip():
+                number, name = line.split()
+                if int(number) != len(classes) + 1:
+                    raise SystemExit(f"{folder / 'classInd.txt'}: expected class {len(classes) + 1}, found {number}")
+                classes.append(name)
+    return classes
+
+
+def _walk(root: Path, suffix: str) -> dict[str, Path]:
+    """lower-case file stem -> path, for every file ending in ``suffix`` under ``root``."""
+    found = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.lower().endswith(suffix):
+                found.setdefault(f[: -len(suffix)].lower(), Path(dirpath) / f)
+    return found
+
+
+def _subdirs(root: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
+
+
+def list_clips(raw: Path, split_dir: Path, flow_root: Path, fold: int) -> tuple[list[Clip], list[str]]:
+    classes = read_classes(split_dir)
+    by_lower = {c.lower(): c for c in classes}
+    videos = _walk(raw, ".avi")
+    flow_u, flow_v = _subdirs(flow_root / "u"), _subdirs(flow_root / "v")
+    if not flow_u or not flow_v:
+        raise SystemExit(f"flow={flow_root}: expected u/v_<video>/ and v/v_<video>/ folders of frame%06d.jpg")
+    clips, seen = [], set()
+    for split, name in (("train", f"trainlist{fold:02d}.txt"), ("test", f"testlist{fold:02d}.txt")):
+        path = split_dir / name
+        if not path.exists():
+            raise SystemExit(f"{path} not found: fold={fold} needs trainlist{fold:02d}.txt and testlist{fold:02d}.txt")
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            rel = line.split()[0].replace("\\", "/")
+            folder, file = rel.split("/")[-2:] if "/" in rel else ("", rel)
+            video_id = Path(file).stem
+            if video_id.lower() in seen:
+                continue
+            seen.add(video_id.lower())
+            named = video_id.split("_")[1].lower() if video_id.count("_") >= 1 else ""  # v_<Class>_gXX_cYY
+            label = by_lower.get(folder.lower()) or by_lower.get(named)
+            avi = videos.get(video_id.lower())
+            u, v = flow_u.get(video_id.lower()), flow_v.get(video_id.lower())
+            clip = Clip(video_id, label, split, source=avi.relative_to(raw).as_posix() if avi else rel)
+            if avi:
+                clip.sources = {"video": str(avi)}
+                if u and v:
+                    clip.sources.update(flow_u=str(u), flow_v=str(v))
+            if label is None:
+                clip.status, clip.reason = "unknown_label", f"{rel}: its class is not in classInd.txt"
+            elif avi is None:
+                clip.status, clip.reason = "missing", f"{rel} (listed in {name}) not found under {raw}"
+            elif not (u and v):
+                clip.status = "missing"
+                clip.reason = f"no flow folder {'u' if not u else 'v'}/{video_id} under {flow_root} (listed in {name})"
+            clips.append(clip)
+    return clips, classes
+
+
+def _flow_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        raise MissingFile(f"{folder} holds no flow JPEG")
+    return files
+
+
+def process(clip: Clip, config: dict) -> Result:
+    decoded = decode_container(Path(clip.sources["video"]), short_side=config["short_side"])
+    u_files, v_files = _flow_files(Path(clip.sources["flow_u"])), _flow_files(Path(clip.sources["flow_v"]))
+    n_flow = min(len(u_files), len(v_files))
+    fps = decoded.fps or 25.0
+    jpegs = []
+    for frame, t in zip(decoded.frames, decoded.times):
+        k = min(n_flow, max(1, int(math.floor(t * fps)) + 1)) - 1
+        jpegs.append(encode_frame(frame, config["jpeg_quality"]))
+        for files in (u_files, v_files):
+            jpegs.append(read_jpeg_file(files[k], config["short_side"], config["jpeg_quality"], gray=True))
+    return Result(clip.id, duration=decoded.duration, n_frames=len(decoded.frames), jpegs=jpegs)
+
+
+def main(argv=None) -> dict:
+    usage = "python -m data_prep.ucf101 raw_root=/path/to/UCF-101 splits=/path/to/ucfTrainTestlist flow=/path/to/flow"
+    opts = parse_args(sys.argv[1:] if argv is None else argv, Options, usage)
+    if not opts.splits or not opts.flow:
+        raise SystemExit(f"splits= and flow= are required\nusage: {usage}")
+    raw, split_dir, flow_root = (Path(p).expanduser() for p in (opts.raw_root, opts.splits, opts.flow))
+    clips, classes = list_clips(raw, split_dir, flow_root, opts.fold)
+    recipe = {"frames": frame_recipe(opts), "flow": FLOW_RECIPE}
+    out = Path(opts.out_root).expanduser() if opts.out_root else default_out(DATASET)
+    return run_prep(dataset=DATASET, clips=clips, out_root=out, recipe=recipe,
+                    streams=["visual", "flow_u", "flow_v"], array=None, classes=classes,
+                    splits={"mode": "official", "fold": opts.fold}, work=process, opts=opts, raw_root=raw)
+
+
+if __name__ == "__main__":
+    main()
