@@ -48,3 +48,37 @@ tables: $(STAMP)  ## list every table spec with its runs, datasets and status
 
 reproduce-table-%: $(STAMP)  ## sweep + build one table: make reproduce-table-cvpr-t1 [LAUNCHER=joblib|slurm|submitit_local] [PARTITION=gpu] [SEEDS=0,1,2]
 	$(PY) -m onthefly.tables run $* --launcher $(LAUNCHER) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PARTITION),--partition $(PARTITION)) $(ARGS)
+
+# ---- Data preparation ------------------------------------------------------------------------------------------
+# Raw download -> cache under $(ONTHEFLY_DATA)/<dataset> (default data/<dataset>), or OUT=... . Resumable: run a
+# target again after an interruption, or after fixing files (git lfs pull); finished clips are skipped.
+# WORKERS=N processes (default: one per core); AUDIO=<recipe>; ARGS="key=value ..." passes any other option
+# (python -m data_prep.<dataset> --help lists them). Run from the repository root.
+.PHONY: prep-cremad prep-kinetics-sounds prep-vggsound prep-vggsound-merge prep-ucf101 bench-prep
+PREP_COMMON = $(if $(OUT),out_root=$(OUT)) $(if $(WORKERS),workers=$(WORKERS)) $(if $(AUDIO),audio=$(AUDIO)) $(ARGS)
+need = @test -n "$($(1))" || { echo "usage: $(2)"; exit 2; }
+
+prep-cremad: $(STAMP)  ## cache CREMA-D: make prep-cremad RAW=/path/to/CREMA-D [OUT=] [SPLITS=dir of lists] [SPLIT=speaker]
+	$(call need,RAW,make prep-cremad RAW=/path/to/CREMA-D [OUT=...] [SPLITS=/dir/with/train.csv+test.csv])
+	$(PY) -m data_prep.cremad raw_root=$(RAW) $(if $(SPLITS),splits=$(SPLITS)) $(if $(SPLIT),split=$(SPLIT)) $(PREP_COMMON)
+
+prep-kinetics-sounds: $(STAMP)  ## cache Kinetics-Sounds: make prep-kinetics-sounds RAW=/path/to/kinetics400 [SPLITS=lists]
+	$(call need,RAW,make prep-kinetics-sounds RAW=/path/to/kinetics400 [SPLITS=/path/to/lists] [OUT=...])
+	$(PY) -m data_prep.kinetics_sounds raw_root=$(RAW) $(if $(SPLITS),lists=$(SPLITS)) $(PREP_COMMON)
+
+prep-vggsound: $(STAMP)  ## cache VGGSound: make prep-vggsound RAW=/path/to/vggsound CSV=vggsound.csv [SHARD=i/n]
+	$(call need,RAW,make prep-vggsound RAW=/path/to/vggsound CSV=/path/to/vggsound.csv [SHARD=3/16] [OUT=...])
+	$(call need,CSV,make prep-vggsound RAW=/path/to/vggsound CSV=/path/to/vggsound.csv [SHARD=3/16] [OUT=...])
+	$(PY) -m data_prep.vggsound raw_root=$(RAW) csv=$(CSV) $(if $(SHARD),shard=$(SHARD)) $(PREP_COMMON)
+
+prep-vggsound-merge: $(STAMP)  ## join VGGSound shards (OUT/shards/*) into one cache: make prep-vggsound-merge [OUT=]
+	$(PY) -m data_prep.vggsound merge $(if $(OUT),out_root=$(OUT)) $(ARGS)
+
+prep-ucf101: $(STAMP)  ## cache UCF-101: make prep-ucf101 RAW=/path/to/UCF-101 SPLITS=ucfTrainTestlist FLOW=tvl1_flow
+	$(call need,RAW,make prep-ucf101 RAW=/path/to/UCF-101 SPLITS=/path/to/ucfTrainTestlist FLOW=/path/to/tvl1_flow)
+	$(call need,SPLITS,make prep-ucf101 RAW=/path/to/UCF-101 SPLITS=/path/to/ucfTrainTestlist FLOW=/path/to/tvl1_flow)
+	$(call need,FLOW,make prep-ucf101 RAW=/path/to/UCF-101 SPLITS=/path/to/ucfTrainTestlist FLOW=/path/to/tvl1_flow)
+	$(PY) -m data_prep.ucf101 raw_root=$(RAW) splits=$(SPLITS) flow=$(FLOW) $(if $(FOLD),fold=$(FOLD)) $(PREP_COMMON)
+
+bench-prep: $(STAMP)  ## prep throughput (clips/s per process) and cache bytes per clip, on generated realistic clips
+	$(PY) -m data_prep.bench $(ARGS)
