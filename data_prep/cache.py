@@ -263,7 +263,7 @@ class CacheWriter:
         return index
 
 
-FEATURE_KEYS = ("audio", "frames", "flow", "min_audio_s")
+FEATURE_KEYS = ("audio", "frames", "flow", "rgb_diff", "min_audio_s")
 
 
 def _features(doc: dict) -> dict:

@@ -110,6 +110,7 @@ class Decoded:
 
     frames: list[np.ndarray] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
+    next_frames: list[np.ndarray] = field(default_factory=list)  # the frame after each one (``with_next``)
     audio: Optional[np.ndarray] = None
     sample_rate: Optional[int] = None
     duration: float = 0.0
@@ -140,9 +141,10 @@ def _probe_duration(path: Path, video: bool) -> Optional[float]:
 
 
 def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int] = None,
-                     short_side: Optional[int] = 256, min_coverage: float = 0.9) -> Decoded:
+                     short_side: Optional[int] = 256, min_coverage: float = 0.9, with_next: bool = False) -> Decoded:
     """One demux pass over a container: the frames at :func:`second_centres` (resized) and/or the audio
-    resampled to mono ``audio_rate`` Hz (``audio_rate`` None: no audio wanted).
+    resampled to mono ``audio_rate`` Hz (``audio_rate`` None: no audio wanted). ``with_next`` also keeps the
+    video frame that follows each kept one (for TSN-style RGB differences; the last frame is its own successor).
 
     A video stream that stops before ``min_coverage`` of its declared duration is :class:`Truncated`.
     """
@@ -177,9 +179,13 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
         last_time = None
         k = 0
 
-        def keep(frame) -> None:
-            img = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA")
-            out.frames.append(img.to_ndarray())
+        def rgb(frame) -> np.ndarray:
+            return frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
+
+        def keep(frame, successor) -> None:
+            out.frames.append(rgb(frame))
+            if with_next:
+                out.next_frames.append(rgb(successor))
 
         try:
             for packet in container.demux(*wanted):
@@ -190,7 +196,7 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
                         continue
                     t = frame.time if frame.time is not None else (0.0 if last_time is None else last_time)
                     while k < len(targets) and t > targets[k]:
-                        keep(prev if prev is not None else frame)
+                        keep(prev if prev is not None else frame, frame)
                         out.times.append(targets[k])
                         k += 1
                     prev, last_time = frame, t
@@ -210,7 +216,7 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
                 raise Truncated(f"{path}: video stops at {last_time + frame_span:.2f} s of a declared "
                                 f"{out.duration:.2f} s (truncated download?)")
             while k < len(targets):  # the last frame is still on screen at the remaining centres
-                keep(prev)
+                keep(prev, prev)
                 out.times.append(targets[k])
                 k += 1
     return out

@@ -8,7 +8,8 @@ Raw: ``UCF-101/<Class>/v_<Class>_gXX_cYY.avi``; ``ucfTrainTestlist/`` with ``cla
 the precomputed TV-L1 release ``{u,v}/v_<video>/frame%06d.jpg`` (grayscale, 128 = still). Names are matched
 case-insensitively (folder HandstandPushups holds files spelled HandStandPushups). For each RGB frame time t
 the flow frame between video frames floor(t * fps) and the next one is stored. Another fold re-indexes the same
-clips: re-running with ``fold=2`` decodes nothing again.
+clips: re-running with ``fold=2`` decodes nothing again. ``rgb_diff=true`` also stores the video frame after
+each RGB frame, for the RGB-difference modality (DATA.md's open three-modality variant).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Options(CommonOptions):
     splits: str = ""  # the ucfTrainTestlist folder (required)
     flow: str = ""  # the TV-L1 flow folder holding u/ and v/ (required)
     fold: int = 1  # official split 1, 2 or 3
+    rgb_diff: bool = False  # also cache the frame after each one (the RGB-difference modality, TSN style)
 
 
 def read_classes(folder: Path) -> list[str]:
@@ -109,7 +111,8 @@ def _flow_files(folder: Path) -> list[Path]:
 
 
 def process(clip: Clip, config: dict) -> Result:
-    decoded = decode_container(Path(clip.sources["video"]), short_side=config["short_side"])
+    decoded = decode_container(Path(clip.sources["video"]), short_side=config["short_side"],
+                               with_next=bool(config.get("rgb_diff")))
     u_files, v_files = _flow_files(Path(clip.sources["flow_u"])), _flow_files(Path(clip.sources["flow_v"]))
     n_flow = min(len(u_files), len(v_files))
     fps = decoded.fps or 25.0
@@ -119,6 +122,9 @@ def process(clip: Clip, config: dict) -> Result:
         jpegs.append(encode_frame(frame, config["jpeg_quality"]))
         for files in (u_files, v_files):
             jpegs.append(read_jpeg_file(files[k], config["short_side"], config["jpeg_quality"], gray=True))
+    if config.get("rgb_diff"):  # the successor of every frame: a 4th stream, interleaved like the others
+        jpegs = [j for t in range(len(decoded.frames)) for j in
+                 (*jpegs[3 * t : 3 * t + 3], encode_frame(decoded.next_frames[t], config["jpeg_quality"]))]
     return Result(clip.id, duration=decoded.duration, n_frames=len(decoded.frames), jpegs=jpegs)
 
 
@@ -129,10 +135,11 @@ def main(argv=None) -> dict:
         raise SystemExit(f"splits= and flow= are required\nusage: {usage}")
     raw, split_dir, flow_root = (Path(p).expanduser() for p in (opts.raw_root, opts.splits, opts.flow))
     clips, classes = list_clips(raw, split_dir, flow_root, opts.fold)
-    recipe = {"frames": frame_recipe(opts), "flow": FLOW_RECIPE}
+    recipe = {"frames": frame_recipe(opts), "flow": FLOW_RECIPE, **({"rgb_diff": True} if opts.rgb_diff else {})}
+    streams = ["visual", "flow_u", "flow_v"] + (["visual_next"] if opts.rgb_diff else [])
     out = Path(opts.out_root).expanduser() if opts.out_root else default_out(DATASET)
     return run_prep(dataset=DATASET, clips=clips, out_root=out, recipe=recipe,
-                    streams=["visual", "flow_u", "flow_v"], array=None, classes=classes,
+                    streams=streams, array=None, classes=classes,
                     splits={"mode": "official", "fold": opts.fold}, work=process, opts=opts, raw_root=raw)
 
 

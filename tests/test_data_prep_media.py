@@ -263,18 +263,21 @@ def test_rgb_and_flow_share_one_flip_and_the_flip_negates_u():
     u = torch.full((2, 1, h, w), 200, dtype=torch.uint8)  # moving right
     u[..., : w // 2] = 90  # and a different motion on the left half
     flow = torch.cat([u, ramp], dim=1)
-    plain_rgb, plain_flow = RGBFlowTransform(False, w)(rgb, flow)
+    nxt = rgb.roll(1, dims=-1)  # the next frame: everything moved one pixel right
+    plain_rgb, plain_flow, plain_diff = RGBFlowTransform(False, w)(rgb, flow, nxt)
+    assert torch.allclose(plain_diff, (nxt.float() - rgb.float()) / 255 / 0.226, atol=1e-4)
     seen = set()
     train = RGBFlowTransform(True, w, scale=(1.0, 1.0))
     for _ in range(40):
-        out_rgb, out_flow = train(rgb, flow)
+        out_rgb, out_flow, out_diff = train(rgb, flow, nxt)
         if torch.allclose(out_rgb, plain_rgb, atol=1e-4):
             seen.add("kept")
-            assert torch.allclose(out_flow, plain_flow, atol=1e-4)
+            assert torch.allclose(out_flow, plain_flow, atol=1e-4) and torch.allclose(out_diff, plain_diff, atol=1e-4)
         else:
             seen.add("flipped")
             assert torch.allclose(out_rgb, plain_rgb.flip(-1), atol=1e-4)
             assert torch.allclose(out_flow[:, 0], -plain_flow[:, 0].flip(-1), atol=1e-4)  # u mirrored and negated
             assert torch.allclose(out_flow[:, 1], plain_flow[:, 1].flip(-1), atol=1e-4)  # v mirrored only
+            assert torch.allclose(out_diff, plain_diff.flip(-1), atol=1e-4)  # the difference is mirrored with them
     assert seen == {"kept", "flipped"}
     assert math.isclose(float(plain_flow[0, 0, 0, -1]), (200 / 255 - 0.5) / 0.226, rel_tol=1e-5)

@@ -8,6 +8,8 @@ from omegaconf import OmegaConf
 
 import media
 from data_prep import ucf101
+from data_prep.media import decode_container
+from data_prep.synthetic import write_video
 from onthefly.config import compose
 from onthefly.data.cache import CacheMismatchError, CacheReader, read_index
 from onthefly.data.clips import decode_frames
@@ -85,6 +87,37 @@ def test_ucf101_brings_a_two_channel_flow_encoder_at_the_backbones_width():
     flow = OmegaConf.to_container(cfg.backbone.encoders.flow, resolve=True)
     assert flow["in_channels"] == 2 and flow["width"] == 64 and "visual" in cfg.backbone.encoders
     assert compose(["dataset=ucf101", "backbone=resnet18_small"]).backbone.encoders.flow.width == 8
+
+
+@pytest.fixture(scope="module")
+def built_diff(raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ucf_cache_diff")
+    return out, _prep(raw, out, rgb_diff="true")
+
+
+def test_rgb_difference_option_stores_each_frames_successor(raw, built, built_diff, tmp_path):
+    out, _ = built_diff
+    reader = CacheReader(out, "ucf101")
+    assert reader.streams == ["visual", "flow_u", "flow_v", "visual_next"] and reader.recipe["rgb_diff"] is True
+    # a scene panning one pixel per frame: the successor is the frame moved one pixel left
+    video = write_video(tmp_path / "pan.avi", 2.0, size=(96, 64), fps=10, audio_freq=None, textured=True)
+    decoded = decode_container(video, with_next=True)
+    cur, nxt = (torch.from_numpy(np.stack(x)).float() for x in (decoded.frames, decoded.next_frames))
+    assert (nxt[..., :-1, :] - cur[..., 1:, :]).abs().mean() < (nxt - cur).abs().mean() / 2  # [T, H, W, 3]
+    splits = UCF101(root=str(out), image_size=32, modalities=["visual", "flow", "rgb_diff"]).splits()
+    item = splits.test[0]
+    assert item["rgb_diff"].shape == (3, 3, 32, 32) and item["flow"].shape == (3, 2, 32, 32)
+    assert item["rgb_diff"].abs().max() < 0.5  # flat-colour test clips: the next frame is the same colour
+    with pytest.raises(CacheMismatchError, match="rgb_diff=true"):
+        UCF101(root=str(built[0]), modalities=["visual", "flow", "rgb_diff"]).splits()
+
+
+@pytest.mark.slow
+def test_three_modality_variant_trains(built_diff, tmp_path):
+    out, _ = built_diff
+    results = media.train_once("ucf101", out, tmp_path / "run", "dataset.modalities=[visual,flow,rgb_diff]",
+                               "modulation=ogm_ge")
+    assert results["status"] == "ok" and results["modalities"] == ["visual", "flow", "rgb_diff"]
 
 
 @pytest.mark.slow

@@ -40,9 +40,11 @@ def decode_frames(jpegs: Sequence[bytes], gray: bool = False) -> torch.Tensor:
 
 
 class RGBFlowTransform:
-    """uint8 RGB [T, 3, H, W] + flow [T, 2, h, w] -> normalised float [T, 3, S, S], [T, 2, S, S].
+    """UCF-101's streams under one crop box and one flip (DATA.md): uint8 RGB [T, 3, H, W], optional flow
+    [T, 2, h, w] and optional next-frame RGB [T, 3, H, W] -> normalised float RGB [T, 3, S, S], flow
+    [T, 2, S, S] and RGB difference (next - current, TSN style) [T, 3, S, S] (None where not given).
 
-    One crop box and one flip for both (DATA.md): a horizontal flip mirrors RGB, u and v and negates u.
+    A horizontal flip mirrors every stream and negates u (motion to the right becomes motion to the left).
     """
 
     def __init__(self, train: bool, size: int, scale: tuple[float, float] = (0.08, 1.0)):
@@ -50,12 +52,17 @@ class RGBFlowTransform:
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
-    def __call__(self, rgb: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, rgb: torch.Tensor, flow: Optional[torch.Tensor] = None, rgb_next: Optional[torch.Tensor] = None):
         height, width = rgb.shape[-2:]
-        flow = flow.float()
-        if flow.shape[-2:] != (height, width):  # flow rendered at another size: bring it onto the RGB grid
-            flow = F.interpolate(flow, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-        x = torch.cat([rgb.float(), flow], dim=1)
+        parts = [rgb.float()]
+        if flow is not None:
+            flow = flow.float()
+            if flow.shape[-2:] != (height, width):  # flow rendered at another size: bring it onto the RGB grid
+                flow = F.interpolate(flow, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+            parts.append(flow)
+        if rgb_next is not None:
+            parts.append(rgb_next.float())
+        x = torch.cat(parts, dim=1)
         if self.train:
             top, left, h, w = random_resized_crop_box(height, width, self.scale)
             x = x[..., top : top + h, left : left + w]
@@ -63,17 +70,19 @@ class RGBFlowTransform:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         if self.train and torch.rand(()).item() < 0.5:
             x = x.flip(-1)
-            x[:, 3] = 255.0 - x[:, 3]  # u points the other way in a mirrored image
+            if flow is not None:
+                x[:, 3] = 255.0 - x[:, 3]  # u points the other way in a mirrored image
         rgb_out = (x[:, :3] - self.mean) / self.std
-        flow_out = (x[:, 3:] / 255.0 - FLOW_MEAN) / FLOW_STD
-        return rgb_out, flow_out
+        flow_out = (x[:, 3:5] / 255.0 - FLOW_MEAN) / FLOW_STD if flow is not None else None
+        diff = (x[:, -3:] - x[:, :3]) / 255.0 / FLOW_STD if rgb_next is not None else None
+        return rgb_out, flow_out, diff
 
 
 class CachedClips(Dataset):
     """One split of a cache: items {modality: tensor, "label": int, "index": int}.
 
     audio: float32 [1, *shape] (a time crop of ``audio_crop`` frames along the last axis, if set);
-    visual: [T, 3, S, S]; flow: [T, 2, S, S].
+    visual: [T, 3, S, S]; flow: [T, 2, S, S]; rgb_diff: [T, 3, S, S].
     """
 
     def __init__(self, reader: CacheReader, rows: pd.DataFrame, labels: np.ndarray, modalities: Sequence[str],
@@ -86,7 +95,8 @@ class CachedClips(Dataset):
         self.train, self.num_frames, self.sampling = train, num_frames, Sampling(sampling)
         self.audio_crop = audio_crop
         self.streams = reader.streams
-        self.joint = "flow" in self.modalities  # RGB and flow decoded together for one shared crop and flip
+        # UCF-101's streams are decoded together for one shared crop and flip
+        self.joint = bool({"flow", "rgb_diff"} & set(self.modalities))
         if self.joint:
             self.transform = RGBFlowTransform(train, image_size, tuple(crop_scale))
         else:
@@ -98,7 +108,7 @@ class CachedClips(Dataset):
         self._n_frames = self.rows["n_frames"].to_numpy()
 
     def streams_needed(self) -> set[str]:
-        return {m for m in self.modalities if m in ("visual", "flow")}
+        return {m for m in self.modalities if m in ("visual", "flow", "rgb_diff")}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -124,13 +134,14 @@ class CachedClips(Dataset):
             times = frame_indices(int(self._n_frames[i]), self.num_frames, self.train, self.sampling)
             if self.joint:
                 rgb = decode_frames(self._jpegs(i, "visual", times))
-                flow = torch.cat([decode_frames(self._jpegs(i, f"flow_{c}", times), gray=True)
-                                  for c in ("u", "v")], dim=1)
-                rgb, flow = self.transform(rgb, flow)
-                if "visual" in needed:
-                    item["visual"] = rgb
+                flow = rgb_next = None
                 if "flow" in needed:
-                    item["flow"] = flow
+                    flow = torch.cat([decode_frames(self._jpegs(i, f"flow_{c}", times), gray=True)
+                                      for c in ("u", "v")], dim=1)
+                if "rgb_diff" in needed:
+                    rgb_next = decode_frames(self._jpegs(i, "visual_next", times))
+                outputs = dict(zip(("visual", "flow", "rgb_diff"), self.transform(rgb, flow, rgb_next)))
+                item.update({m: outputs[m] for m in needed})
             else:
                 item["visual"] = self.transform(decode_frames(self._jpegs(i, "visual", times)))
         item["label"] = int(self.labels[i])
