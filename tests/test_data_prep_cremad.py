@@ -168,3 +168,15 @@ def test_one_epoch_trains_on_the_prepared_cache(built, tmp_path):
     results = media.train_once("cremad", out, tmp_path / "run", "modulation=ogm_ge")
     assert results["status"] == "ok" and results["num_classes"] == 6
     assert np.isfinite(results["test"]["loss"]) and 0 <= results["test"]["acc"] <= 1
+
+
+@pytest.mark.slow
+def test_loader_workers_read_the_cache(built):
+    from torch.utils.data import DataLoader
+
+    out, _ = built
+    test = CremaD(root=str(out), image_size=32).splits().test
+    batches = list(DataLoader(test, batch_size=4, num_workers=2))  # the presets use loader workers
+    assert sum(len(b["label"]) for b in batches) == len(test) == 6
+    assert batches[0]["audio"].shape == (4, 1, 257, 188) and batches[0]["visual"].shape == (4, 1, 3, 32, 32)
+    assert torch.equal(batches[0]["audio"][0], test[0]["audio"])
