@@ -90,8 +90,17 @@ def test_every_option_composes_with_its_own_values(group, option):
     OmegaConf.to_container(cfg, resolve=True)
 
 
-@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "dataset"])
+def _generated(option: str) -> bool:
+    """Datasets generated in memory (their schema has a train size); the others read a prepared cache."""
+    return "num_train" in compose([f"dataset={option}"]).dataset
+
+
+DATASETS = [o for g, o in OPTIONS if g == "dataset"]
+
+
+@pytest.mark.parametrize("option", [o for o in DATASETS if o.startswith("synth")])
 def test_dataset_options_build_tiny_splits(option):
+    assert _generated(option)
     cfg = compose([f"dataset={option}", *TINY_DATA])
     splits = instantiate(cfg.dataset).splits()
     assert list(splits.modalities) == list(cfg.dataset.modalities)
@@ -100,6 +109,17 @@ def test_dataset_options_build_tiny_splits(option):
     item = splits.train[0]
     assert set(cfg.dataset.modalities) <= set(item)
     assert 0 <= item["label"] < cfg.dataset.num_classes
+
+
+@pytest.mark.parametrize("option", [o for o in DATASETS if not o.startswith("synth")])
+def test_cache_backed_dataset_without_its_cache_names_the_prep_command(option, tmp_path, monkeypatch):
+    from onthefly.data.base import CacheMissingError
+
+    assert not _generated(option)
+    monkeypatch.setenv("ONTHEFLY_DATA", str(tmp_path / "empty"))
+    cfg = compose([f"dataset={option}"])
+    with pytest.raises(CacheMissingError, match=r"make prep-"):
+        instantiate(cfg.dataset).splits()
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "backbone"])

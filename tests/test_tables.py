@@ -48,6 +48,15 @@ def write_run(run_dir: Path, acc: float, status: str = "ok", probe: dict | None 
 
 
 # --- spec loading --------------------------------------------------------------------------------------------
+def test_every_spec_in_experiments_loads():
+    names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+    assert {"cvpr-t1", "cvpr-t2", "cvpr-t6", "cvpr-t7", "journal-main", "fusion", "probe", "robustness", "noise",
+            "estimator", "demo"} <= set(names)
+    for name in names:
+        spec = load_spec(EXPERIMENTS_DIR / f"{name}.yaml")
+        assert spec.rows and spec.columns
+
+
 def test_spec_with_unknown_preset_is_rejected(tmp_path):
     path = write_spec(tmp_path, BASE_SPEC.replace("preset: demo, label", "preset: cvpr2022/nope, label"))
     with pytest.raises(SpecError, match=r"unknown experiment preset 'cvpr2022/nope'"):
@@ -250,6 +259,27 @@ def test_projected_hours_is_runs_times_epochs_times_clips_over_throughput(tmp_pa
     # 2 rows own runs (probe_row reads concat's) x 3 seeds = 6 runs; 6 x 10 epochs x 3600 clips / 100 per s = 2160 s
     assert hours["cremad"] == pytest.approx(0.6)
     assert hours["kinetics_sounds"] is None  # no train_clips given
+
+
+@pytest.mark.slow
+def test_every_cell_of_every_spec_composes():
+    """Each distinct cell configuration (preset + spec/column/row overrides + the column's settings for the row's
+    method) composes: catches what the loader cannot see, such as a preset key that clashes with a row's optimizer
+    or a method override naming a key the method does not have."""
+    from onthefly.config import compose
+    from onthefly.tables.spec import all_specs
+
+    # fusion heads compose with anything (the loader checks the option exists): one representative per rest
+    cells = {tuple(o for o in spec.cell_overrides(r, c) if not o.startswith("fusion="))
+             for spec in all_specs() for r, c in spec.run_cells() if not c.pending}
+    assert len(cells) > 40
+    failures = []
+    for overrides in sorted(cells):
+        try:
+            compose(list(overrides))
+        except Exception as err:  # noqa: BLE001  (collect them all, then report)
+            failures.append(f"{' '.join(overrides)}: {str(err).splitlines()[0]}")
+    assert not failures, "\n".join(failures)
 
 
 def test_method_overrides_apply_only_to_their_method(tmp_path):
