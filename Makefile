@@ -82,3 +82,7 @@ prep-ucf101: $(STAMP)  ## cache UCF-101: make prep-ucf101 RAW=/path/to/UCF-101 S
 
 bench-prep: $(STAMP)  ## prep throughput (clips/s per process) and cache bytes per clip, on generated realistic clips
 	$(PY) -m data_prep.bench $(ARGS)
+
+.PHONY: bench
+bench: $(STAMP)  ## training performance figures on this machine: method overhead, input pipeline, protocol shapes, DDP
+	$(PY) -m onthefly.bench $(ARGS)

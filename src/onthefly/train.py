@@ -1,7 +1,11 @@
-"""`python -m onthefly.train [group=option ...] [key=value ...]` (add `-m` for a multirun sweep)."""
+"""`python -m onthefly.train [group=option ...] [key=value ...]` (add `-m` for a multirun sweep).
+
+Also the entry point of every rank under torchrun (`torchrun --nproc_per_node=N -m onthefly.train ...`) and of
+every job of the submitit (Slurm) and joblib launchers (`-m hydra/launcher=slurm|local|parallel`)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -33,7 +37,9 @@ def main(cfg: DictConfig) -> float:
         log.error("%s", err)
         sys.exit(1)
     test = results.get("test", {})
-    log.info("test/acc %.4f  test/map %.4f  -> %s", test.get("acc", float("nan")), test.get("map", float("nan")), out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary line, from rank 0
+        log.info("test/acc %.4f  test/map %.4f  -> %s", test.get("acc", float("nan")), test.get("map", float("nan")),
+                 out_dir)
     return float(test.get("acc", results["best"]["score"]))
 
 
