@@ -226,7 +226,7 @@ class Trainer:
         if scaler.is_enabled():
             scaler.unscale_(self.optimizer)  # OGM (after_backward) must see the unscaled gradient (METHOD.md §3)
         if self.tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.forward_module.parameters(), self.tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
         with self._rng(2):
             hooks.after_backward(ctx)
         ctx.metrics["loss"] = loss.detach()
