@@ -171,3 +171,31 @@ def test_torchrun_two_process_training_run(tmp_path):
     # rank 0 alone wrote: one results file, one checkpoint set
     assert json.loads((run_dir / "results.json").read_text())["world_size"] == WORLD
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000000008.pt"]
+
+
+@pytest.mark.slow
+def test_torchrun_resume_mid_epoch_matches_the_uninterrupted_ddp_run(tmp_path):
+    """Every rank's RNG state and shard position come back: a 2-rank run resumed from its mid-epoch checkpoint
+    ends with the uninterrupted 2-rank run's numbers."""
+    import shutil
+
+    from onthefly.engine import checkpoint as ckpt
+
+    full = tmp_path / "full"
+    common = ["modulation=opm_ogm", "trainer.checkpoint_every_n_steps=3"]
+    proc = _torchrun(tmp_path, *common, "trainer.keep_checkpoints=10", f"hydra.run.dir={full}")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    mid = ckpt.load(ckpt.path_for(full, 3))
+    assert (mid["step_in_epoch"], mid["world_size"], len(mid["rng"])) == (3, WORLD, WORLD)
+
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt.path_for(full, 3), part / "checkpoints")
+    proc = _torchrun(tmp_path, *common, "trainer.resume=auto", f"hydra.run.dir={part}")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for name in ("metrics.csv", "steps.csv"):
+        a, b = pd.read_csv(full / name), pd.read_csv(part / name)
+        a = a.drop(columns=[c for c in a.columns if c.startswith("time/")])
+        b = b.drop(columns=[c for c in b.columns if c.startswith("time/")])
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert read_results(full)["test"] == read_results(part)["test"]

@@ -187,3 +187,16 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_run, t
     assert read_results(run_dir).get("wandb", {}).get("id") == wandb_id, \
         f"the resumed run did not continue W&B run {wandb_id}: {resume.stderr[-2000:]}"
     assert all(wandb_id in p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_loader_workers_change_no_number_even_across_a_resume(train_run, tmp_path):
+    """Augmentation draws from a seed fixed by (seed, epoch, sample): two workers give the numbers of none, also
+    when the run resumes mid-epoch."""
+    _, inline = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.keep_checkpoints=10", name="inline")
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt.path_for(inline, 3), part / "checkpoints")
+    _, resumed = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.num_workers=2",
+                           "trainer.resume=auto", name="part")
+    _assert_same_run(inline, resumed)
