@@ -200,3 +200,15 @@ def test_same_seed_same_numbers_other_seed_differs(train_run):
     pd.testing.assert_frame_equal(pd.read_csv(a / "steps.csv"), pd.read_csv(b / "steps.csv"), check_exact=True)
     assert read_results(a)["test"] == read_results(b)["test"]
     assert not _numbers(a).equals(_numbers(c)), "seed=4 gave the very same numbers as seed=3"
+
+
+def test_a_trailing_batch_of_one_clip_is_dropped_not_fatal(train_run):
+    """65 training clips in batches of 16 leave one clip over: BatchNorm cannot train on a batch of one
+    (ResNet18's last stage is 1x1 here), so that batch is dropped and the epoch has 4 steps, not 5."""
+    results, out = train_run("dataset.num_train=65", "trainer.batch_size=16", "trainer.epochs=1",
+                             "trainer.limit_train_batches=null", name="odd")
+    assert results["status"] == "ok"
+    import pandas as pd
+
+    steps = pd.read_csv(out / "steps.csv")
+    assert len(steps) == 4

@@ -110,7 +110,9 @@ class Trainer:
         self.train_sampler = ddp.EpochSampler(splits["train"], world, self.dist.rank, cfg.seed)
         eval_batch = -(-self.tc.eval_batch_size // world)
         self.loaders = {
-            "train": self._loader(ddp.SampleSeeded(splits["train"], cfg.seed), self.local_batch, self.train_sampler),
+            # a trailing batch of one clip would break BatchNorm in training: drop it (and only it)
+            "train": self._loader(ddp.SampleSeeded(splits["train"], cfg.seed), self.local_batch, self.train_sampler,
+                                  drop_last=self.train_sampler.num_samples % self.local_batch == 1),
             "val": self._loader(splits["val"], eval_batch, self._eval_sampler(splits["val"])),
             "test": self._loader(splits["test"], eval_batch, self._eval_sampler(splits["test"])),
         }
@@ -138,11 +140,11 @@ class Trainer:
             return None
         return DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=False)
 
-    def _loader(self, dataset, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
         workers = self.tc.num_workers
         extra = {"prefetch_factor": self.tc.prefetch_factor} if workers > 0 and self.tc.prefetch_factor else {}
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers, drop_last=drop_last,
             pin_memory=self.tc.pin_memory and self.device.type == "cuda", persistent_workers=workers > 0,
             # the loader's own generator: creating an iterator must not draw from the global RNG (exact resume)
             generator=torch.Generator().manual_seed(self.cfg.seed), **extra,
