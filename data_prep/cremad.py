@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,9 +19,7 @@ from typing import Optional
 import numpy as np
 
 from data_prep.cache import Clip
-from data_prep.pipeline import CommonOptions, default_out, frame_recipe, parse_args, process_av, run_prep, \
-    stratified_test
-from onthefly.data.cache import audio_recipe
+from data_prep.pipeline import CommonOptions, prep_audio_visual, stratified_test
 
 DATASET = "cremad"
 EMOTIONS = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]  # label index = this order
@@ -120,15 +117,7 @@ def list_clips(raw: Path, opts: Options) -> tuple[list[Clip], dict]:
 
 def main(argv=None) -> dict:
     usage = "python -m data_prep.cremad raw_root=/path/to/CREMA-D [out_root=...] [audio=ogm_ge|fbank] [splits=DIR]"
-    opts = parse_args(sys.argv[1:] if argv is None else argv, Options, usage)
-    raw = Path(opts.raw_root).expanduser()
-    clips, splits = list_clips(raw, opts)
-    rec = audio_recipe(DATASET, opts.audio)
-    recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
-    out = Path(opts.out_root).expanduser() if opts.out_root else default_out(DATASET)
-    return run_prep(dataset=DATASET, clips=clips, out_root=out, recipe=recipe, streams=["visual"],
-                    array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=EMOTIONS, splits=splits,
-                    work=process_av, opts=opts, raw_root=raw)
+    return prep_audio_visual(DATASET, EMOTIONS, Options, list_clips, usage, argv)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from data_prep.cache import Clip
 from data_prep.ids import VideoFiles
-from data_prep.pipeline import CommonOptions, default_out, frame_recipe, parse_args, process_av, run_prep
-from onthefly.data.cache import audio_recipe
+from data_prep.pipeline import CommonOptions, prep_audio_visual
 
 DATASET = "kinetics_sounds"
 # "Look, Listen and Learn"'s 34 classes minus typing, fingerpicking and patting, in Kinetics-400 names;
@@ -116,15 +114,7 @@ def list_clips(raw: Path, opts: Options) -> tuple[list[Clip], dict]:
 
 def main(argv=None) -> dict:
     usage = "python -m data_prep.kinetics_sounds raw_root=/path/to/kinetics400 [lists=...] [audio=fbank|stft]"
-    opts = parse_args(sys.argv[1:] if argv is None else argv, Options, usage)
-    raw = Path(opts.raw_root).expanduser()
-    clips, splits = list_clips(raw, opts)
-    rec = audio_recipe(DATASET, opts.audio)
-    recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
-    out = Path(opts.out_root).expanduser() if opts.out_root else default_out(DATASET)
-    return run_prep(dataset=DATASET, clips=clips, out_root=out, recipe=recipe, streams=["visual"],
-                    array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=CLASSES, splits=splits,
-                    work=process_av, opts=opts, raw_root=raw)
+    return prep_audio_visual(DATASET, CLASSES, Options, list_clips, usage, argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from data_prep import audio as recipes
 from data_prep.cache import CacheWriter, Clip, Result
 from data_prep.media import check_audio, decode_container, encode_frame, read_wav, MediaError
 from onthefly.data.cache import OK, RECIPE_FILE, SPLITS, read_json, write_json
+from onthefly.data.cache import audio_recipe as recipes_for
 
 
 # --- arguments --------------------------------------------------------------------------------------------------
@@ -171,6 +172,21 @@ def run_prep(*, dataset: str, clips: list[Clip], out_root: Path, recipe: dict[st
     write_json(out_root / RECIPE_FILE, doc)
     print(format_summary(summary, raw_root))
     return summary
+
+
+def prep_audio_visual(dataset: str, classes: Sequence[str], options_cls: type, list_clips: Callable,
+                      usage: str, argv: Optional[Sequence[str]] = None) -> dict:
+    """The whole prep of a dataset whose clips are one container with an audio and a video stream (plus an
+    optional WAV): parse key=value options, list the clips, cache audio + frames with the dataset's recipe."""
+    opts = parse_args(sys.argv[1:] if argv is None else argv, options_cls, usage)
+    raw = Path(opts.raw_root).expanduser()
+    clips, splits = list_clips(raw, opts)
+    rec = recipes_for(dataset, opts.audio)
+    recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
+    out = Path(opts.out_root).expanduser() if opts.out_root else default_out(dataset)
+    return run_prep(dataset=dataset, clips=clips, out_root=out, recipe=recipe, streams=["visual"],
+                    array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=list(classes), splits=splits,
+                    work=process_av, opts=opts, raw_root=raw)
 
 
 def summarise(index, dataset: str, out_root: Path, processed: set[str], seconds: float, workers: int) -> dict[str, Any]:
