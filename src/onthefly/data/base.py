@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from torch.utils.data import Dataset
 
@@ -25,7 +25,11 @@ def require_cache(path: Path, prep_command: str) -> Path:
 
 @dataclass
 class DataSplits:
-    """train / val / test datasets yielding dicts {modality: tensor, ..., "label": int, "index": int}."""
+    """train / val / test datasets yielding dicts {modality: input, ..., "label": int, "index": int}.
+
+    An input is a tensor, or a dict of tensors (a feature sequence: {"x": [T, D], "length": int}; a question:
+    {"tokens": [L], "length": int, ...}); the default collate stacks both.
+    """
 
     train: Dataset
     val: Dataset
@@ -34,6 +38,16 @@ class DataSplits:
     modalities: list[str]
     class_names: list[str] = field(default_factory=list)
     train_eval: Optional[Dataset] = None  # the train split with evaluation transforms (linear probe); None: train
+    # --- what datasets beyond plain clip classification declare (CMU-MOSI, AVQA) ---
+    # arguments read from the data that each encoder needs at build time, by input key
+    # (MOSI: {"text": {"in_dim": 300}, ...}; AVQA: {"question": {"vocab_size": 1234}})
+    encoder_args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # input keys that are encoded but not balanced: context for the head (AVQA: ["question"])
+    context: list[str] = field(default_factory=list)
+    # extra per-sample targets the task reads besides "label" (MOSI: ["score"]; AVQA: ["qtype", "relation"])
+    targets: list[str] = field(default_factory=list)
+    # the value names of categorical targets ({"qtype": ["Which", "Come From", ...], ...})
+    target_names: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def probe_train(self) -> Dataset:
