@@ -122,7 +122,10 @@ def test_cache_backed_dataset_without_its_cache_names_the_prep_command(option, t
         instantiate(cfg.dataset).splits()
 
 
-@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "backbone"])
+SEQUENCE_BACKBONES = ("transformer", "lstm")  # CMU-MOSI's feature-sequence encoders (text, audio, visual)
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "backbone" and o not in SEQUENCE_BACKBONES])
 def test_backbone_options_build_every_modality_encoder(option):
     overrides = [f"backbone={option}"]
     if option == "resnet18":
@@ -142,6 +145,17 @@ def test_backbone_options_build_every_modality_encoder(option):
     assert out.shape == (2, 3)
 
 
+@pytest.mark.parametrize("option", SEQUENCE_BACKBONES)
+def test_sequence_backbones_take_their_input_sizes_from_the_data(option):
+    assert option in [o for g, o in OPTIONS if g == "backbone"]
+    cfg = compose([f"backbone={option}", "backbone.width=8"])
+    sizes = {"text": 7, "audio": 5, "visual": 3}
+    model = build_model(cfg, list(sizes), num_classes=2, encoder_args={m: {"in_dim": d} for m, d in sizes.items()})
+    assert model.feature_dims == {m: 8 for m in sizes}
+    inputs = {m: {"x": torch.randn(2, 4, d), "length": torch.tensor([4, 2])} for m, d in sizes.items()}
+    assert model.eval()(inputs).shape == (2, 2)
+
+
 def test_backbone_without_a_modality_fails_with_a_clear_message():
     cfg = _cfg()
     with pytest.raises(ValueError, match="no encoder for modality"):
@@ -151,9 +165,15 @@ def test_backbone_without_a_modality_fails_with_a_clear_message():
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "fusion"])
 def test_fusion_options_instantiate(option):
     cfg = _cfg(f"fusion={option}")
-    head = instantiate(cfg.fusion, feature_dims={"audio": 8, "visual": 8}, num_classes=3)
+    feats = {"audio": torch.randn(5, 8), "visual": torch.randn(5, 8)}
+    if option.startswith("qa"):  # question-conditioned: the question (and 3 choices) come as context
+        head = instantiate(cfg.fusion, feature_dims={"audio": 8, "visual": 8}, num_classes=3,
+                           context_dims={"question": 6})
+        feats["question"] = torch.randn(5, 4 if option == "qa" else 1, 6)
+    else:
+        head = instantiate(cfg.fusion, feature_dims={"audio": 8, "visual": 8}, num_classes=3)
     assert type(head).__name__ == cfg.fusion._target_.rsplit(".", 1)[-1]
-    out = head({"audio": torch.randn(5, 8), "visual": torch.randn(5, 8)})
+    out = head(feats)
     assert out.shape == (5, 3)
 
 

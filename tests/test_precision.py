@@ -96,7 +96,9 @@ def test_gradient_overflow_is_skipped_by_the_scaler_not_counted_as_nonfinite(tra
 
 
 def test_nan_loss_under_fp16_is_skipped_and_counted(train_run, monkeypatch):
-    real = loop.F.cross_entropy
+    import onthefly.tasks as tasks  # the loop's loss comes from the task
+
+    real = tasks.F.cross_entropy
     calls = {"n": 0}
 
     def nan_on_second_call(*args, **kwargs):
@@ -104,7 +106,7 @@ def test_nan_loss_under_fp16_is_skipped_and_counted(train_run, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(loop.F, "cross_entropy", nan_on_second_call)
+    monkeypatch.setattr(tasks.F, "cross_entropy", nan_on_second_call)
     results, out = train_run("modulation=ogm_ge", "trainer.precision=fp16", "trainer.max_nonfinite_steps=1")
     assert results["status"] == "ok" and results["nonfinite_steps"] == 1
     assert pd.read_csv(out / "steps.csv")["train/loss"].isna().sum() == 1

@@ -137,15 +137,21 @@ def test_three_modalities(train_run, method, diag):
 
 
 def test_ogm_on_an_mlp_encoder_warns_when_scope_is_conv(tmp_path):
-    """With the default scope (conv) the sensor MLP has no 4-D weight: OGM says it leaves that encoder alone."""
+    """With scope=conv the sensor MLP has no 4-D weight: OGM says it leaves that encoder alone. The default scope
+    (auto) modulates the MLP's matrices instead, and says nothing."""
+    import warnings
+
     from onthefly.config import compose
     from onthefly.engine.loop import run
 
-    cfg = compose(["debug=fast", "dataset=synth_av3", "modulation=ogm_ge", "dataset.num_train=16",
-                   "dataset.num_val=16", "dataset.num_test=16", "trainer.batch_size=16", "trainer.epochs=1",
-                   "trainer.threads=1", "trainer.eval_test=false", "trainer.save_checkpoint=false"])
+    base = ["debug=fast", "dataset=synth_av3", "modulation=ogm_ge", "dataset.num_train=16", "dataset.num_val=16",
+            "dataset.num_test=16", "trainer.batch_size=16", "trainer.epochs=1", "trainer.threads=1",
+            "trainer.eval_test=false", "trainer.save_checkpoint=false"]
     with pytest.warns(UserWarning, match="sensor encoder.*modulation.scope=all"):
-        run(cfg, tmp_path / "run")
+        run(compose([*base, "modulation.scope=conv"]), tmp_path / "conv")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*selects no parameter.*")
+        run(compose(base), tmp_path / "auto")
 
 
 # --- uni-modal models ---------------------------------------------------------------------------------------

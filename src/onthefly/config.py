@@ -29,6 +29,7 @@ _SCHEMA_MODULES = (
     "onthefly.data",
     "onthefly.models",
     "onthefly.modulation",
+    "onthefly.tasks",
 )
 
 
@@ -125,16 +126,20 @@ class PathsConfig:
 
 @dataclass
 class BackboneConfig:
-    """A backbone is one encoder config (with `_target_`) per modality name; a model builds the ones it needs."""
+    """A backbone is one encoder config (with `_target_`) per modality name (plus, under ``context``, one per
+    context input); a model builds the ones it needs."""
 
     name: str = MISSING
     width: int = 64
     encoders: Dict[str, Any] = field(default_factory=dict)
+    # encoders of context inputs (AVQA's question): encoded and given to the head, never balanced
+    context: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Config:
     dataset: Any = MISSING
+    task: Any = MISSING
     backbone: Any = MISSING
     fusion: Any = MISSING
     modulation: Any = MISSING

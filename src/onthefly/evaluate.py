@@ -54,22 +54,24 @@ def _log_to_wandb(run_dir: Path, payload: dict, images: dict) -> None:
 def analyse(kind: str, run_dir: Path, device: str = "auto", seed: int = 0) -> dict:
     """Run one analysis of a finished run, write <kind>.json (and plots) into it, add it to the run's W&B run."""
     from onthefly.engine import analysis
+    from onthefly.tasks import build_task
 
     run_dir = Path(run_dir)
-    _, model, splits, dev = analysis.load_run(run_dir, device)
+    cfg, model, splits, dev = analysis.load_run(run_dir, device)
+    task = build_task(cfg, splits)
     images = {}
     if kind == "probe":
         result = analysis.probe(model, splits, dev)
         payload = {f"probe/acc_{m}": r["acc"] for m, r in result.items()}
     elif kind == "robustness":
-        curves = analysis.robustness(model, splits, dev, seed=seed)
+        curves = analysis.robustness(model, splits, dev, seed=seed, task=task)
         if not curves:
             raise ValueError("robustness needs a model with at least two modalities")
         result = {"ratios": list(analysis.RATIOS), "acc": curves}
         images["robustness"] = analysis.plot_robustness(curves, run_dir / "plots" / "robustness.png")
         payload = {f"robustness/acc_{m}@{r}": a for m, accs in curves.items() for r, a in zip(analysis.RATIOS, accs)}
     elif kind == "estimator":
-        result = analysis.estimator_agreement(model, splits, dev)
+        result = analysis.estimator_agreement(model, splits, dev, task=task)
         payload = {f"estimator/{k}": v for k, v in result.items()}
     else:
         raise ValueError(f"unknown analysis {kind!r}; choose probe, robustness or estimator")
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
     command, run_dir, device, seed = _parse(argv)
     register_configs()
     from onthefly.engine import analysis
+    from onthefly.tasks import build_task
     from onthefly.plots import run_plots
 
     if command == "plots":

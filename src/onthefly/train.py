@@ -38,8 +38,8 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
     test = results.get("test", {})
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: one summary line, from rank 0
-        log.info("test/acc %.4f  test/map %.4f  -> %s", test.get("acc", float("nan")), test.get("map", float("nan")),
-                 out_dir)
+        shown = [k for k in ("acc", "map", "f1", "mae", "corr", "acc7") if k in test]
+        log.info("%s  -> %s", "  ".join(f"test/{k} {test[k]:.4f}" for k in shown), out_dir)
     return float(test.get("acc", results["best"]["score"]))
 
 

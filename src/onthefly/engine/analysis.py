@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from onthefly.engine.evaluate import extract_features, linear_probe, robustness_curve
 from onthefly.engine.loop import make_loader, select_device
 from onthefly.models import build_model
+from onthefly.tasks import Task, build_task
 
 RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -26,7 +27,9 @@ def load_run(run_dir: Path | str, device: str = "auto"):
     dev = select_device(device)
     splits = instantiate(cfg.dataset).splits()
     modalities = list(cfg.trainer.modalities) if cfg.trainer.modalities else list(splits.modalities)
-    model = build_model(cfg, modalities, splits.num_classes)
+    task = build_task(cfg, splits)
+    model = build_model(cfg, modalities, task.output_dim(splits.num_classes), encoder_args=splits.encoder_args,
+                        context=splits.context, passthrough=task.target_keys)
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -45,16 +48,17 @@ def probe(model, splits, device, batch_size: int = 256) -> dict[str, dict]:
 
     Returns {modality: {"acc", "val_acc", "l2"}}."""
     (ftr, ytr), (fva, yva), (fte, yte) = (_features(model, splits, device, batch_size, s) for s in ("train", "val", "test"))
-    return {m: linear_probe((ftr[m], ytr), (fva[m], yva), (fte[m], yte), splits.num_classes) for m in ftr}
+    return {m: linear_probe((ftr[m], ytr), (fva[m], yva), (fte[m], yte), splits.num_classes) for m in model.modalities}
 
 
-def robustness(model, splits, device, ratios: Iterable[float] = RATIOS, batch_size: int = 256, seed: int = 0):
+def robustness(model, splits, device, ratios: Iterable[float] = RATIOS, batch_size: int = 256, seed: int = 0,
+               task: Optional[Task] = None):
     """{modality: [fused test accuracy with that modality removed for a fraction r of samples]}."""
     feats, labels = _features(model, splits, device, batch_size, "test")
-    if len(feats) < 2:
+    if len(model.modalities) < 2:
         return {}
     with torch.no_grad():
-        return {m: robustness_curve(model.head, feats, labels, m, ratios, seed) for m in feats}
+        return {m: robustness_curve(model.head, feats, labels, m, ratios, seed, task) for m in model.modalities}
 
 
 def plot_robustness(curves: dict[str, list[float]], path: Path, ratios: Iterable[float] = RATIOS,
@@ -67,7 +71,8 @@ def plot_robustness(curves: dict[str, list[float]], path: Path, ratios: Iterable
 
 
 @torch.no_grad()
-def estimator_agreement(model, splits, device, batch_size: int = 64, reduce: str = "pairwise") -> dict:
+def estimator_agreement(model, splits, device, batch_size: int = 64, reduce: str = "pairwise",
+                        task: Optional[Task] = None) -> dict:
     """How often the head's natural estimator and zero-out name the same dominant modality (argmax ρ), per
     test batch of ``batch_size``; with the mean ρ of each. Empty when the head has no natural estimator."""
     from onthefly.engine.evaluate import iterate
@@ -80,9 +85,14 @@ def estimator_agreement(model, splits, device, batch_size: int = 64, reduce: str
     agree, n = 0, 0
     rho_sum = {"natural": 0.0, "zero_out": 0.0}
     loader = make_loader(splits.test, batch_size, False, 0, 0, device)
-    for inputs, labels in iterate(loader, model.modalities, device):
+    for inputs, labels in iterate(loader, model.input_keys, device):
         feats = model.encode(inputs)
-        rhos = {e: discrepancy(head.unimodal_logits(feats, e), labels, reduce)[1] for e in rho_sum}
+        rhos = {}
+        for e in rho_sum:
+            z = head.unimodal_logits(feats, e)
+            if task is not None:
+                z = {m: task.class_logits(v) for m, v in z.items()}
+            rhos[e] = discrepancy(z, labels, reduce)[1]
         agree += int(rhos["natural"].argmax() == rhos["zero_out"].argmax())
         n += 1
         for e in rho_sum:

@@ -188,19 +188,20 @@ def gathered_features(model, loader, device, limit: Optional[int], info: DistInf
     """Encoder features of a split evaluated in shards (one per rank, DistributedSampler without shuffling),
     gathered on every rank. The duplicates that pad the shards are dropped by sample index and the rows put in
     index order, so the metrics equal a single-process evaluation. Returns ({modality: [N, D]}, labels [N])."""
+    from onthefly.engine.evaluate import to_device
+
     model.eval()
-    non_blocking = device.type == "cuda"
-    feats: dict[str, list] = {m: [] for m in model.modalities}
+    feats: dict[str, list] = {}
     labels, indices = [], []
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
         if "index" not in batch:
             raise TrainingError("sharded evaluation needs each item's 'index' (see onthefly.data.base.DataSplits)")
-        inputs = {m: batch[m].to(device, non_blocking=non_blocking) for m in model.modalities}
-        for m, f in model.encode(inputs).items():
-            feats[m].append(f.float())
-        labels.append(batch["label"].to(device))
+        inputs, y = to_device(batch, model.input_keys, device)
+        for k, f in model.encode(inputs).items():
+            feats.setdefault(k, []).append(f.float() if f.is_floating_point() else f)
+        labels.append(y)
         indices.append(torch.as_tensor(batch["index"]).to(device))
     local = {m: torch.cat(v) for m, v in feats.items()}
     local_labels, local_index = torch.cat(labels), torch.cat(indices)

@@ -6,55 +6,65 @@ from typing import Dict, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from onthefly.engine.metrics import accuracy, macro_map
+from onthefly.engine.metrics import accuracy
 from onthefly.models.fusion import EstimatorUnavailable
+from onthefly.tasks import Classification, Task
 
 
-def to_device(batch: dict, modalities: Iterable[str], device: torch.device):
+def move(value, device: torch.device, non_blocking: bool = False):
+    """A tensor, or a dict of tensors (a feature sequence, a question), on ``device``."""
+    if isinstance(value, dict):
+        return {k: move(v, device, non_blocking) for k, v in value.items()}
+    return value.to(device, non_blocking=non_blocking)
+
+
+def to_device(batch: dict, keys: Iterable[str], device: torch.device):
+    """(inputs {key: value on device} for ``keys`` present in the batch, labels on device)."""
     non_blocking = device.type == "cuda"
-    inputs = {m: batch[m].to(device, non_blocking=non_blocking) for m in modalities}
+    inputs = {k: move(batch[k], device, non_blocking) for k in keys if k in batch}
     return inputs, batch["label"].to(device, non_blocking=non_blocking)
 
 
-def iterate(loader, modalities, device, limit: Optional[int] = None):
+def iterate(loader, keys, device, limit: Optional[int] = None):
+    """(inputs, labels) batches on ``device``; ``keys``: the batch entries to move (``model.input_keys``)."""
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
-        yield to_device(batch, modalities, device)
+        yield to_device(batch, keys, device)
 
 
 @torch.no_grad()
 def extract_features(model, loader, device, limit: Optional[int] = None):
-    """Encoder features of a whole split: ({modality: [N, D]}, labels [N]), in eval mode."""
+    """The encoded split: ({key: [N, ...]}, labels [N]) in eval mode. Keys: the modalities' features, context
+    encodings and passed-through side targets (everything :meth:`MultimodalModel.encode` returns)."""
     model.eval()
-    feats, labels = {m: [] for m in model.modalities}, []
-    for inputs, y in iterate(loader, model.modalities, device, limit):
-        for m, f in model.encode(inputs).items():
-            feats[m].append(f.float())
+    feats, labels = {}, []
+    for inputs, y in iterate(loader, model.input_keys, device, limit):
+        for k, f in model.encode(inputs).items():
+            feats.setdefault(k, []).append(f.float() if f.is_floating_point() else f)
         labels.append(y)
-    return {m: torch.cat(v) for m, v in feats.items()}, torch.cat(labels)
+    return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
 
 
 @torch.no_grad()
-def metrics_from_features(head, feats: Dict[str, torch.Tensor], labels: torch.Tensor, estimator) -> Dict[str, float]:
-    logits = head(feats)
-    out = {
-        "loss": float(F.cross_entropy(logits, labels)),
-        "acc": accuracy(logits, labels),
-        "map": macro_map(logits, labels),
-    }
-    if len(feats) > 1:
+def metrics_from_features(head, feats: Dict[str, torch.Tensor], labels: torch.Tensor, estimator,
+                          task: Optional[Task] = None) -> Dict[str, float]:
+    """The task's metrics of the fused prediction, plus ``acc_<modality>`` from the uni-modal logits."""
+    task = task or Classification()
+    outputs = head(feats)
+    out = task.metrics(outputs, labels, feats)
+    if len(head.modalities) > 1:
         try:
             for m, z in head.unimodal_logits(feats, estimator).items():
-                out[f"acc_{m}"] = accuracy(z, labels)
+                out[f"acc_{m}"] = accuracy(task.class_logits(z), labels)
         except EstimatorUnavailable:
             pass
     return out
 
 
-def evaluate(model, loader, device, estimator, limit: Optional[int] = None) -> Dict[str, float]:
+def evaluate(model, loader, device, estimator, limit: Optional[int] = None, task: Optional[Task] = None) -> Dict[str, float]:
     feats, labels = extract_features(model, loader, device, limit)
-    return metrics_from_features(model.head, feats, labels, estimator)
+    return metrics_from_features(model.head, feats, labels, estimator, task)
 
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -104,7 +114,8 @@ def linear_probe(
 
 @torch.no_grad()
 def robustness_curve(
-    head, feats: Dict[str, torch.Tensor], labels: torch.Tensor, modality: str, ratios: Iterable[float], seed: int = 0
+    head, feats: Dict[str, torch.Tensor], labels: torch.Tensor, modality: str, ratios: Iterable[float], seed: int = 0,
+    task: Optional[Task] = None,
 ) -> list[float]:
     """Fused accuracy when ``modality``'s feature is zeroed for a fraction r of test samples (same order for
     every r, so the removed sets are nested)."""
@@ -116,6 +127,7 @@ def robustness_curve(
         removed[order[: int(round(r * n))]] = True
         f = dict(feats)
         f[modality] = torch.where(removed[:, None], torch.zeros_like(f[modality]), f[modality])
-        accs.append(accuracy(head(f), labels))
+        outputs = head(f)
+        accs.append(accuracy(task.class_logits(outputs) if task is not None else outputs, labels))
     return accs
 

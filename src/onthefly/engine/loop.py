@@ -23,7 +23,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -40,6 +39,7 @@ from onthefly.logging import RunLogger
 from onthefly.models import build_model
 from onthefly.modulation.base import Modulation, StepContext
 from onthefly.modulation.discrepancy import discrepancy
+from onthefly.tasks import Task, build_task
 
 log = logging.getLogger("onthefly")
 
@@ -87,9 +87,11 @@ class TrainForward(nn.Module):
 class Trainer:
     def __init__(self, cfg: DictConfig, model, modulation: Modulation, splits, optimizer, scheduler, logger: RunLogger,
                  device, *, dist: Optional[DistInfo] = None, out_dir: Optional[Path] = None,
-                 resume_state: Optional[dict] = None):
+                 resume_state: Optional[dict] = None, task: Optional[Task] = None):
         self.cfg, self.tc = cfg, cfg.trainer
         self.model, self.modulation, self.splits = model, modulation, splits
+        self.task = task if task is not None else build_task(cfg, splits)
+        self.input_keys = model.input_keys
         self.optimizer, self.scheduler, self.logger, self.device = optimizer, scheduler, logger, device
         self.dist = dist or DistInfo()
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -176,7 +178,7 @@ class Trainer:
                 "test": self._loader(self.splits["test"], self.tc.eval_batch_size),
             }
         limit = limit if limit is not None else (self.tc.limit_train_batches if split == "train" else self.tc.limit_eval_batches)
-        return iterate(self._hook_loaders[split], self.modalities, self.device, limit)
+        return iterate(self._hook_loaders[split], self.input_keys, self.device, limit)
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
         return StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
@@ -197,13 +199,14 @@ class Trainer:
     # --- one step ---------------------------------------------------------------------------------------------
     def _forward(self, ctx: StepContext) -> torch.Tensor:
         """Forward hooks, encoders, ρ, head and loss (runs inside TrainForward, hence inside DDP)."""
-        model, hooks, labels = self.model, self.modulation, ctx.labels
+        model, hooks, labels, task = self.model, self.modulation, ctx.labels, self.task
         hooks.before_forward(ctx)
         ctx.features = model.encode(ctx.inputs)
         if self.use_rho:
             with torch.no_grad():
                 detached = {m: f.detach() for m, f in ctx.features.items()}
-                ctx.unimodal = model.head.unimodal_logits(detached, self.estimator)
+                ctx.unimodal = {m: task.class_logits(z)
+                                for m, z in model.head.unimodal_logits(detached, self.estimator).items()}
                 ctx.scores, ctx.rho = discrepancy(ctx.unimodal, labels, self.cfg.discrepancy.reduce,
                                                   all_reduce=self._all_reduce)
             ctx.log_per_modality("rho", ctx.rho)
@@ -211,7 +214,7 @@ class Trainer:
         hooks.on_features(ctx)
         ctx.logits = model.head(ctx.features)
         hooks.after_forward(ctx)
-        per_sample = F.cross_entropy(ctx.logits, labels, reduction="none")
+        per_sample = task.loss(ctx.logits, labels, ctx.features)
         if ctx.sample_weight is None:
             fused_loss = per_sample.mean()
         else:
@@ -232,7 +235,7 @@ class Trainer:
         with self._rng(2):
             hooks.after_backward(ctx)
         ctx.metrics["loss"] = loss.detach()
-        ctx.metrics["acc"] = (ctx.logits.argmax(1) == labels).float().mean()
+        ctx.metrics["acc"] = (self.task.class_logits(ctx.logits.detach()).argmax(1) == labels).float().mean()
         # the step's one host sync: every scalar at once (also tells whether the loss is finite); under DDP the
         # mean over ranks, so every rank takes the same skip decision
         names = list(ctx.metrics)
@@ -277,7 +280,7 @@ class Trainer:
         sampler.start = min(start * self.local_batch, sampler.num_samples)
         every = self.tc.checkpoint_every_n_steps
         try:
-            bar = tqdm(iterate(self.loaders["train"], self.modalities, self.device, max(total - start, 0)),
+            bar = tqdm(iterate(self.loaders["train"], self.input_keys, self.device, max(total - start, 0)),
                        total=max(total - start, 0), desc=f"epoch {epoch}", leave=False,
                        disable=not (self.tc.progress and self.dist.is_main), dynamic_ncols=True)
             for step, (inputs, labels) in enumerate(bar, start=start):
@@ -302,9 +305,10 @@ class Trainer:
         if self.dist.enabled:  # each rank encodes its shard; features gathered, padding dropped
             feats, labels = ddp.gathered_features(self.model, self.loaders[split], self.device,
                                                   self.tc.limit_eval_batches, self.dist)
-            m = metrics_from_features(self.model.head, feats, labels, self.estimator)
+            m = metrics_from_features(self.model.head, feats, labels, self.estimator, self.task)
         else:
-            m = evaluate(self.model, self.loaders[split], self.device, self.estimator, self.tc.limit_eval_batches)
+            m = evaluate(self.model, self.loaders[split], self.device, self.estimator, self.tc.limit_eval_batches,
+                         self.task)
         return {f"{split}/{k}": v for k, v in m.items()}
 
     def fit(self) -> dict:
@@ -462,6 +466,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: object
     modalities: list
+    task: Task
 
 
 def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None) -> Parts:
@@ -476,7 +481,9 @@ def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None
     unknown = [m for m in modalities if m not in splits.modalities]
     if unknown:
         raise TrainingError(f"trainer.modalities names {unknown}, but the dataset has {splits.modalities}")
-    model = build_model(cfg, modalities, splits.num_classes)
+    task = build_task(cfg, splits)
+    model = build_model(cfg, modalities, task.output_dim(splits.num_classes), encoder_args=splits.encoder_args,
+                        context=splits.context, passthrough=task.target_keys)
     if info.enabled and tc.sync_batchnorm:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -502,7 +509,7 @@ def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None
         params += list(extra.to(device).parameters())
     optimizer = instantiate(cfg.optim)(params)
     scheduler = instantiate(cfg.scheduler)(optimizer)
-    return Parts(model, modulation, splits, optimizer, scheduler, modalities)
+    return Parts(model, modulation, splits, optimizer, scheduler, modalities, task)
 
 
 def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device):
@@ -527,7 +534,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device)
     failed = True
     try:
         trainer = Trainer(cfg, model, modulation, splits, optimizer, scheduler, logger, device, dist=info,
-                          out_dir=out_dir, resume_state=resume_state)
+                          out_dir=out_dir, resume_state=resume_state, task=parts.task)
         results = trainer.fit()
         results.update(status="ok", modalities=modalities, num_classes=splits.num_classes,
                        device=str(device), config=config)

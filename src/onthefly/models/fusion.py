@@ -6,6 +6,7 @@ zero, one batched head forward for all modalities). A head with a cheaper exact 
 """
 from __future__ import annotations
 
+import enum
 from typing import Dict, Optional
 
 import torch
@@ -33,10 +34,12 @@ class FusionHead(nn.Module):
 
     def zero_out_unimodal(self, feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """z_m = head(features with every modality but m zeroed), all modalities in one head forward."""
-        mods, b = self.modalities, next(iter(feats.values())).shape[0]
+        mods, b = self.modalities, feats[self.modalities[0]].shape[0]
         stacked = {
             m: torch.cat([feats[m] if m == keep else torch.zeros_like(feats[m]) for keep in mods]) for m in mods
         }
+        # context (a question) and side entries are kept as they are, once per modality
+        stacked.update({k: torch.cat([v] * len(mods)) for k, v in feats.items() if k not in stacked})
         return dict(zip(mods, self.forward(stacked).split(b)))
 
     def unimodal_logits(self, feats: Dict[str, torch.Tensor], estimator: Estimator | str = Estimator.natural):
@@ -157,3 +160,56 @@ class MLPFusion(FusionHead):
 
     def forward(self, feats):
         return self.net(torch.cat([feats[m] for m in self.modalities], dim=1))
+
+
+class AnswerForm(str, enum.Enum):
+    choices = "choices"  # score each given answer choice (AVQA of Yang et al.: 4-way multiple choice)
+    vocabulary = "vocabulary"  # classify over the answer vocabulary (MUSIC-AVQA)
+
+
+@configurable("fusion", runtime=("feature_dims", "num_classes", "context_dims"))
+class QuestionConditionedFusion(FusionHead):
+    """Audio-visual question answering: the question decides how much each modality counts, then the answer is
+    scored.
+
+    Each modality m is projected, h_m = tanh(W_m φ_m); the question vector q (row 0 of the ``question``
+    context [B, 1 + C, D]) gives g = W_q q and attention weights α_m = softmax_m(g·h_m / √H); the joint vector is
+    j = ReLU(W_j [Σ_m α_m h_m ⊙ g; g]). With answer choices (rows 1..C of the context) the logits are the
+    bilinear scores j·(W_c c_k) + b_c (``answer=choices``: C-way multiple choice, AVQA of Yang et al.); or a
+    linear classifier over ``num_classes`` answers (``answer=vocabulary``: MUSIC-AVQA). Uni-modal logits:
+    zero-out (the question is kept).
+    """
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, context_dims: Dict[str, int],
+                 answer: AnswerForm = AnswerForm.choices, hidden: int = 256, question: str = "question",
+                 dropout: float = 0.1):
+        super().__init__(feature_dims, num_classes)
+        if question not in context_dims:
+            raise ValueError(f"fusion=qa reads the context input {question!r}; the dataset gives {list(context_dims)}")
+        self.question = question
+        dq = context_dims[question]
+        self.proj = nn.ModuleDict({m: nn.Linear(d, hidden) for m, d in feature_dims.items()})
+        self.query = nn.Linear(dq, hidden)
+        self.joint = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout))
+        self.answer = AnswerForm(answer)
+        if self.answer is AnswerForm.choices:
+            self.choice = nn.Linear(dq, hidden)
+            self.choice_bias = nn.Parameter(torch.zeros(()))
+        else:
+            self.classifier = nn.Linear(hidden, num_classes)
+        self.scale = hidden**-0.5
+        init_weights(self)
+
+    def forward(self, feats):
+        context = feats[self.question]
+        g = self.query(context[:, 0])
+        h = torch.stack([torch.tanh(self.proj[m](feats[m])) for m in self.modalities], dim=1)  # [B, M, H]
+        alpha = torch.softmax((h * g[:, None]).sum(-1) * self.scale, dim=1)
+        fused = (alpha[..., None] * h).sum(1)
+        j = self.joint(torch.cat([fused * g, g], dim=1))
+        if self.answer is AnswerForm.vocabulary:
+            return self.classifier(j)
+        if context.shape[1] < 2:
+            raise ValueError("fusion.answer=choices scores answer choices, but the questions came without any; "
+                             "use fusion=qa_vocabulary (MUSIC-AVQA)")
+        return (self.choice(context[:, 1:]) * j[:, None]).sum(-1) + self.choice_bias

@@ -1,7 +1,12 @@
-"""The multimodal model: one encoder per modality (by name) and a fusion head."""
+"""The multimodal model: one encoder per modality (by name), optional context encoders, and a fusion head.
+
+``encode(inputs)`` returns one dict: each modality's features (the ones OGM/OPM balance), each context input's
+encoding (AVQA's question: what the head is asked, never balanced), and every other input entry unchanged
+(side targets such as MOSI's score, which the task reads). Heads read the keys they know.
+"""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from hydra.utils import instantiate
@@ -11,35 +16,81 @@ from onthefly.models.fusion import FusionHead
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, encoders: Dict[str, nn.Module], head: FusionHead):
+    def __init__(self, encoders: Dict[str, nn.Module], head: FusionHead, context: Optional[Dict[str, nn.Module]] = None,
+                 passthrough: Iterable[str] = ()):
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
+        self.context = nn.ModuleDict(context or {})
         self.head = head
+        self.passthrough = list(passthrough)
 
     @property
     def modalities(self) -> list[str]:
         return list(self.encoders)
 
     @property
+    def input_keys(self) -> list[str]:
+        """Batch entries the model reads: modalities, context inputs, passed-through side targets."""
+        return [*self.encoders, *self.context, *self.passthrough]
+
+    @property
     def feature_dims(self) -> Dict[str, int]:
         return {m: enc.out_dim for m, enc in self.encoders.items()}
 
-    def encode(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+    def encode(self, inputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        out = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+        out.update({k: enc(inputs[k]) for k, enc in self.context.items()})
+        out.update({k: inputs[k] for k in self.passthrough if k in inputs})
+        return out
 
-    def forward(self, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, inputs: Dict[str, Any]) -> torch.Tensor:
         return self.head(self.encode(inputs))
 
 
-def build_model(cfg, modalities: list[str], num_classes: int) -> MultimodalModel:
-    """Encoders from ``cfg.backbone.encoders[<modality>]``, the head from ``cfg.fusion``."""
+def _build_encoder(config, args: dict, key: str, backbone: str) -> nn.Module:
+    try:
+        return instantiate(config, **args)
+    except Exception as err:  # noqa: BLE001 (name the encoder and the data's arguments)
+        if not args:
+            raise
+        raise ValueError(
+            f"backbone '{backbone}' could not build the {key!r} encoder with the arguments this dataset gives it "
+            f"({args}): {err}. Pick a backbone made for this data (MOSI: backbone=transformer or lstm)."
+        ) from err
+
+
+def build_model(cfg, modalities: list[str], num_classes: int, *, encoder_args: Optional[dict] = None,
+                context: Iterable[str] = (), passthrough: Iterable[str] = ()) -> MultimodalModel:
+    """Encoders from ``cfg.backbone.encoders[<modality>]`` (and ``cfg.backbone.context[<key>]`` for each context
+    input), each given the dataset's ``encoder_args[<key>]`` (feature sizes, vocabulary size); the head from
+    ``cfg.fusion`` with ``num_classes`` outputs (and ``context_dims`` when there is context)."""
     available = cfg.backbone.encoders
+    encoder_args = dict(encoder_args or {})
     missing = [m for m in modalities if m not in available]
     if missing:
         raise ValueError(
             f"backbone '{cfg.backbone.name}' has no encoder for modality {missing}; it has {list(available)}. "
             "Pick a backbone that covers the dataset's modalities (or add one in conf/backbone/)."
         )
-    encoders = {m: instantiate(available[m]) for m in modalities}
-    head = instantiate(cfg.fusion, feature_dims={m: e.out_dim for m, e in encoders.items()}, num_classes=num_classes)
-    return MultimodalModel(encoders, head)
+    context = list(context)
+    available_context = cfg.backbone.get("context") or {}
+    missing = [k for k in context if k not in available_context]
+    if missing:
+        raise ValueError(
+            f"the dataset's context input(s) {missing} need an encoder under backbone.context, which backbone "
+            f"'{cfg.backbone.name}' lacks; use the dataset's preset (e.g. dataset=avqa) or add one."
+        )
+    name = cfg.backbone.name
+    encoders = {m: _build_encoder(available[m], encoder_args.get(m, {}), m, name) for m in modalities}
+    context_encoders = {k: _build_encoder(available_context[k], encoder_args.get(k, {}), k, name) for k in context}
+    runtime: dict[str, Any] = {"feature_dims": {m: e.out_dim for m, e in encoders.items()}, "num_classes": num_classes}
+    if context_encoders:
+        runtime["context_dims"] = {k: e.out_dim for k, e in context_encoders.items()}
+    try:
+        head = instantiate(cfg.fusion, **runtime)
+    except Exception as err:  # noqa: BLE001 (Hydra wraps the TypeError of an unexpected argument)
+        if "context_dims" not in runtime:
+            raise
+        raise ValueError(f"fusion head {cfg.fusion._target_} cannot use the dataset's context inputs {context} "
+                         f"({err}); use a question-conditioned head (fusion=qa).") from err
+    return MultimodalModel(encoders, head, context_encoders, passthrough)

@@ -18,6 +18,7 @@ class CoeffForm(str, enum.Enum):
 
 
 class Scope(str, enum.Enum):
+    auto = "auto"  # conv where the encoder has conv kernels (= the official code), else all (sequence encoders)
     conv = "conv"  # 4-D weights (conv kernels), as the official code
     all = "all"  # every encoder parameter with more than one dimension (transformers, LSTMs, MLPs)
 
@@ -30,8 +31,10 @@ def ogm_coefficients(rho: torch.Tensor, alpha: float, form: CoeffForm | str = Co
 
 def select_parameters(encoder: nn.Module, scope: Scope | str) -> list[nn.Parameter]:
     """The encoder tensors OGM modulates, chosen by structure (never by parsing parameter names)."""
-    if Scope(scope) is Scope.conv:
-        return [p for p in encoder.parameters() if p.requires_grad and p.dim() == 4]
+    scope = Scope(scope)
+    conv = [p for p in encoder.parameters() if p.requires_grad and p.dim() == 4]
+    if scope is Scope.conv or (scope is Scope.auto and conv):
+        return conv
     return [p for p in encoder.parameters() if p.requires_grad and p.dim() > 1]
 
 
@@ -63,7 +66,7 @@ class OGM(Modulation):
         start: int = 0,
         end: Optional[int] = 50,
         warmup_epochs: int = 0,
-        scope: Scope = Scope.conv,
+        scope: Scope = Scope.auto,
         ge: bool = True,
         ge_scale: float = 1.0,
     ):

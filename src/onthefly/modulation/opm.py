@@ -94,7 +94,8 @@ class OPM(Modulation):
         if torch.rand(()).item() >= self.p_exe:  # CPU generator: no device sync
             ctx.log_per_modality("drop", torch.zeros_like(q))  # same columns every step
             return
-        ctx.features, keep = drop_features(ctx.features, q, self.rescale)
+        dropped, keep = drop_features({m: ctx.features[m] for m in ctx.modalities}, q, self.rescale)
+        ctx.features = {**ctx.features, **dropped}  # context inputs and side targets are left alone
         ctx.log_per_modality("drop", 1 - keep.float().mean(0))
         alive = keep.any(dim=1).to(q.dtype)  # a sample with every modality dropped leaves the loss
         ctx.sample_weight = alive if ctx.sample_weight is None else ctx.sample_weight * alive
