@@ -54,7 +54,7 @@ reproduce-table-%: $(STAMP)  ## sweep + build one table: make reproduce-table-cv
 # target again after an interruption, or after fixing files (git lfs pull); finished clips are skipped.
 # WORKERS=N processes (default: one per core); AUDIO=<recipe>; ARGS="key=value ..." passes any other option
 # (python -m data_prep.<dataset> --help lists them). Run from the repository root.
-.PHONY: prep-cremad prep-kinetics-sounds prep-vggsound prep-vggsound-merge prep-ucf101 bench-prep
+.PHONY: prep-cremad prep-kinetics-sounds prep-vggsound prep-vggsound-merge prep-ucf101 prep-mosi prep-avqa bench-prep
 PREP_COMMON = $(if $(OUT),out_root=$(OUT)) $(if $(WORKERS),workers=$(WORKERS)) $(if $(AUDIO),audio=$(AUDIO)) $(ARGS)
 need = @test -n "$($(1))" || { echo "usage: $(2)"; exit 2; }
 
@@ -79,6 +79,14 @@ prep-ucf101: $(STAMP)  ## cache UCF-101: make prep-ucf101 RAW=/path/to/UCF-101 S
 	$(call need,SPLITS,make prep-ucf101 RAW=/path/to/UCF-101 SPLITS=/path/to/ucfTrainTestlist FLOW=/path/to/tvl1_flow)
 	$(call need,FLOW,make prep-ucf101 RAW=/path/to/UCF-101 SPLITS=/path/to/ucfTrainTestlist FLOW=/path/to/tvl1_flow)
 	$(PY) -m data_prep.ucf101 raw_root=$(RAW) splits=$(SPLITS) flow=$(FLOW) $(if $(FOLD),fold=$(FOLD)) $(PREP_COMMON)
+
+prep-mosi: $(STAMP)  ## cache CMU-MOSI from a MulT or MMSA pickle: make prep-mosi PKL=/path/to/mosi_data.pkl [OUT=]
+	$(call need,PKL,make prep-mosi PKL=/path/to/mosi_data.pkl [OUT=...] [ARGS=overwrite=true])
+	$(PY) -m data_prep.mosi pkl=$(PKL) $(if $(OUT),out_root=$(OUT)) $(ARGS)
+
+prep-avqa: $(STAMP)  ## cache AVQA: make prep-avqa ANN=/path/to/avqa (MEDIA=/path/to/videos | VGGSOUND_CACHE=data/vggsound) [FORMAT=music]
+	$(call need,ANN,make prep-avqa ANN=/path/to/annotations (MEDIA=/path/to/videos | VGGSOUND_CACHE=/path/to/vggsound/cache) [FORMAT=yang|music] [OUT=...])
+	$(PY) -m data_prep.avqa ann=$(ANN) $(if $(MEDIA),media=$(MEDIA)) $(if $(VGGSOUND_CACHE),vggsound_cache=$(VGGSOUND_CACHE)) $(if $(FORMAT),format=$(FORMAT)) $(PREP_COMMON)
 
 bench-prep: $(STAMP)  ## prep throughput (clips/s per process) and cache bytes per clip, on generated realistic clips
 	$(PY) -m data_prep.bench $(ARGS)

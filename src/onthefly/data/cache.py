@@ -75,6 +75,9 @@ PREP_COMMANDS = {
     "kinetics_sounds": "make prep-kinetics-sounds RAW=/path/to/kinetics400",
     "vggsound": "make prep-vggsound RAW=/path/to/vggsound CSV=/path/to/vggsound.csv",
     "ucf101": "make prep-ucf101 RAW=/path/to/UCF-101 SPLITS=/path/to/ucfTrainTestlist FLOW=/path/to/tvl1_flow",
+    "avqa": "make prep-avqa ANN=/path/to/avqa MEDIA=/path/to/vggsound",
+    "avqa_music": "make prep-avqa FORMAT=music ANN=/path/to/MUSIC-AVQA/json MEDIA=/path/to/MUSIC-AVQA/videos",
+    "mosi": "make prep-mosi PKL=/path/to/mosi_data.pkl",
 }
 
 
