@@ -124,3 +124,38 @@ def test_mosi_presets_set_the_sequence_backbone_task_and_methods():
         assert cfg.modulation._target_.rsplit(".", 1)[1] == {"none": "NoModulation", "ogm_ge": "OGM", "opm": "OPM",
                                                             "opm_ogm": "OPMOGM"}[method]
     assert compose(["dataset=mosi", "backbone=lstm"]).backbone.name == "lstm"  # the command line still wins
+
+
+@pytest.mark.slow
+def test_mosi_under_torchrun_gathers_sequences_and_scores_like_one_process(mosi_cache, tmp_path):
+    """Two CPU ranks: inputs are dicts (sequences with lengths) and the score rides along as a side target; the
+    sharded test evaluation must give what one process computes from the saved weights."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+    from onthefly.engine import analysis
+    from onthefly.engine.evaluate import evaluate
+    from onthefly.engine.loop import make_loader
+    from onthefly.tasks import build_task
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "onthefly.train",
+           *mosi_overrides(mosi_cache, "modulation=opm_ogm", "trainer.epochs=1", "trainer.eval_batch_size=10"),
+           f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    saved = read_results(run_dir)
+    assert saved["world_size"] == 2 and {"f1", "acc_nonzero"} <= set(saved["test"])
+
+    cfg, model, splits, device = analysis.load_run(run_dir, "cpu")
+    single = evaluate(model, make_loader(splits.test, 7, False, 0, 0, device), device, "natural",
+                      task=build_task(cfg, splits))
+    for key in ("acc", "f1", "acc_nonzero", "f1_nonzero", "acc_text", "acc_audio", "acc_visual"):
+        assert saved["test"][key] == pytest.approx(single[key], abs=1e-6), key
+    assert saved["test"]["loss"] == pytest.approx(single["loss"], rel=1e-4)
