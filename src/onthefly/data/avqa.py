@@ -30,7 +30,7 @@ from onthefly.config import configurable
 from onthefly.data.base import CacheMissingError, DataSplits
 from onthefly.data.cache import (FORMAT_VERSION, INDEX_FILE, OK, RECIPE_FILE, CacheMismatchError, CacheReader,
                                  audio_recipe, prep_command, read_json)
-from onthefly.data.clips import CachedClips, CachedDataset, stratified_holdout
+from onthefly.data.clips import CachedClips, CachedDataset, split_positions, stratified_holdout
 from onthefly.data.sampling import Sampling
 
 log = logging.getLogger("onthefly")
@@ -177,26 +177,17 @@ class AVQA(CachedDataset):
     def _split_positions(self, ok: pd.DataFrame) -> dict[str, np.ndarray]:
         """Question positions of train / val / test; val = a held-out share of the train videos when the cache
         has no val split."""
-        split = ok["split"].to_numpy()
-        out = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
-        for s in ("train", "test"):
-            if len(out[s]) == 0:
-                raise ValueError(f"the AVQA cache at {self.root} has no usable question in split '{s}'; see the "
-                                 "status and reason columns of its index.csv")
-        if len(out["val"]) == 0:
-            if self.val_fraction > 0:
-                videos, of = np.unique(ok["video"].to_numpy()[out["train"]], return_inverse=True)
-                _, held = stratified_holdout(np.arange(len(videos)), np.zeros(len(videos)), self.val_fraction,
-                                             self.val_seed)
-                in_val = np.isin(of, held)
-                out["train"], out["val"] = out["train"][~in_val], out["train"][in_val]
-                if len(out["train"]) == 0:
-                    raise ValueError(f"dataset.val_fraction={self.val_fraction} leaves no train video")
-            else:
-                log.warning("AVQA has no val split and dataset.val_fraction=0: val is the TEST split, so choosing "
-                            "a checkpoint on val chooses it on test")
-                out["val"] = out["test"]
-        return out
+        def by_video(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """All questions of a held-out share of the train videos (no clip in both train and val)."""
+            videos, of = np.unique(ok["video"].to_numpy()[train], return_inverse=True)
+            _, held = stratified_holdout(np.arange(len(videos)), np.zeros(len(videos)), self.val_fraction,
+                                         self.val_seed)
+            in_val = np.isin(of, held)
+            if in_val.all():
+                raise ValueError(f"dataset.val_fraction={self.val_fraction} leaves no train video")
+            return train[~in_val], train[in_val]
+
+        return split_positions(ok["split"].to_numpy(), "AVQA", self.root, "question", self.val_fraction, by_video)
 
     def splits(self) -> DataSplits:
         recipe = self._read_recipe()

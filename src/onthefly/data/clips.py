@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -197,22 +197,9 @@ class CachedDataset:
         return reader
 
     def _split_rows(self, ok: pd.DataFrame, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """Row positions of train / val / test; val carved from train when the cache has none."""
-        split = ok["split"].to_numpy()
-        out = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
-        for s in ("train", "test"):
-            if len(out[s]) == 0:
-                raise ValueError(f"the {self.name} cache at {self.root} has no usable clip in split '{s}'; "
-                                 "see the status and reason columns of its index.csv")
-        if len(out["val"]) == 0:
-            if self.val_fraction > 0:
-                out["train"], out["val"] = stratified_holdout(out["train"], labels[out["train"]], self.val_fraction,
-                                                              self.val_seed)
-            else:
-                log.warning("%s has no val split and dataset.val_fraction=0: val is the TEST split, so choosing "
-                            "a checkpoint on val chooses it on test", self.name)
-                out["val"] = out["test"]
-        return out
+        """Row positions of train / val / test; val carved from train (stratified) when the cache has none."""
+        return split_positions(ok["split"].to_numpy(), self.name, self.root, "clip", self.val_fraction,
+                               lambda train: stratified_holdout(train, labels[train], self.val_fraction, self.val_seed))
 
     def splits(self) -> DataSplits:
         reader = self.open()
@@ -237,6 +224,26 @@ class CachedDataset:
             train_eval=make("train", False), num_classes=len(classes), modalities=list(self.modalities),
             class_names=classes,
         )
+
+
+def split_positions(split: np.ndarray, name: str, root: Path, unit: str, val_fraction: float,
+                    hold_out: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Positions of train / val / test in a cache's usable rows (``split``: each row's split name). Train and
+    test must be non-empty; a cache without val gets ``hold_out(train positions) -> (train, val)`` when
+    ``val_fraction`` > 0, else val = test (with a warning: choosing a checkpoint on val then chooses it on test)."""
+    out = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
+    for s in ("train", "test"):
+        if len(out[s]) == 0:
+            raise ValueError(f"the {name} cache at {root} has no usable {unit} in split '{s}'; see the status and "
+                             "reason columns of its index.csv")
+    if len(out["val"]) == 0:
+        if val_fraction > 0:
+            out["train"], out["val"] = hold_out(out["train"])
+        else:
+            log.warning("%s has no val split and dataset.val_fraction=0: val is the TEST split, so choosing a "
+                        "checkpoint on val chooses it on test", name)
+            out["val"] = out["test"]
+    return out
 
 
 def stratified_holdout(positions: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
