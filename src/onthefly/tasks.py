@@ -21,6 +21,7 @@ Tasks:
 """
 from __future__ import annotations
 
+import abc
 import enum
 from typing import Dict
 
@@ -31,8 +32,9 @@ from onthefly.config import configurable
 from onthefly.engine.metrics import accuracy, binary_scores, macro_map, pearson, seven_class_accuracy
 
 
-class Task:
-    """Base: plain classification over ``num_classes`` logits."""
+class Task(abc.ABC):
+    """The interface, with the class-logit defaults: outputs are class logits, the loss is cross-entropy.
+    Subclasses say which metrics they report."""
 
     target_names: Dict[str, list[str]] = {}  # set by setup(); empty until then
     target_keys: list[str] = []
@@ -53,8 +55,9 @@ class Task:
         """Per-sample loss [B] (the loop weights and averages it)."""
         return F.cross_entropy(outputs, labels, reduction="none")
 
+    @abc.abstractmethod
     def metrics(self, outputs: torch.Tensor, labels: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        raise NotImplementedError
+        """Evaluation metrics of a whole split; always ``loss`` and ``acc`` (``acc`` selects the checkpoint)."""
 
 
 @configurable("task")
@@ -129,7 +132,7 @@ class Sentiment(Task):
 
     def loss(self, outputs, labels, batch):
         if not self.regression:
-            return F.cross_entropy(outputs, labels, reduction="none")
+            return super().loss(outputs, labels, batch)
         score = batch[self.score_key].to(outputs.dtype)
         return (outputs[:, 0] - score).abs()
 

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from onthefly.engine.evaluate import extract_features, linear_probe, robustness_curve
 from onthefly.engine.loop import make_loader, select_device
-from onthefly.models import build_model
-from onthefly.tasks import Task, build_task
+from onthefly.models import model_for
+from onthefly.tasks import Classification, Task, build_task
 
 RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -27,9 +27,7 @@ def load_run(run_dir: Path | str, device: str = "auto"):
     dev = select_device(device)
     splits = instantiate(cfg.dataset).splits()
     modalities = list(cfg.trainer.modalities) if cfg.trainer.modalities else list(splits.modalities)
-    task = build_task(cfg, splits)
-    model = build_model(cfg, modalities, task.output_dim(splits.num_classes), encoder_args=splits.encoder_args,
-                        context=splits.context, passthrough=task.target_keys)
+    model = model_for(cfg, modalities, splits, build_task(cfg, splits))
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -78,7 +76,7 @@ def estimator_agreement(model, splits, device, batch_size: int = 64, reduce: str
     from onthefly.engine.evaluate import iterate
     from onthefly.modulation.discrepancy import discrepancy
 
-    head = model.head
+    head, task = model.head, task or Classification()
     if head.natural_estimator is None or len(model.modalities) < 2:
         return {}
     model.eval()
@@ -87,12 +85,8 @@ def estimator_agreement(model, splits, device, batch_size: int = 64, reduce: str
     loader = make_loader(splits.test, batch_size, False, 0, 0, device)
     for inputs, labels in iterate(loader, model.input_keys, device):
         feats = model.encode(inputs)
-        rhos = {}
-        for e in rho_sum:
-            z = head.unimodal_logits(feats, e)
-            if task is not None:
-                z = {m: task.class_logits(v) for m, v in z.items()}
-            rhos[e] = discrepancy(z, labels, reduce)[1]
+        rhos = {e: discrepancy({m: task.class_logits(z) for m, z in head.unimodal_logits(feats, e).items()},
+                               labels, reduce)[1] for e in rho_sum}
         agree += int(rhos["natural"].argmax() == rhos["zero_out"].argmax())
         n += 1
         for e in rho_sum:

@@ -188,7 +188,7 @@ def gathered_features(model, loader, device, limit: Optional[int], info: DistInf
     """Encoder features of a split evaluated in shards (one per rank, DistributedSampler without shuffling),
     gathered on every rank. The duplicates that pad the shards are dropped by sample index and the rows put in
     index order, so the metrics equal a single-process evaluation. Returns ({modality: [N, D]}, labels [N])."""
-    from onthefly.engine.evaluate import to_device
+    from onthefly.engine.evaluate import collect, to_device
 
     model.eval()
     feats: dict[str, list] = {}
@@ -199,8 +199,7 @@ def gathered_features(model, loader, device, limit: Optional[int], info: DistInf
         if "index" not in batch:
             raise TrainingError("sharded evaluation needs each item's 'index' (see onthefly.data.base.DataSplits)")
         inputs, y = to_device(batch, model.input_keys, device)
-        for k, f in model.encode(inputs).items():
-            feats.setdefault(k, []).append(f.float() if f.is_floating_point() else f)
+        collect(feats, model.encode(inputs))
         labels.append(y)
         indices.append(torch.as_tensor(batch["index"]).to(device))
     local = {m: torch.cat(v) for m, v in feats.items()}

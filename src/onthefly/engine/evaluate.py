@@ -40,10 +40,15 @@ def extract_features(model, loader, device, limit: Optional[int] = None):
     model.eval()
     feats, labels = {}, []
     for inputs, y in iterate(loader, model.input_keys, device, limit):
-        for k, f in model.encode(inputs).items():
-            feats.setdefault(k, []).append(f.float() if f.is_floating_point() else f)
+        collect(feats, model.encode(inputs))
         labels.append(y)
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
+
+
+def collect(store: dict[str, list], encoded: Dict[str, torch.Tensor]) -> None:
+    """Append one batch's encoding to ``store`` (floating tensors in float32; side targets as they are)."""
+    for k, f in encoded.items():
+        store.setdefault(k, []).append(f.float() if f.is_floating_point() else f)
 
 
 @torch.no_grad()
@@ -119,7 +124,7 @@ def robustness_curve(
 ) -> list[float]:
     """Fused accuracy when ``modality``'s feature is zeroed for a fraction r of test samples (same order for
     every r, so the removed sets are nested)."""
-    n = len(labels)
+    task, n = task or Classification(), len(labels)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(labels.device)
     accs = []
     for r in ratios:
@@ -127,7 +132,6 @@ def robustness_curve(
         removed[order[: int(round(r * n))]] = True
         f = dict(feats)
         f[modality] = torch.where(removed[:, None], torch.zeros_like(f[modality]), f[modality])
-        outputs = head(f)
-        accs.append(accuracy(task.class_logits(outputs) if task is not None else outputs, labels))
+        accs.append(accuracy(task.class_logits(head(f)), labels))
     return accs
 

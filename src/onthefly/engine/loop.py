@@ -36,7 +36,7 @@ from onthefly.engine.distributed import DistInfo, select_device  # noqa: F401  (
 from onthefly.engine.errors import CheckpointError, TrainingError  # noqa: F401  (re-exported)
 from onthefly.engine.evaluate import evaluate, iterate, metrics_from_features
 from onthefly.logging import RunLogger
-from onthefly.models import build_model
+from onthefly.models import model_for
 from onthefly.modulation.base import Modulation, StepContext
 from onthefly.modulation.discrepancy import discrepancy
 from onthefly.tasks import Task, build_task
@@ -482,8 +482,7 @@ def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None
     if unknown:
         raise TrainingError(f"trainer.modalities names {unknown}, but the dataset has {splits.modalities}")
     task = build_task(cfg, splits)
-    model = build_model(cfg, modalities, task.output_dim(splits.num_classes), encoder_args=splits.encoder_args,
-                        context=splits.context, passthrough=task.target_keys)
+    model = model_for(cfg, modalities, splits, task)
     if info.enabled and tc.sync_batchnorm:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

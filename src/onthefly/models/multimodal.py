@@ -94,3 +94,10 @@ def build_model(cfg, modalities: list[str], num_classes: int, *, encoder_args: O
         raise ValueError(f"fusion head {cfg.fusion._target_} cannot use the dataset's context inputs {context} "
                          f"({err}); use a question-conditioned head (fusion=qa).") from err
     return MultimodalModel(encoders, head, context_encoders, passthrough)
+
+
+def model_for(cfg, modalities: list[str], splits, task) -> MultimodalModel:
+    """:func:`build_model` for a dataset and a task: the task's output size, the sizes the data gives the
+    encoders, its context inputs, and the side targets the task reads (passed through)."""
+    return build_model(cfg, modalities, task.output_dim(splits.num_classes), encoder_args=splits.encoder_args,
+                       context=splits.context, passthrough=task.target_keys)
