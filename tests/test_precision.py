@@ -129,3 +129,34 @@ def test_compile_keeps_the_numbers_and_the_parameter_names(train_run, monkeypatc
     assert all(enc._compiled_call_impl is not None for enc in model.encoders.values())
     assert not [k for k in model.state_dict() if "_orig_mod" in k]
     pd.testing.assert_frame_equal(_numbers(plain), _numbers(compiled), check_exact=False, rtol=1e-5)
+
+
+# --- channels_last: a GPU speed option (oneDNN's AVX-512 NHWC conv backward crashes on some CPU shapes) -------------
+def _is_channels_last(model) -> bool:
+    # a 3x3 kernel over several channels is NHWC exactly when it is not NCHW-contiguous
+    convs = [m.weight for m in model.modules()
+             if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)]
+    return bool(convs) and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                               for w in convs)
+
+
+def test_channels_last_defaults_to_auto_and_is_off_on_a_cpu(tiny):
+    cfg = compose(tiny)
+    assert cfg.trainer.channels_last == "auto"
+    cpu = torch.device("cpu")
+    assert loop.use_channels_last(cfg.trainer.channels_last, cpu) is False
+    assert loop.use_channels_last("auto", torch.device("cuda")) is True
+    assert loop.use_channels_last("false", torch.device("cuda")) is False
+    assert not _is_channels_last(loop.build(cfg, cpu).model)
+
+
+def test_forcing_channels_last_on_a_cpu_warns_about_the_crash(tiny):
+    cfg = compose([*tiny, "trainer.channels_last=true"])
+    with pytest.warns(UserWarning, match=r"segmentation fault.*channels_last=auto.*ONEDNN_MAX_CPU_ISA=AVX2"):
+        model = loop.build(cfg, torch.device("cpu")).model
+    assert _is_channels_last(model)
+
+
+def test_channels_last_refuses_other_values():
+    with pytest.raises(loop.TrainingError, match="auto, true or false"):
+        loop.use_channels_last("sometimes", torch.device("cpu"))

@@ -72,7 +72,9 @@ class TrainerConfig:
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: Optional[int] = None  # torch intra-op threads on CPU (None: torch's default)
-    channels_last: bool = True  # NHWC conv layout (faster on CPU and on tensor cores)
+    # NHWC conv layout: auto = on for CUDA (tensor cores), off on CPU, where oneDNN's AVX-512 NHWC weight-gradient
+    # kernel crashes on some conv shapes (README, troubleshooting); true forces it on any device, with a warning on CPU
+    channels_last: str = "auto"  # auto | true | false
     modalities: Optional[List[str]] = None  # None: every modality of the dataset; [audio]: a uni-modal model
     limit_train_batches: Optional[int] = None
     limit_eval_batches: Optional[int] = None

@@ -456,6 +456,25 @@ def train(cfg: DictConfig, out_dir: Path | str):
         ddp.teardown(info)
 
 
+CPU_NHWC_WARNING = (
+    "trainer.channels_last=true on a CPU: oneDNN's AVX-512 NHWC convolution backward crashes (segmentation fault) on "
+    "some conv shapes with torch 2.14 (e.g. a 1x1 stride-2 conv over 8 channels at 256x16). If this run dies in "
+    "loss.backward(), use trainer.channels_last=auto (off on CPU) or set ONEDNN_MAX_CPU_ISA=AVX2."
+)
+
+
+def use_channels_last(setting, device: torch.device) -> bool:
+    """``trainer.channels_last`` resolved for ``device``: auto = on for CUDA only; true forces it (warning on CPU)."""
+    value = str(setting).lower()
+    if value not in ("auto", "true", "false"):
+        raise TrainingError(f"trainer.channels_last={setting!r}: expected auto, true or false")
+    if value == "auto":
+        return device.type == "cuda"
+    if value == "true" and device.type == "cpu":
+        warnings.warn(CPU_NHWC_WARNING, stacklevel=2)
+    return value == "true"
+
+
 @dataclass
 class Parts:
     """What a run trains: built (and seeded) the same way on every rank."""
@@ -490,7 +509,7 @@ def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None
             warnings.warn("SyncBatchNorm needs a GPU: on this CPU (gloo) run BatchNorm statistics are per rank.",
                           stacklevel=2)
     model = model.to(device)
-    if tc.channels_last:
+    if use_channels_last(tc.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     if tc.compile:
         for encoder in model.encoders.values():
