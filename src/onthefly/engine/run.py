@@ -66,9 +66,7 @@ def _prerequisites(cfg: DictConfig, parts, out_dir: Path, info: DistInfo, device
     reused, an interrupted one resumes) and hand their folders to the method. The RNG streams are put back as
     they were, so the main run goes on as if built alone."""
     wanted = parts.modulation.prerequisites()
-    if not wanted:
-        return
-    saved = ckpt.rng_state(device)
+    saved = ckpt.rng_state(device) if wanted else None
     folders = {}
     for name, changes in wanted.items():
         sub_dir = out_dir / "prerequisites" / name
@@ -86,7 +84,8 @@ def _prerequisites(cfg: DictConfig, parts, out_dir: Path, info: DistInfo, device
                 OmegaConf.update(sub, key, value, merge=False)
         log.info("training prerequisite run %r in %s", name, sub_dir)
         _train(sub, sub_dir, info, device)
-    ckpt.set_rng_state(saved, device)
+    if saved is not None:
+        ckpt.set_rng_state(saved, device)
     parts.modulation.use_prerequisites(folders)
 
 
