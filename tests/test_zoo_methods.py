@@ -1,4 +1,4 @@
-"""The method zoo, part 1 (docs/method.md §10-§14): PMR, AGM, MMPareto, MMCosine, UMT and UME.
+"""The method zoo, part 1a (docs/method.md, "Zoo methods, part 1a"): PMR, AGM, MMPareto, MMCosine, UMT, UME.
 
 Each method's arithmetic is checked on small fixed tensors against values worked by hand (or an independent
 formula written here), then each runs once end to end on the tiny synthetic benchmark, every `variant` included.
@@ -134,7 +134,8 @@ class Passthrough(nn.Module):
 
 
 def test_pmr_prototype_pass_reads_a_tenth_of_the_batches_in_eval_mode_and_blends_from_epoch_two():
-    model = MultimodalModel({"audio": Passthrough(2), "visual": Passthrough(1)}, ConcatFusion({"audio": 2, "visual": 1}, 3))
+    model = MultimodalModel({"audio": Passthrough(2), "visual": Passthrough(1)},
+                            ConcatFusion({"audio": 2, "visual": 1}, 3))
     model.train()
     batches = [({"audio": torch.tensor([[1.0, 0.0], [3.0, 2.0]]), "visual": torch.tensor([[1.0], [5.0]])},
                 torch.tensor([0, 0])),
@@ -197,7 +198,8 @@ def test_pmr_adds_the_prototype_loss_of_the_lagging_modality_only():
 # --- §11 AGM -------------------------------------------------------------------------------------------------------
 def _random_coalitions(m, b=3, k=4):
     g = torch.Generator().manual_seed(m)
-    return {frozenset(s): torch.randn(b, k, generator=g) for r in range(m + 1) for s in itertools.combinations(range(m), r)}
+    return {frozenset(s): torch.randn(b, k, generator=g)
+            for r in range(m + 1) for s in itertools.combinations(range(m), r)}
 
 
 def test_agm_two_modality_shares_are_the_released_formula():
@@ -617,3 +619,65 @@ def test_umt_trains_its_teachers_first_then_reuses_named_ones(train_run):
     results, again = train_run("modulation=umt", *teachers, "modulation.train_teachers=false",
                                "modulation.variant=balancebenchmark", name="named")
     assert results["status"] == "ok" and not (again / "prerequisites").exists()
+
+
+# --- the zoo table specs -------------------------------------------------------------------------------------------
+ZOO_ROWS = {"none", "ogm_ge", "opm", "opm_ogm", "gblending", "pmr", "agm", "mmpareto", "mmcosine", "umt", "ume",
+            "cml", "lfm", "inforeg", "mbsd", "amco"}
+
+
+def _spec_with_known_methods(name: str, tmp_path):
+    """The spec with only the rows whose method config exists in this tree (the part-1b methods arrive from another
+    branch), loaded through the table loader."""
+    import yaml
+
+    from onthefly.config import CONF_DIR
+    from onthefly.tables.spec import EXPERIMENTS_DIR, load_spec
+
+    raw = yaml.safe_load((EXPERIMENTS_DIR / f"{name}.yaml").read_text())
+    assert set(raw["rows"]) == ZOO_ROWS
+    assert raw["columns"].keys() == ({"synth_av"} if name == "zoo-demo" else
+                                     {"cremad", "kinetics_sounds", "ucf101", "vggsound"})
+
+    def method(row):
+        return next(o.split("=", 1)[1] for o in row["overrides"] if o.startswith("modulation="))
+
+    raw["rows"] = {rid: r for rid, r in raw["rows"].items() if (CONF_DIR / "modulation" / f"{method(r)}.yaml").exists()}
+    assert {"none", "pmr", "agm", "mmpareto", "mmcosine", "umt", "ume"} <= set(raw["rows"])
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_spec(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zoo", "zoo-demo"])
+def test_zoo_specs_compose_every_cell_of_the_methods_present(name, tmp_path):
+    from onthefly.config import compose
+
+    spec = _spec_with_known_methods(name, tmp_path)
+    for row, col in spec.run_cells():
+        cfg = compose(spec.cell_overrides(row, col))
+        gradient_scaling = row.id in ("agm", "mmpareto", "inforeg")
+        assert cfg.optim._target_.endswith("SGD" if gradient_scaling else "AdamW"), (row.id, col.id)
+        if gradient_scaling:
+            assert cfg.optim.weight_decay == pytest.approx(1e-4)
+        if name == "zoo" and row.id == "pmr":
+            assert (cfg.modulation.alpha, cfg.modulation.momentum, cfg.modulation.end) == (2.0, 0.0, 70)
+        if name == "zoo" and row.id == "mmpareto":
+            assert cfg.optim.lr == pytest.approx(2e-3) and cfg.scheduler.gamma == 1.0  # a constant rate
+
+
+def test_zoo_published_rows_name_the_benchmarks_methods():
+    import csv
+
+    import yaml
+
+    from onthefly.tables.spec import EXPERIMENTS_DIR
+
+    raw = yaml.safe_load((EXPERIMENTS_DIR / "zoo.yaml").read_text())
+    with open(EXPERIMENTS_DIR / "published_results.csv") as fh:
+        published = {(r["dataset"], r["method"]) for r in csv.DictReader(fh) if r["source"] == "balancebenchmark_2025"}
+    for rid, row in raw["rows"].items():
+        if row.get("published"):
+            for col in raw["columns"]:
+                assert (col, row["published"]["method"]) in published, (rid, col)

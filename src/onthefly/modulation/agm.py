@@ -1,4 +1,4 @@
-"""AGM, Adaptive Gradient Modulation (Li et al., ICCV 2023; docs/method.md §11).
+"""AGM, Adaptive Gradient Modulation (Li et al., ICCV 2023; docs/method.md, "Zoo methods, part 1a").
 
 Each modality's mono-modal logits are its Shapley share of the fused logits, read off the model with the other
 modalities' inputs zeroed (for two modalities m_a = ½(z − z_{0v} + z_{a0}), so m_a + m_v = z). Their

@@ -1,4 +1,4 @@
-"""MMCosine, the multi-modal cosine loss (Xu et al., ICASSP 2023; docs/method.md §13).
+"""MMCosine, the multi-modal cosine loss (Xu et al., ICASSP 2023; docs/method.md, "Zoo methods, part 1a").
 
 The fusion head's logits are replaced by a sum of per-modality cosine logits, z = s·Σ_m ⟨φ_m/‖φ_m‖, w_{m,k}/‖w_{m,k}‖⟩
 (w_{m,k}: row k of the head's block for modality m, no bias), so no modality can dominate the fused logits through
@@ -90,8 +90,8 @@ class MMCosine(Modulation):
         head, labels = ctx.model.head, ctx.labels.long()
         if self.nce_weight > 0 and len(ctx.modalities) > 1:
             pairs = list(itertools.combinations(ctx.modalities, 2))
-            ctx.extra_losses["mmcosine_nce"] = self.nce_weight * sum(
-                supervised_nce(ctx.features[a], ctx.features[b], labels, self.temperature) for a, b in pairs) / len(pairs)
+            nce = sum(supervised_nce(ctx.features[a], ctx.features[b], labels, self.temperature) for a, b in pairs)
+            ctx.extra_losses["mmcosine_nce"] = self.nce_weight * nce / len(pairs)
         with torch.no_grad():
             feats = {m: ctx.features[m].detach() for m in ctx.modalities}
             uni = head.natural_unimodal(feats)

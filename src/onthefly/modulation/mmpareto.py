@@ -1,4 +1,4 @@
-"""MMPareto (Wei & Hu, ICML 2024; docs/method.md §12).
+"""MMPareto (Wei & Hu, ICML 2024; docs/method.md, "Zoo methods, part 1a").
 
 Each modality gets an auxiliary linear head and its own cross-entropy L_m next to the fused loss L_mm. On each
 encoder the two gradients g_mm = ∇L_mm and g_u = ∇L_m are compared: when they agree (cos > 0) they are averaged,

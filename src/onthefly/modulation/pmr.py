@@ -1,4 +1,4 @@
-"""PMR, Prototypical Modal Rebalance (Fan et al., CVPR 2023; docs/method.md §10).
+"""PMR, Prototypical Modal Rebalance (Fan et al., CVPR 2023; docs/method.md, "Zoo methods, part 1a").
 
 Each modality keeps one prototype per class (the mean encoder feature of that class over a tenth of the training
 batches, recomputed before every epoch in eval mode). A sample's prototype logits are its negative Euclidean
@@ -124,7 +124,8 @@ class PMR(Modulation):
         ctx.log_per_modality("pmr_ratio", scores / others_best(scores).clamp_min(1e-12))
         ctx.log_per_modality("pmr_beta", beta)
         ctx.log_per_modality("pmr_pce", pce)
-        ctx.log_per_modality("pmr_protoacc", torch.stack([(z.argmax(1) == labels).float().mean() for z in logits.values()]))
+        ctx.log_per_modality("pmr_protoacc", torch.stack([(z.argmax(1) == labels).float().mean()
+                                                          for z in logits.values()]))
 
     def after_backward(self, ctx: StepContext) -> None:
         scores = getattr(self, "_scores", None)

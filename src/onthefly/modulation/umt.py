@@ -1,4 +1,5 @@
-"""UMT and UME, uni-modal teachers and the uni-modal ensemble (Du et al., ICML 2023; docs/method.md §14).
+"""UMT and UME, uni-modal teachers and the uni-modal ensemble (Du et al., ICML 2023; docs/method.md, "Zoo methods,
+part 1a").
 
 UME trains one linear head per modality on its own encoder (no fused loss) and predicts with the mean of their
 logits: the head is wrapped in ``setup``, so best.pt, evaluation and the analyses predict with the ensemble.
@@ -102,8 +103,8 @@ def load_teacher(encoder: nn.Module, source: Path | str, modality: str) -> None:
     prefix = f"encoders.{modality}."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if isinstance(state, dict) else {}
     if not weights:
-        raise ValueError(f"UMT teacher for {modality!r}: {path} holds no {modality} encoder (keys 'encoders.{modality}.*'); "
-                         f"point to a run trained with trainer.modalities=[{modality}].")
+        raise ValueError(f"UMT teacher for {modality!r}: {path} holds no {modality} encoder (keys "
+                         f"'encoders.{modality}.*'); point to a run trained with trainer.modalities=[{modality}].")
     try:
         encoder.load_state_dict(weights)
     except RuntimeError as err:
