@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, List
 
@@ -138,6 +139,27 @@ class _ProbeData:
 
 
 _PROBE = f"{_ProbeData.__module__}.{_ProbeData.__qualname__}"
+
+
+@dataclass
+class _ClipOptions:
+    num_frames: PositiveInt = 3
+    val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.1
+
+
+@configurable("probe")
+class _ProbeClips:
+    """Stands for datasets that share one options object."""
+
+    def __init__(self, clips: _ClipOptions = _ClipOptions(), root: str = "data/clips"):  # noqa: B008
+        pass
+
+
+def test_ranges_in_a_shared_options_dataclass_are_checked():
+    target = f"{_ProbeClips.__module__}.{_ProbeClips.__qualname__}"
+    assert problems({"dataset": {"_target_": target, "clips": {"num_frames": 0, "val_fraction": 0.5}}}) == [
+        "dataset.clips.num_frames=0: must be >= 1"]
+    assert _ProbeClips.Config().clips == _ClipOptions()
 
 
 def test_ranges_in_a_configurable_signature_are_checked_in_a_plain_container():

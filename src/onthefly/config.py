@@ -194,14 +194,14 @@ class Split(str, enum.Enum):
 
 
 class Estimator(str, enum.Enum):
-    """How uni-modal logits are read off a fusion head (METHOD.md §1)."""
+    """How uni-modal logits are read off a fusion head (docs/method.md §1)."""
 
     natural = "natural"  # the head's own estimator: W-slice + b/M (concat), per-branch (sum, FiLM, gated)
     zero_out = "zero_out"  # the head applied with every other modality's feature set to zero
 
 
 class RhoReduce(str, enum.Enum):
-    """How ρ_m is formed for M > 2 modalities (METHOD.md §2); all coincide for M = 2."""
+    """How ρ_m is formed for M > 2 modalities (docs/method.md §2); all coincide for M = 2."""
 
     pairwise = "pairwise"
     min = "min"
@@ -396,6 +396,8 @@ def _field_for(name: str, annotation: Any, default: Any):
         return (name, annotation, field(default=MISSING))
     if isinstance(default, (list, dict)):
         return (name, annotation, field(default_factory=lambda d=default: type(d)(d)))
+    if dataclasses.is_dataclass(default):  # an options object shared by several classes
+        return (name, annotation, field(default_factory=lambda d=default: dataclasses.replace(d)))
     return (name, annotation, field(default=default))
 
 
@@ -407,6 +409,8 @@ def _schema_type(annotation: Any) -> Any:
         return Annotated[(_schema_type(inner), *metadata)]
     if isinstance(annotation, type) and hasattr(annotation, "Config") and dataclasses.is_dataclass(annotation.Config):
         return annotation.Config
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):  # a nested options dataclass
+        return annotation
     origin = typing.get_origin(annotation)
     if origin is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
