@@ -12,6 +12,7 @@ from torch import nn
 
 from onthefly.config import PositiveInt, Probability, configurable
 from onthefly.modulation.base import Modulation, StepContext
+from onthefly.modulation.helpers import UnimodalHeads
 
 
 @configurable("modulation")
@@ -55,7 +56,7 @@ class GradientBlending(Modulation):
 
     def setup(self, model, num_classes: int) -> None:
         self.heads = ["fused", *model.encoders]
-        self.aux = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in model.feature_dims.items()})
+        self.aux = UnimodalHeads(model.feature_dims, num_classes)
         self.weights = torch.full((len(self.heads),), 1.0 / len(self.heads))
 
     def extra_module(self) -> nn.Module:
