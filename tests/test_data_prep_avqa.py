@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 import media
 from data_prep import avqa, vggsound
+from data_prep.errors import PrepError
 from onthefly.data.avqa import AVQA, read_questions
 from onthefly.data.base import CacheMissingError
 
@@ -273,9 +274,9 @@ def test_a_missing_cache_names_the_prep_command(tmp_path):
 
 def test_prep_refuses_unclear_inputs(tmp_path):
     (tmp_path / "ann").mkdir()
-    with pytest.raises(SystemExit, match="one of media= .* or vggsound_cache="):
-        avqa.main([f"ann={tmp_path / 'ann'}"])
-    with pytest.raises(SystemExit, match="format='vqa'"):
-        avqa.main([f"ann={tmp_path / 'ann'}", "media=x", "format=vqa"])
-    with pytest.raises(SystemExit, match=r"train_qa.json.*format=music"):
-        avqa.main([f"ann={tmp_path / 'ann'}", f"media={tmp_path}", f"out_root={tmp_path / 'out'}"])
+    with pytest.raises(PrepError, match="one of media= .* or vggsound_cache="):
+        avqa.run([f"ann={tmp_path / 'ann'}"])
+    with pytest.raises(PrepError, match="format='vqa'"):
+        avqa.run([f"ann={tmp_path / 'ann'}", "media=x", "format=vqa"])
+    with pytest.raises(PrepError, match=r"train_qa.json.*format=music"):
+        avqa.run([f"ann={tmp_path / 'ann'}", f"media={tmp_path}", f"out_root={tmp_path / 'out'}"])

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_prep import mosi as prep
+from data_prep.errors import PrepError
 from onthefly.data.base import CacheMissingError
 from onthefly.data.cache import read_json
 from onthefly.data.mosi import MOSI
@@ -97,7 +98,7 @@ def _dump(data, path):
 
 
 def run(pkl, out, *extra):
-    return prep.main([f"pkl={pkl}", f"out_root={out}", *extra])
+    return prep.run([f"pkl={pkl}", f"out_root={out}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +218,7 @@ def test_rerun_is_a_no_op_and_another_source_needs_overwrite(tmp_path, capsys):
     assert again["up_to_date"] and "nothing to do" in capsys.readouterr().out
     assert (out / "train" / "text.npy").stat().st_mtime_ns == stamp
     other = _dump(make_mult(False)[0], tmp_path / "b.pkl")
-    with pytest.raises(SystemExit, match="overwrite=true"):
+    with pytest.raises(PrepError, match="overwrite=true"):
         run(other, out)
     assert read_json(out / "recipe.json")["aligned"] is True  # untouched
     run(other, out, "overwrite=true")
@@ -234,7 +235,7 @@ def test_rerun_is_a_no_op_and_another_source_needs_overwrite(tmp_path, capsys):
 def test_bad_pickles_exit_with_a_message_naming_the_problem(tmp_path, break_it, words):
     data, _ = make_mmsa(True)
     break_it(data)
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(PrepError) as err:
         run(_dump(data, tmp_path / "bad.pkl"), tmp_path / "out")
     for word in words:
         assert word in str(err.value), (word, str(err.value))
@@ -242,16 +243,16 @@ def test_bad_pickles_exit_with_a_message_naming_the_problem(tmp_path, break_it, 
 
 
 def test_arguments_and_unreadable_files(tmp_path):
-    with pytest.raises(SystemExit, match="pkl= is required"):
-        prep.main([f"out_root={tmp_path}"])
-    with pytest.raises(SystemExit, match="no such file"):
-        prep.main([f"pkl={tmp_path / 'absent.pkl'}"])
+    with pytest.raises(PrepError, match="pkl= is required"):
+        prep.run([f"out_root={tmp_path}"])
+    with pytest.raises(PrepError, match="no such file"):
+        prep.run([f"pkl={tmp_path / 'absent.pkl'}"])
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
-    with pytest.raises(SystemExit, match="could not be unpickled"):
-        prep.main([f"pkl={tmp_path / 'junk.pkl'}", f"out_root={tmp_path / 'o'}"])
+    with pytest.raises(PrepError, match="could not be unpickled"):
+        prep.run([f"pkl={tmp_path / 'junk.pkl'}", f"out_root={tmp_path / 'o'}"])
     _dump([1, 2], tmp_path / "list.pkl")
-    with pytest.raises(SystemExit, match="not a dict of splits"):
-        prep.main([f"pkl={tmp_path / 'list.pkl'}", f"out_root={tmp_path / 'o'}"])
+    with pytest.raises(PrepError, match="not a dict of splits"):
+        prep.run([f"pkl={tmp_path / 'list.pkl'}", f"out_root={tmp_path / 'o'}"])
 
 
 def test_python2_byte_strings_are_read_as_latin1(tmp_path):
@@ -262,7 +263,7 @@ def test_python2_byte_strings_are_read_as_latin1(tmp_path):
 
 def test_default_out_is_under_onthefly_data(tmp_path, monkeypatch):
     monkeypatch.setenv("ONTHEFLY_DATA", str(tmp_path / "data"))
-    prep.main([f"pkl={_dump(make_mmsa(True)[0], tmp_path / 'a.pkl')}"])
+    prep.run([f"pkl={_dump(make_mmsa(True)[0], tmp_path / 'a.pkl')}"])
     assert (tmp_path / "data" / "mosi" / "recipe.json").exists()
 
 

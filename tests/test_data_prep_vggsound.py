@@ -7,6 +7,7 @@ import torch
 
 import media
 from data_prep import vggsound
+from data_prep.errors import PrepError
 from onthefly.data.cache import CacheReader, read_index
 from onthefly.data.vggsound import VGGSound
 
@@ -61,10 +62,10 @@ def test_shards_then_merge_equal_the_single_run(raw, built, tmp_path):
         media.prep(vggsound, raw_root=raw["raw"], csv=raw["csv"], out_root=tmp_path, shard=f"{i}/2")
     assert (tmp_path / "shards" / "0-of-2" / "index.csv").exists()
     (tmp_path / "shards" / "2-of-3").mkdir()  # a stray folder from another shard count is refused
-    with pytest.raises(SystemExit, match=r"mixes shard counts \[2, 3\]"):
-        vggsound.main(["merge", f"out_root={tmp_path}"])
+    with pytest.raises(PrepError, match=r"mixes shard counts \[2, 3\]"):
+        vggsound.run(["merge", f"out_root={tmp_path}"])
     (tmp_path / "shards" / "2-of-3").rmdir()
-    summary = vggsound.main(["merge", f"out_root={tmp_path}"])
+    summary = vggsound.run(["merge", f"out_root={tmp_path}"])
     assert summary["cached"] == 12 and summary["found"] == 15
     single, merged = CacheReader(out, "vggsound"), CacheReader(tmp_path, "vggsound")
     rows = merged.ok_rows().set_index("id")
@@ -80,9 +81,9 @@ def test_shards_then_merge_equal_the_single_run(raw, built, tmp_path):
 
 def test_merge_refuses_missing_shards(raw, tmp_path):
     media.prep(vggsound, raw_root=raw["raw"], csv=raw["csv"], out_root=tmp_path, shard="1/3")
-    with pytest.raises(SystemExit, match=r"shards \[0, 2\] of 3"):
-        vggsound.main(["merge", f"out_root={tmp_path}"])
-    assert vggsound.main(["merge", f"out_root={tmp_path}", "allow_partial=true"])["shards"] == "1 of 3"
+    with pytest.raises(PrepError, match=r"shards \[0, 2\] of 3"):
+        vggsound.run(["merge", f"out_root={tmp_path}"])
+    assert vggsound.run(["merge", f"out_root={tmp_path}", "allow_partial=true"])["shards"] == "1 of 3"
 
 
 @pytest.mark.slow
