@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -149,17 +150,7 @@ class CacheWriter:
             shutil.rmtree(self.root / sub, ignore_errors=True)
 
     def _read_journal(self) -> dict[str, dict]:
-        done: dict[str, dict] = {}
-        path = self.root / JOURNAL_FILE
-        if path.exists():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a crash: that clip is simply redone
-                        continue
-                    done[entry["id"]] = entry
-        return done
+        return read_journal(self.root / JOURNAL_FILE)
 
     def _forget_damaged(self) -> list[str]:
         """Forget finished clips whose stored bytes are missing or cut (an array part whose size is not what
@@ -245,11 +236,11 @@ class CacheWriter:
         entry: dict[str, Any] = {"id": clip.id, "status": result.status, "reason": result.reason,
                                  "duration": round(float(result.duration), 3), "n_frames": result.n_frames,
                                  "sig": signature(clip.sources)}
-        if result.status == OK:
+        if result.status == OK:  # CRC-32s of the bytes as stored let `make verify-cache` find any later change
             if self.array is not None:
                 name, row = self._array_slot()
                 self._array_part[row] = result.array
-                entry["array"] = [name, row]
+                entry["array"], entry["array_crc"] = [name, row], zlib.crc32(self._array_part[row])
             if result.jpegs:
                 name = self._frame_part(sum(len(b) for b in result.jpegs))
                 offsets = []
@@ -258,6 +249,7 @@ class CacheWriter:
                     self._frames_file.write(data)
                     self._frames_size += len(data)
                 entry["frame_part"], entry["frames"] = name, offsets
+                entry["frame_crcs"] = [zlib.crc32(data) for data in result.jpegs]
         self.done[clip.id] = entry
         self._pending.append(json.dumps(entry))
         if len(self._pending) >= self.flush_every or time.monotonic() - self._last_flush > 10:
@@ -320,6 +312,20 @@ class CacheWriter:
         write_json(self.root / RECIPE_FILE, self._recipe_doc(classes=list(classes), splits=splits,
                                                              summary=summary or {}, index=index_counts(index)))
         return index
+
+
+def read_journal(path: Path) -> dict[str, dict]:
+    """Each clip's last journal entry, by id ({} without a journal)."""
+    done: dict[str, dict] = {}
+    if Path(path).exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash: that clip is simply redone
+                    continue
+                done[entry["id"]] = entry
+    return done
 
 
 FEATURE_KEYS = ("audio", "frames", "flow", "rgb_diff", "min_audio_s")

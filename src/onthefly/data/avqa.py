@@ -191,7 +191,8 @@ class AVQA(ClipCache):
                 f"there (moved or deleted). Run `{self._command(recipe)}` again: with MEDIA= (media=) it rebuilds "
                 "its own media cache; with VGGSOUND_CACHE= (vggsound_cache=) naming where your VGGSound cache is "
                 "now, only the question tables are rewritten.")
-        media = CacheReader(path, MEDIA_DATASET, command=self._command(recipe))
+        own = (recipe.get("media_cache") or {}).get("relative")  # built by the AVQA prep (else a VGGSound cache)
+        media = CacheReader(path, MEDIA_DATASET, command=self._command(recipe) if own else None)
         expected = {"dataset": MEDIA_DATASET, "audio": audio_recipe(MEDIA_DATASET, MEDIA_AUDIO),
                     "frames.short_side": self.frame_short_side}
         try:

@@ -239,7 +239,7 @@ class CacheReader:
 
     def _damaged(self, problem: str, path: str, ids: Sequence[str]) -> CacheDamagedError:
         shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-        held = f" It holds {len(ids)} usable clip{'s' if len(ids) != 1 else ''} ({shown})." if len(ids) else ""
+        held = f" Clips affected: {len(ids)} ({shown})." if len(ids) else ""
         return CacheDamagedError(f"The {self.dataset} cache at {self.root} is damaged: {problem}{held} "
                                  f"{self.repair(path)}")
 
