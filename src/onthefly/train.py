@@ -25,7 +25,8 @@ def default_name(cfg: DictConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    from onthefly.engine.loop import TrainingError, run
+    from onthefly.engine.errors import TrainingError
+    from onthefly.engine.run import run
 
     if cfg.name is None:
         with open_dict(cfg):

@@ -119,7 +119,7 @@ def run_sweep(spec: TableSpec, seeds: list[int], launcher: str = "local", extra:
 
 def run_analyses(spec: TableSpec, cells: list[CellPlan], seeds: list[int], log=print) -> None:
     """Probe / robustness / estimator analyses the spec needs, for finished runs that lack them."""
-    from onthefly.evaluate import analyse
+    from onthefly.analyse import analyse
 
     kinds = spec.analyses()
     if not kinds:
