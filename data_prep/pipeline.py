@@ -8,11 +8,10 @@ where; ``main()`` of each prep turns it into a message and a non-zero exit code 
 
 Worker processes end with the main process: on SIGTERM the main process stops its pool and flushes the
 journal first (what was finished is kept); if it is killed outright (SIGKILL, a crash), each worker notices
-that its parent is gone and exits (:func:`_exit_with_parent`).
+that its parent is gone and exits (:mod:`data_prep.parent`).
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import multiprocessing as mp
 import os
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from data_prep import audio as recipes
 from data_prep.cache import CacheWriter, Clip, Result
 from data_prep.errors import PrepError, UsageError
+from data_prep.parent import PARENT_ENV, exit_with_parent
 from data_prep.media import check_audio, decode_container, encode_frame, read_wav, MediaError
 from onthefly.data.cache import INDEX_FILE, OK, RECIPE_FILE, SPLITS, read_json, write_json
 from onthefly.data.cache import audio_recipe as recipes_for
@@ -124,7 +124,6 @@ def frame_recipe(opts: CommonOptions) -> dict[str, Any]:
 # --- workers ----------------------------------------------------------------------------------------------------
 _WORK: Optional[Callable[[Clip, dict], Result]] = None
 _CONFIG: dict = {}
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class Terminated(BaseException):
@@ -133,32 +132,11 @@ class Terminated(BaseException):
     error)."""
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Make this worker exit when the process that started it dies, however it dies (a worker blocked on the
-    task queue would otherwise wait forever: it holds the queue's write end itself). On Linux the kernel sends
-    SIGTERM (prctl PR_SET_PDEATHSIG); everywhere a daemon thread polls os.getppid() once a second, which also
-    covers a parent that died before this call."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 def _init_worker(work: Callable, config: dict, parent: Optional[int] = None) -> None:
     global _WORK, _CONFIG
     _WORK, _CONFIG = work, config
     if parent is not None:  # a pool worker (not the main process running clips itself)
-        _exit_with_parent(parent)
+        exit_with_parent(parent)
     import torch
 
     torch.set_num_threads(1)
@@ -180,7 +158,16 @@ def _results(todo: list[Clip], work: Callable, config: dict, workers: int):
         yield from map(_work, todo)
         return
     ctx = mp.get_context("spawn")  # no fork after torch has started threads
-    with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(work, config, os.getpid())) as pool:
+    before = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = str(os.getpid())  # the workers watch this process from their first import on
+    try:
+        pool = ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(work, config, os.getpid()))
+    finally:
+        if before is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = before
+    with pool:
         yield from pool.imap_unordered(_work, todo, chunksize=1)  # leaving the block terminates the workers
 
 

@@ -153,6 +153,14 @@ class AVQA(ClipCache):
             index["label"] = index["label"].astype(np.int64)
         except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
             raise CacheDamagedError(f"{self.root / INDEX_FILE} is damaged ({err}). {fix}") from None
+        have = index_counts(index)
+        usable = {s: (recipe.get("splits") or {}).get("usable", {}).get(s, 0) for s in SPLITS}
+        rows = (recipe.get("summary") or {}).get("questions", have["rows"])
+        if have["ok"] != usable or have["rows"] != rows:
+            raise CacheDamagedError(
+                f"{self.root / INDEX_FILE} has {have['rows']} questions, usable per split {have['ok']}, where the "
+                f"prep wrote {rows}, usable {usable} (recipe.json): rows were deleted or edited, and training would "
+                f"silently use other questions. {fix}")
         try:
             with np.load(self.root / TOKENS_FILE) as npz:
                 tokens = {k: npz[k] for k in npz.files}
@@ -169,14 +177,6 @@ class AVQA(ClipCache):
         if len(tokens["question"]) and (tokens["question"].min() < 0 or tokens["question"].max() >= size):
             raise CacheDamagedError(f"{self.root / TOKENS_FILE} holds token ids outside the vocabulary of {size} "
                                     f"words. {fix}")
-        have = index_counts(index)
-        usable = {s: (recipe.get("splits") or {}).get("usable", {}).get(s, 0) for s in SPLITS}
-        rows = (recipe.get("summary") or {}).get("questions", have["rows"])
-        if have["ok"] != usable or have["rows"] != rows:
-            raise CacheDamagedError(
-                f"{self.root / INDEX_FILE} has {have['rows']} questions, usable per split {have['ok']}, where the "
-                f"prep wrote {rows}, usable {usable} (recipe.json): rows were deleted or edited, and training would "
-                f"silently use other questions. {fix}")
         return index, tokens
 
     def open(self) -> CacheReader:
