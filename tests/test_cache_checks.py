@@ -17,26 +17,15 @@ from onthefly.config import compose
 from onthefly.data.base import CacheDamagedError, EmptySplitError
 from onthefly.data.cache import CacheReader, read_index
 from onthefly.data.cremad import CremaD
+from test_data_prep_cremad import built, raw  # noqa: F401  (the generated raw tree and its cache, as fixtures)
 
 FIX = "make prep-cremad RAW="
-
-
-@pytest.fixture(scope="module")
-def raw(tmp_path_factory):
-    return media.make_cremad(tmp_path_factory.mktemp("cremad_raw"))
-
-
-@pytest.fixture(scope="module")
-def built(raw, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cremad_cache")
-    media.prep(cremad, raw_root=raw["raw"], out_root=out, splits=raw["lists"])
-    return out
 
 
 @pytest.fixture
 def cache(built, tmp_path):
     """A fresh copy of the built cache, to damage."""
-    return shutil.copytree(built, tmp_path / "cache")
+    return shutil.copytree(built[0], tmp_path / "cache")
 
 
 def reprep(raw, cache) -> dict:
@@ -48,8 +37,8 @@ def ok_ids(cache) -> list[str]:
 
 
 def test_an_intact_cache_opens_and_verifies(built):
-    assert len(CremaD(root=str(built)).splits().test) == 6
-    assert verify.run([f"dataset=cremad", f"root={built}", "progress=false"]) == {"bad": {}}
+    assert len(CremaD(root=str(built[0])).splits().test) == 6
+    assert verify.run(["dataset=cremad", f"root={built[0]}", "progress=false"]) == {"bad": {}}
 
 
 def test_cut_array_part_names_the_file_its_clips_and_the_fix_and_a_rerun_repairs_it(raw, cache):
@@ -185,12 +174,13 @@ def test_verify_cache_reports_what_the_open_check_finds(cache, capsys):
 
 
 def test_a_split_emptied_by_val_fraction_names_the_split_and_the_setting(built):
+    out, _ = built
     with pytest.raises(EmptySplitError) as err:
-        CremaD(root=str(built), val_fraction=0.99).splits()
+        CremaD(root=str(out), val_fraction=0.99).splits()
     text = str(err.value)
     assert text.startswith("the train split is empty: dataset.val_fraction=0.99 moved all 6 training clips of")
-    assert str(built) in text and "into val; use a value of 0.5 or less" in text
-    advised = CremaD(root=str(built), val_fraction=0.5).splits()
+    assert str(out) in text and "into val; use a value of 0.5 or less" in text
+    advised = CremaD(root=str(out), val_fraction=0.5).splits()
     assert len(advised.train) and len(advised.val) and len(advised.train) + len(advised.val) == 6
 
 
