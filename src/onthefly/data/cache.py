@@ -122,10 +122,10 @@ def read_index(path: Path) -> pd.DataFrame:
                                     "source": str}, keep_default_na=False)
 
 
-def index_counts(index: pd.DataFrame, usable: str = OK) -> dict[str, Any]:
+def index_counts(index: pd.DataFrame) -> dict[str, Any]:
     """What recipe.json records of an index (``"index"``), so that a reader can tell an edited index: its
     rows, and its usable rows per split."""
-    ok = index["status"] == usable
+    ok = index["status"] == OK
     return {"rows": int(len(index)), "ok": {s: int((ok & (index["split"] == s)).sum()) for s in SPLITS}}
 
 
