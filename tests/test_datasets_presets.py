@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -89,7 +90,7 @@ def test_every_dataset_key_is_in_its_yaml_with_a_comment(path):
     dataset's schema (a file extending another lists what it changes), each with a comment."""
     text = path.read_text()
     own = OmegaConf.load(path)
-    parent = [d for d in own.defaults if isinstance(d, str) and not d.endswith("_schema")]
+    parent = [d for d in own.defaults if isinstance(d, str) and "_schema" not in d]
     keys = [k for k in own if k != "defaults"]
     if not parent:  # a dataset's own file: every schema field is there
         schema = compose([f"dataset={path.stem}"]).dataset
@@ -113,3 +114,16 @@ def test_dataset_keys_keep_their_types_and_old_command_lines_still_compose():
             compose(["dataset=cremad", bad])
     with pytest.raises(ConfigCompositionException):
         compose(["dataset=ucf101", "dataset.audio_recipe=ogm_ge"])  # UCF-101 has no audio option
+
+
+@pytest.mark.parametrize("dataset, override, message", [
+    ("cremad", "dataset.val_fraction=1.5", "dataset.val_fraction=1.5: must be in [0, 1)"),
+    ("cremad", "dataset.num_frames=0", "dataset.num_frames=0: must be >= 1"),
+    ("vggsound", "dataset.audio_crop=0", "dataset.audio_crop=0: must be >= 1"),
+    ("ucf101", "dataset.fold=4", "dataset.fold=4: must be in [1, 3]"),
+])
+def test_dataset_values_out_of_range_fail_at_compose_time(dataset, override, message):
+    from onthefly.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose([f"dataset={dataset}", override])

@@ -19,14 +19,14 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Annotated, Any, ClassVar, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from onthefly.config import configurable
+from onthefly.config import Range, configurable
 from onthefly.data.base import CacheDamagedError, CacheMissingError, DataSplits
 from onthefly.data.cache import (FORMAT_VERSION, INDEX_FILE, OK, RECIPE_FILE, SPLITS, CacheMismatchError, CacheReader,
                                  audio_recipe, index_counts, load_json, prep_command)
@@ -106,7 +106,7 @@ class AVQA(ClipCache):
     all_modalities: ClassVar[tuple[str, ...]] = ("audio", "visual")
 
     root: str = "data/avqa"
-    audio_crop: int = 626
+    audio_crop: Annotated[int, Range(ge=1)] = 626
 
     # --- opening ----------------------------------------------------------------------------------------------
     def _command(self, recipe: Optional[dict] = None, out: Optional[str] = None) -> str:

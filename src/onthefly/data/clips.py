@@ -10,7 +10,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, List, Optional, Sequence
+from typing import Annotated, Any, Callable, ClassVar, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from onthefly.config import NonNegativeInt, PositiveInt, Range
 from onthefly.data.base import DataSplits, EmptySplitError
 from onthefly.data.cache import CacheReader, audio_recipe
 from onthefly.data.sampling import Sampling, crop_start, frame_indices
@@ -168,13 +169,13 @@ class ClipCache:
     root: str
     # list options take tuple defaults (a dataclass default must be immutable); __post_init__ makes them lists
     modalities: List[str] = ("audio", "visual")
-    num_frames: int = 3
-    image_size: int = 224
+    num_frames: PositiveInt = 3
+    image_size: PositiveInt = 224
     crop_scale: List[float] = (0.08, 1.0)
     sampling: Sampling = Sampling.segments
-    frame_short_side: int = 256
-    val_fraction: float = 0.1
-    val_seed: int = 0
+    frame_short_side: NonNegativeInt = 256
+    val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    val_seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -231,7 +232,7 @@ class AudioClipCache(ClipCache):
     cache must hold that one); each sample takes ``audio_crop`` frames of its time axis (null: all of them)."""
 
     audio_recipe: str = ""
-    audio_crop: Optional[int] = None
+    audio_crop: Annotated[Optional[int], Range(ge=1)] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

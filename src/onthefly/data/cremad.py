@@ -2,7 +2,7 @@
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from onthefly.config import configurable
+from onthefly.config import PositiveInt, configurable
 from onthefly.data.clips import AudioClipCache
 
 
@@ -21,7 +21,7 @@ class CremaD(AudioClipCache):
     all_modalities: ClassVar[tuple[str, ...]] = ("audio", "visual")
 
     root: str = "data/cremad"
-    num_frames: int = 1
+    num_frames: PositiveInt = 1
     audio_recipe: str = "ogm_ge"
     split: Optional[str] = None
 

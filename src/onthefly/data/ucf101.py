@@ -1,8 +1,8 @@
 """UCF-101 (RGB + optical flow, 101 classes) from its prepared cache (`make prep-ucf101`)."""
 from dataclasses import dataclass
-from typing import Any, ClassVar, List
+from typing import Annotated, Any, ClassVar, List
 
-from onthefly.config import configurable
+from onthefly.config import Range, configurable
 from onthefly.data.clips import ClipCache
 
 
@@ -25,7 +25,7 @@ class UCF101(ClipCache):
 
     root: str = "data/ucf101"
     modalities: List[str] = ("visual", "flow")
-    fold: int = 1
+    fold: Annotated[int, Range(ge=1, le=3)] = 1
 
     def recipe_checks(self) -> dict[str, tuple[Any, str]]:
         checks = {**super().recipe_checks(), "splits.fold": (self.fold, f"FOLD={self.fold}")}

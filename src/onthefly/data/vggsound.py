@@ -1,8 +1,8 @@
 """VGGSound (audio + visual, 309 classes) from its prepared cache (`make prep-vggsound`, shardable)."""
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Annotated, ClassVar, Optional
 
-from onthefly.config import configurable
+from onthefly.config import Range, configurable
 from onthefly.data.clips import AudioClipCache
 
 
@@ -18,4 +18,4 @@ class VGGSound(AudioClipCache):
 
     root: str = "data/vggsound"
     audio_recipe: str = "ogm_ge"
-    audio_crop: Optional[int] = 626
+    audio_crop: Annotated[Optional[int], Range(ge=1)] = 626
