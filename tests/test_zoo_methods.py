@@ -82,7 +82,7 @@ def steps_of(out_dir) -> pd.DataFrame:
     return pd.read_csv(out_dir / "steps.csv")
 
 
-# --- §10 PMR -------------------------------------------------------------------------------------------------------
+# --- PMR -------------------------------------------------------------------------------------------------------
 def test_pmr_prototype_logits_are_negative_euclidean_distances():
     feats = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
     protos = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
@@ -195,7 +195,7 @@ def test_pmr_adds_the_prototype_loss_of_the_lagging_modality_only():
     close(ctx.metrics["pmr_ratio_audio"], s[0] / s[1])
 
 
-# --- §11 AGM -------------------------------------------------------------------------------------------------------
+# --- AGM -------------------------------------------------------------------------------------------------------
 def _random_coalitions(m, b=3, k=4):
     g = torch.Generator().manual_seed(m)
     return {frozenset(s): torch.randn(b, k, generator=g)
@@ -347,7 +347,7 @@ def test_agm_refuses_a_uni_modal_model():
         AGM().setup(model, 3)
 
 
-# --- §12 MMPareto --------------------------------------------------------------------------------------------------
+# --- MMPareto --------------------------------------------------------------------------------------------------
 def test_mmpareto_weights_are_even_for_a_positive_cosine():
     c1, cos = pareto_weights(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
     close(cos, 1 / math.sqrt(2))
@@ -445,7 +445,7 @@ def test_mmpareto_balancebenchmark_compares_the_summed_gradient_with_itself():
             close(p.grad, 3.0 * q.grad, atol=1e-6)
 
 
-# --- §13 MMCosine --------------------------------------------------------------------------------------------------
+# --- MMCosine --------------------------------------------------------------------------------------------------
 def test_mmcosine_logits_are_scaled_sums_of_per_modality_cosines():
     head = ConcatFusion({"audio": 2, "visual": 2}, 2)
     with torch.no_grad():
@@ -489,7 +489,7 @@ def test_mmcosine_contrastive_term_by_hand():
     assert torch.isfinite(same)
 
 
-# --- §14 UMT and UME -----------------------------------------------------------------------------------------------
+# --- UMT and UME -----------------------------------------------------------------------------------------------
 def test_umt_distillation_is_a_mean_squared_error_to_constant_teacher_features():
     student = {"audio": torch.tensor([[1.0, 2.0]], requires_grad=True), "visual": torch.tensor([[0.0, 0.0, 3.0]])}
     teacher = {"audio": torch.tensor([[0.0, 0.0]], requires_grad=True), "visual": torch.tensor([[0.0, 0.0, 0.0]])}
@@ -681,3 +681,19 @@ def test_zoo_published_rows_name_the_benchmarks_methods():
         if row.get("published"):
             for col in raw["columns"]:
                 assert (col, row["published"]["method"]) in published, (rid, col)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["modulation=pmr", "modulation.proto_fraction=0"], "modulation.proto_fraction"),
+    (["modulation=pmr", "modulation.momentum=1.5"], "modulation.momentum"),
+    (["modulation=agm", "modulation.clip=0"], "modulation.clip"),
+    (["modulation=mmpareto", "modulation.gamma=-1"], "modulation.gamma"),
+    (["modulation=mmcosine", "modulation.scale=0"], "modulation.scale"),
+    (["modulation=umt", "modulation.teacher_epochs=0"], "modulation.teacher_epochs"),
+    (["modulation=agm", "modulation.variant=bb"], "modulation.variant"),
+])
+def test_zoo_options_out_of_range_fail_at_compose_time_naming_the_key(overrides, key):
+    from onthefly.config import compose
+
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        compose(overrides)

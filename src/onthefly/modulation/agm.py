@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, configurable
 from onthefly.models.fusion import ConcatFusion, SumFusion
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 from onthefly.modulation.ogm import Scope, select_parameters
@@ -126,8 +126,9 @@ class AGM(Modulation):
     ``variant=balancebenchmark``: no empty coalition, the reciprocal ratio, clamp 7, κ on encoder m's >1-D tensors
     only, clip threshold and norm 5."""
 
-    def __init__(self, alpha: float = 1.0, start: int = 0, end: Optional[int] = 19, passes: Passes = Passes.cheap,
-                 clamp: Optional[float] = None, clip: Optional[float] = None, variant: Variant = Variant.official):
+    def __init__(self, alpha: NonNegativeFloat = 1.0, start: NonNegativeInt = 0, end: Optional[NonNegativeInt] = 19,
+                 passes: Passes = Passes.cheap, clamp: Optional[PositiveFloat] = None,
+                 clip: Optional[PositiveFloat] = None, variant: Variant = Variant.official):
         self.alpha, self.passes, self.variant = float(alpha), Passes(passes), Variant(variant)
         bb = self.variant is Variant.balancebenchmark
         self.clamp = float(clamp) if clamp is not None else (7.0 if bb else 10.0)

@@ -14,7 +14,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, PositiveFloat, configurable
 from onthefly.models.fusion import ConcatFusion, FusionHead, SumFusion
 from onthefly.modulation.base import Modulation, StepContext
 
@@ -77,9 +77,8 @@ def supervised_nce(f1: torch.Tensor, f2: torch.Tensor, labels: torch.Tensor, tem
 class MMCosine(Modulation):
     """Cosine logits with scale s (a head wrapper) and, when ``nce_weight`` > 0, λ·NCE averaged over modality pairs."""
 
-    def __init__(self, scale: float = 10.0, nce_weight: float = 0.0, nce_temperature: float = 0.1):
-        if scale <= 0:
-            raise ValueError(f"modulation.scale={scale}: the cosine logits' scale s must be positive")
+    def __init__(self, scale: PositiveFloat = 10.0, nce_weight: NonNegativeFloat = 0.0,
+                 nce_temperature: PositiveFloat = 0.1):
         self.scale, self.nce_weight, self.temperature = float(scale), float(nce_weight), float(nce_temperature)
 
     def setup(self, model, num_classes: int) -> None:

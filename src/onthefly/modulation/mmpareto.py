@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeInt, PositiveFloat, configurable
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 from onthefly.modulation.helpers import UnimodalHeads, flat, loss_gradients, set_gradients
 from onthefly.modulation.variant import Variant
@@ -63,7 +63,7 @@ class MMPareto(Modulation):
     fusion head (W-slice logits) and the two compared gradients are the same accumulated gradient, so cos = 1,
     the Pareto branch never runs and every encoder gradient is 2γ(g_mm + g_u)."""
 
-    def __init__(self, gamma: float = 1.5, start: int = 0, end: Optional[int] = None,
+    def __init__(self, gamma: PositiveFloat = 1.5, start: NonNegativeInt = 0, end: Optional[NonNegativeInt] = None,
                  variant: Variant = Variant.official):
         self.gamma, self.variant = float(gamma), Variant(variant)
         self.window = EpochWindow(start, end)

@@ -9,12 +9,12 @@ encoder only.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Annotated, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, NonNegativeInt, Probability, Range, configurable
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 from onthefly.modulation.ogm import Scope, modulate_gradients, select_parameters
 from onthefly.modulation.variant import Variant
@@ -58,11 +58,9 @@ class PMR(Modulation):
     for three or more modalities, BalanceBenchmark's OGM-GE-like rule instead (k_m = 1 - tanh(η r_m) with
     r_m = S_m / min_j S_j, plus Gaussian noise, on every >1-D encoder tensor). Two modalities: both alike."""
 
-    def __init__(self, alpha: float = 1.0, momentum: float = 0.2, start: int = 0, end: Optional[int] = 100,
-                 proto_fraction: float = 0.1, variant: Variant = Variant.official, eta: float = 0.01):
-        if not 0 < proto_fraction <= 1:
-            raise ValueError(f"modulation.proto_fraction={proto_fraction}: the share of training batches of the "
-                             "prototype pass must be in (0, 1]")
+    def __init__(self, alpha: NonNegativeFloat = 1.0, momentum: Probability = 0.2, start: NonNegativeInt = 0,
+                 end: Optional[NonNegativeInt] = 100, proto_fraction: Annotated[float, Range(gt=0, le=1)] = 0.1,
+                 variant: Variant = Variant.official, eta: NonNegativeFloat = 0.01):
         self.alpha, self.momentum, self.fraction = float(alpha), float(momentum), float(proto_fraction)
         self.window = EpochWindow(start, end)
         self.variant, self.eta = Variant(variant), float(eta)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveInt, configurable
 from onthefly.models.fusion import FusionHead
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 from onthefly.modulation.helpers import UnimodalHeads
@@ -125,9 +125,9 @@ class UMT(Modulation):
     ``variant=balancebenchmark`` keeps the teachers in train mode (BatchNorm uses and updates batch statistics),
     as the benchmark does; ``official`` (the default) runs them in eval mode."""
 
-    def __init__(self, weight: float = 10.0, teachers: Dict[str, str] = {}, train_teachers: bool = True,  # noqa: B006
-                 teacher_epochs: Optional[int] = None, start: int = 0, end: Optional[int] = None,
-                 variant: Variant = Variant.official):
+    def __init__(self, weight: NonNegativeFloat = 10.0, teachers: Dict[str, str] = {},  # noqa: B006
+                 train_teachers: bool = True, teacher_epochs: Optional[PositiveInt] = None,
+                 start: NonNegativeInt = 0, end: Optional[NonNegativeInt] = None, variant: Variant = Variant.official):
         self.weight, self.teachers = float(weight), dict(teachers or {})
         self.train_teachers, self.teacher_epochs = bool(train_teachers), teacher_epochs
         self.window, self.variant = EpochWindow(start, end), Variant(variant)
