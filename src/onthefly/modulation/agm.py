@@ -21,7 +21,7 @@ from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, con
 from onthefly.models.fusion import ConcatFusion, SumFusion
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 from onthefly.modulation.ogm import Scope, select_parameters
-from onthefly.modulation.variant import Variant
+from onthefly.modulation.zoo import Variant, mean_over_ranks
 
 LOG_FLOOR = math.log(1e-8)  # a true-class probability below 1e-8 counts as 1e-8 (as released)
 
@@ -205,7 +205,7 @@ class AGM(Modulation):
         labels = ctx.labels.long()
         official = self.variant is Variant.official
         mono = shapley_logits(self._coalitions(ctx), m, include_empty=official)
-        scores = agm_scores(mono, labels)
+        scores = mean_over_ranks(agm_scores(mono, labels))  # every rank takes the same κ
         if self.targets is None:
             self.targets = torch.zeros(m)
         targets = self.targets.to(scores.device)

@@ -13,13 +13,12 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from onthefly.config import NonNegativeInt, PositiveFloat, configurable
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 from onthefly.modulation.helpers import UnimodalHeads, flat, loss_gradients, set_gradients
-from onthefly.modulation.variant import Variant
+from onthefly.modulation.zoo import Variant, mean_over_ranks
 
 
 def pareto_weights(g_mm: torch.Tensor, g_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,11 +47,7 @@ def pareto_gradients(total: Sequence[torch.Tensor], g_mm: Sequence[torch.Tensor]
 
 def _mean_over_ranks(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Under DDP the accumulated gradient is the mean over ranks: g_u must be too (no-op in one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return grads
-    vec = flat(grads)
-    dist.all_reduce(vec)
-    vec /= dist.get_world_size()
+    vec = mean_over_ranks(flat(grads))
     return [v.view_as(g) for v, g in zip(vec.split([g.numel() for g in grads]), grads)]
 
 

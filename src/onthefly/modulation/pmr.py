@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from onthefly.config import NonNegativeFloat, NonNegativeInt, Probability, Range, configurable
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 from onthefly.modulation.ogm import Scope, modulate_gradients, select_parameters
-from onthefly.modulation.variant import Variant
+from onthefly.modulation.zoo import Variant, mean_over_ranks
 
 
 def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -129,6 +129,7 @@ class PMR(Modulation):
         scores = getattr(self, "_scores", None)
         if scores is None:
             return
+        scores = mean_over_ranks(scores)  # every rank scales its (all-reduced) gradients alike
         ratio = scores / scores.min().clamp_min(1e-12)
         k = torch.where(ratio > 1, 1 - torch.tanh(self.eta * ratio), torch.ones_like(ratio))
         for i, m in enumerate(ctx.modalities):

@@ -25,7 +25,7 @@ from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveInt, confi
 from onthefly.models.fusion import FusionHead
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 from onthefly.modulation.helpers import UnimodalHeads
-from onthefly.modulation.variant import Variant
+from onthefly.modulation.zoo import Variant
 
 log = logging.getLogger("onthefly")
 
