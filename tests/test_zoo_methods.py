@@ -32,30 +32,8 @@ from onthefly.modulation.mmcosine import CosineHead, MMCosine, cosine_logits, su
 from onthefly.modulation.mmpareto import MMPareto, pareto_gradients, pareto_weights
 from onthefly.modulation.pmr import PMR, class_means, pmr_coefficients, prototype_logits, prototype_scores
 from onthefly.modulation.umt import UME, UMT, EnsembleHead, distill_losses, load_teacher
-
-AV = ["audio", "visual"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def close(actual, expected, atol=1e-5):
-    expected = torch.as_tensor(expected, dtype=torch.float32)
-    actual = torch.as_tensor(actual, dtype=torch.float32)
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.allclose(actual, expected, atol=atol, rtol=1e-5), f"\n{actual}\n!=\n{expected}"
-
-
-def mlp_model(num_classes=3, dims=(5, 7)) -> MultimodalModel:
-    torch.manual_seed(0)
-    encoders = {"audio": MLPEncoder(in_dim=dims[0], hidden=6, out_dim=4),
-                "visual": MLPEncoder(in_dim=dims[1], hidden=6, out_dim=4)}
-    return MultimodalModel(encoders, ConcatFusion({m: 4 for m in encoders}, num_classes))
+from test_methods import AV, _one_torch_thread, mlp_model  # noqa: F401  (the fixture: one torch thread)
+from test_methods import assert_close as close
 
 
 def batch(b=6, dims=(5, 7), num_classes=3, seed=1):
@@ -376,6 +354,7 @@ def test_mmpareto_rescale_lifts_each_tensor_to_the_summed_gradients_norm():
 
 
 def _mmpareto_step(variant):
+    torch.manual_seed(0)
     model = mlp_model()
     method = MMPareto(variant=variant)
     method.setup(model, 3)
@@ -429,13 +408,14 @@ def test_mmpareto_compares_two_different_gradients_per_encoder():
 
 
 def test_mmpareto_balancebenchmark_compares_the_summed_gradient_with_itself():
-    model, method, ctx, params, inputs, labels = _mmpareto_step("balancebenchmark")
+    model, method, ctx, _, inputs, labels = _mmpareto_step("balancebenchmark")
     assert method.aux is None and method.extra_module() is None
     for m in AV:
         close(ctx.metrics[f"mmpareto_cos_{m}"], 1.0)
         close(ctx.metrics[f"mmpareto_c1_{m}"], 0.5)
     # the encoder gradient is 2γ = 3 times the gradient of L_mm + Σ_m CE(W-slice logits)
-    fresh = mlp_model()
+    torch.manual_seed(0)
+    fresh = mlp_model()  # the same initial weights
     feats = fresh.encode(inputs)
     uni = fresh.head.unimodal_logits(feats)
     loss = F.cross_entropy(fresh.head(feats), labels) + sum(F.cross_entropy(uni[m], labels) for m in AV)
