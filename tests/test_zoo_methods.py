@@ -677,3 +677,26 @@ def test_zoo_options_out_of_range_fail_at_compose_time_naming_the_key(overrides,
 
     with pytest.raises(Exception, match=key.replace(".", r"\.")):
         compose(overrides)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["modulation=pmr", "modulation.momentum=0.5"], ["modulation=agm"],
+                                       ["modulation=umt", "modulation.variant=balancebenchmark"]],
+                         ids=["pmr", "agm", "umt_bb"])
+def test_a_resume_mid_epoch_equals_the_uninterrupted_run(overrides, train_run, tmp_path):
+    """The methods' state (prototypes, running targets) is in the checkpoint and UMT's teachers are read again:
+    resuming in the middle of epoch 1 gives the same numbers."""
+    import shutil
+
+    from onthefly.engine import checkpoint as ckpt
+
+    common = [*overrides, "trainer.checkpoint_every_n_steps=3", "trainer.keep_checkpoints=10", "trainer.epochs=3"]
+    _, full = train_run(*common, name="full")
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt.path_for(full, 6), part / "checkpoints")  # 4 steps an epoch: step 6 is inside epoch 1
+    shutil.copy(full / "steps.csv", part)
+    if (full / "prerequisites").exists():
+        shutil.copytree(full / "prerequisites", part / "prerequisites")
+    _, resumed = train_run(*common, "trainer.resume=auto", name="part")
+    pd.testing.assert_frame_equal(steps_of(full), steps_of(resumed), check_exact=True)

@@ -176,11 +176,3 @@ class UMT(Modulation):
         for i, m in enumerate(ctx.modalities):
             ctx.extra_losses[f"umt_distill_{m}"] = self.weight * mse[i]
         ctx.log_per_modality("umt_mse", mse.detach())
-
-    def state_dict(self) -> dict:
-        # the official teachers are fixed (re-read on resume); the benchmark's move their BatchNorm statistics
-        return {"teachers": self.nets.state_dict()} if self.variant is Variant.balancebenchmark else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("teachers") is not None and self.nets is not None:
-            self.nets.load_state_dict(state["teachers"])
