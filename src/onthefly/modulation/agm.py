@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, configurable
+from onthefly.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveFloat, configurable
 from onthefly.models.fusion import ConcatFusion, SumFusion
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 from onthefly.modulation.ogm import Scope, select_parameters
@@ -142,7 +142,7 @@ class AGM(Modulation):
 
     def setup(self, model, num_classes: int) -> None:
         if len(model.modalities) < 2:
-            raise ValueError(f"AGM balances modalities, but this model has only {model.modalities}; use "
+            raise ConfigError(f"AGM balances modalities, but this model has only {model.modalities}; use "
                              "modulation=none for uni-modal runs.")
         if self.variant is Variant.balancebenchmark:
             self.params = {m: select_parameters(enc, Scope.all) for m, enc in model.encoders.items()}

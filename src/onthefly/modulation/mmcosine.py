@@ -14,7 +14,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import NonNegativeFloat, PositiveFloat, configurable
+from onthefly.config import ConfigError, NonNegativeFloat, PositiveFloat, configurable
 from onthefly.models.fusion import ConcatFusion, FusionHead, SumFusion
 from onthefly.modulation.base import Modulation, StepContext
 
@@ -35,7 +35,7 @@ class CosineHead(FusionHead):
     def __init__(self, inner: FusionHead, scale: float):
         super().__init__(inner.feature_dims, inner.num_classes)
         if not isinstance(inner, (ConcatFusion, SumFusion)):
-            raise ValueError(
+            raise ConfigError(
                 f"MMCosine normalises the per-modality blocks of a linear fusion head; {type(inner).__name__} has "
                 "none. Use fusion=concat (as released) or fusion=sum.")
         self.inner, self.scale = inner, float(scale)

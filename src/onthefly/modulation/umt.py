@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveInt, configurable
+from onthefly.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveInt, configurable
 from onthefly.models.fusion import FusionHead
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 from onthefly.modulation.helpers import UnimodalHeads
@@ -90,25 +90,25 @@ def load_teacher(encoder: nn.Module, source: Path | str, modality: str) -> None:
     if path.is_dir():
         path = path / "best.pt"
     if not path.exists():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"UMT teacher for {modality!r}: {path} not found. Give a run folder of a finished uni-modal run "
             f"(`python -m onthefly.train trainer.modalities=[{modality}]`) or its best.pt, or leave "
             f"modulation.teachers.{modality} out to train the teacher first.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (a damaged or foreign file)
-        raise ValueError(f"UMT teacher for {modality!r}: {path} is not a readable weights-only checkpoint ({err}); "
+        raise ConfigError(f"UMT teacher for {modality!r}: {path} is not a readable weights-only checkpoint ({err}); "
                          "retrain the uni-modal run or point to its best.pt.") from err
     state = state.get("model", state) if isinstance(state, dict) else state
     prefix = f"encoders.{modality}."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if isinstance(state, dict) else {}
     if not weights:
-        raise ValueError(f"UMT teacher for {modality!r}: {path} holds no {modality} encoder (keys "
+        raise ConfigError(f"UMT teacher for {modality!r}: {path} holds no {modality} encoder (keys "
                          f"'encoders.{modality}.*'); point to a run trained with trainer.modalities=[{modality}].")
     try:
         encoder.load_state_dict(weights)
     except RuntimeError as err:
-        raise ValueError(f"UMT teacher for {modality!r}: the encoder in {path} does not match this run's "
+        raise ConfigError(f"UMT teacher for {modality!r}: the encoder in {path} does not match this run's "
                          f"{modality} encoder (the teacher must use the same backbone): {err}") from err
 
 
@@ -138,7 +138,7 @@ class UMT(Modulation):
         self.modalities = list(model.modalities)
         unknown = sorted(set(self.teachers) - set(self.modalities))
         if unknown:
-            raise ValueError(f"modulation.teachers names {unknown}, which this model does not have ({self.modalities})")
+            raise ConfigError(f"modulation.teachers names {unknown}, which this model does not have ({self.modalities})")
         self.nets = nn.ModuleDict({m: copy.deepcopy(model.encoders[m]) for m in self.modalities})
         self.nets.requires_grad_(False)
         self.nets.train(self.variant is Variant.balancebenchmark)
@@ -146,10 +146,10 @@ class UMT(Modulation):
     def prerequisites(self) -> Dict[str, Dict[str, Any]]:
         missing = [m for m in self.modalities if m not in self.teachers]
         if missing and not self.train_teachers:
-            raise ValueError(
+            raise ConfigError(
                 f"UMT needs a uni-modal teacher per modality and has none for {missing}: pass "
-                "modulation.teachers={" + ", ".join(f"{m}: <run folder or best.pt>" for m in missing) + "} "
-                f"(train one with `python -m onthefly.train trainer.modalities=[{missing[0]}]`), or set "
+                + " ".join(f"+modulation.teachers.{m}=<run folder or best.pt>" for m in missing)
+                + f" (train one with `python -m onthefly.train trainer.modalities=[{missing[0]}]`), or set "
                 "modulation.train_teachers=true to train them before this run.")
         changes = {} if self.teacher_epochs is None else {"trainer.epochs": int(self.teacher_epochs)}
         return {f"teacher_{m}": {"trainer.modalities": [m], **changes} for m in missing}
