@@ -48,8 +48,9 @@ def fitted_alpha(t: float, clamp: bool = True) -> float:
 
 def alignment_divergence(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
     """½[KL(m̄‖p_a) + KL(m̄‖p_b)], m̄ = ½(p_a + p_b), batch mean: what the released ``Alignment`` computes
-    (``F.kl_div(p.log(), m̄)`` is KL(m̄‖p)). Log-probabilities from log_softmax, so it stays finite."""
-    la, lb = F.log_softmax(za.float(), 1), F.log_softmax(zb.float(), 1)
+    (``F.kl_div(p.log(), m̄)`` is KL(m̄‖p)). Log-probabilities from log_softmax, so it stays finite (in float32 at
+    least: autocast runs log_softmax in float32)."""
+    la, lb = F.log_softmax(za, 1), F.log_softmax(zb, 1)
     lm = torch.logaddexp(la, lb) - math.log(2.0)
     m = lm.exp()
     return 0.5 * ((m * (lm - la)).sum(1) + (m * (lm - lb)).sum(1)).mean()
@@ -114,7 +115,7 @@ class LFM(Modulation):
         was_training = model.training
         model.train()
         feats = model.encode(inputs)
-        ce = F.cross_entropy(model.head(feats).float(), labels)
+        ce = F.cross_entropy(model.head(feats), labels)
         total = self.alpha[0] * ce + self.alpha[1] * pairwise_alignment(self._unimodal(model.head, feats))
         params = [p for p in model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(total, params, create_graph=True, allow_unused=True)
