@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onthefly.config import Estimator, configurable
+from onthefly.config import Estimator, NonNegativeInt, PositiveFloat, Probability, configurable
 from onthefly.models.fusion import ConcatFusion, FusionHead, SumFusion
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 
@@ -94,8 +94,9 @@ class MaskedSumHead(FusionHead):
 class AMCo(Modulation):
     """Mask the dependent modality (class logits or feature channels) + uni-modal co-optimization losses."""
 
-    def __init__(self, variant: AMCoVariant = AMCoVariant.bb_fixed, sigma: float = 0.5, eps: float = 0.3,
-                 ramp_epochs: float = 3.0, start: int = 0, end: Optional[int] = 80):
+    def __init__(self, variant: AMCoVariant = AMCoVariant.bb_fixed, sigma: Probability = 0.5,
+                 eps: PositiveFloat = 0.3, ramp_epochs: PositiveFloat = 3.0, start: NonNegativeInt = 0,
+                 end: Optional[NonNegativeInt] = 80):
         self.variant, self.sigma, self.eps = AMCoVariant(variant), float(sigma), float(eps)
         self.ramp_epochs = float(ramp_epochs)
         self.window = EpochWindow(start, end)

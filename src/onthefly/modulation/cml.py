@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, NonNegativeInt, configurable
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 
 
@@ -72,8 +72,9 @@ def partial_logits(head, feats: dict, modalities: list[str], positions: torch.Te
 class CML(Modulation):
     """Cross-entropy averaged over the removal chain + λ·(confidence hinge), inside the epoch window."""
 
-    def __init__(self, lam: float = 0.1, epsilon: float = 0.0, variant: CMLVariant = CMLVariant.official,
-                 start: int = 0, end: Optional[int] = None):
+    def __init__(self, lam: NonNegativeFloat = 0.1, epsilon: NonNegativeFloat = 0.0,
+                 variant: CMLVariant = CMLVariant.official, start: NonNegativeInt = 0,
+                 end: Optional[NonNegativeInt] = None):
         self.lam, self.epsilon, self.variant = float(lam), float(epsilon), CMLVariant(variant)
         self.window = EpochWindow(start, end)
         self.order: Optional[torch.Tensor] = None  # balancebenchmark: this epoch's removal order

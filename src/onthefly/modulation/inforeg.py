@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import Estimator, configurable
+from onthefly.config import Estimator, NonNegativeFloat, PositiveInt, configurable
 from onthefly.modulation.base import Modulation, StepContext
 
 
@@ -52,7 +52,7 @@ class InfoReg(Modulation):
 
     needs_rho = True  # reads the loop's batch scores S_m (summed over ranks, so every rank agrees)
 
-    def __init__(self, coef: list[float] = [0.95, 0.1], tau: float = 0.05, trace_window: int = 10,
+    def __init__(self, coef: list[NonNegativeFloat] = [0.95, 0.1], tau: float = 0.05, trace_window: PositiveInt = 10,
                  window_modality: str = "first", unimodal_loss: bool = True):
         self.coef, self.tau, self.trace_window = [float(c) for c in coef], float(tau), int(trace_window)
         self.window_modality, self.unimodal_loss = window_modality, bool(unimodal_loss)

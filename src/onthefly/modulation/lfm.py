@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import Estimator, configurable
+from onthefly.config import Estimator, NonNegativeFloat, PositiveInt, configurable
 from onthefly.modulation.base import Modulation, StepContext
 
 # α₁(t) = Σ_j c_j t^j (the released fitted schedule; α₂ = 1 - α₁ has exactly the complementary coefficients)
@@ -66,8 +66,8 @@ class LFM(Modulation):
     """2·[α₁·CE + α₂·alignment] with α from the fitted schedule (official) or learnt per epoch (balancebenchmark)."""
 
     def __init__(self, variant: LFMVariant = LFMVariant.official, time_scale: TimeScale = TimeScale.raw,
-                 fit_epochs: int = 200, run_epochs: Optional[int] = None, clamp: bool = True,
-                 lr_alpha: float = 1e-4, halve_every: int = 20, probe_samples: int = 8):
+                 fit_epochs: PositiveInt = 200, run_epochs: Optional[PositiveInt] = None, clamp: bool = True,
+                 lr_alpha: NonNegativeFloat = 1e-4, halve_every: PositiveInt = 20, probe_samples: PositiveInt = 8):
         self.variant, self.time_scale = LFMVariant(variant), TimeScale(time_scale)
         self.fit_epochs, self.run_epochs, self.clamp = int(fit_epochs), run_epochs, bool(clamp)
         self.lr_alpha, self.halve_every, self.probe_samples = float(lr_alpha), int(halve_every), int(probe_samples)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import Estimator, configurable
+from onthefly.config import Estimator, NonNegativeInt, configurable
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 
 
@@ -62,7 +62,8 @@ def pair_terms(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, rs_on_p
 class MBSD(Modulation):
     """Uni-modal CE + w-weighted logit similarity + distillation between modality pairs, in the epoch window."""
 
-    def __init__(self, variant: MBSDVariant = MBSDVariant.balancebenchmark, start: int = 0, end: Optional[int] = 80):
+    def __init__(self, variant: MBSDVariant = MBSDVariant.balancebenchmark, start: NonNegativeInt = 0,
+                 end: Optional[NonNegativeInt] = 80):
         self.variant = MBSDVariant(variant)
         self.window = EpochWindow(start, end)
 
