@@ -15,6 +15,7 @@ Variants:
 from __future__ import annotations
 
 import enum
+import itertools
 from typing import Optional
 
 import torch
@@ -99,7 +100,7 @@ class CML(Modulation):
         chain = [ctx.logits, *partial_logits(ctx.model.head, ctx.features, mods, positions)]
         ce_partial = torch.stack([F.cross_entropy(z, labels) for z in chain[1:]])
         rank, diag = torch.zeros((), device=labels.device), []
-        for fuller, reduced in zip(chain, chain[1:]):
+        for fuller, reduced in itertools.pairwise(chain):
             penalty, d = confidence_hinge(fuller, reduced, labels, self.epsilon, self.variant)
             rank, diag = rank + penalty, diag + [d]
         ctx.loss_weight = ctx.loss_weight / len(mods)  # the fused CE is the chain's level 0

@@ -136,8 +136,9 @@ class InfoReg(Modulation):
                 torch._foreach_add_(grads, torch._foreach_mul([d for _, d in edited], beta[i].to(grads[0].dtype)))
             fisher = [params[j].grad if params[j].grad is not None else torch.zeros_like(params[j])
                       for j in self.weights[m]]
-            if fisher:
-                self.sq_sums[m] += torch.stack(torch._foreach_norm(fisher)).float().square()
+            if fisher:  # a step whose gradients overflowed (fp16: the scaler skips it) adds nothing
+                norms = torch.stack(torch._foreach_norm(fisher)).float().square()
+                self.sq_sums[m] += torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms))
         self.score_sums += scores
         self.steps += 1
         ctx.log_per_modality("inforeg_beta", beta)
