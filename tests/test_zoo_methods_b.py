@@ -25,17 +25,10 @@ from onthefly.modulation.cml import CML, confidence_hinge, partial_logits
 from onthefly.modulation.inforeg import InfoReg, regulation_coefficients, window_indicator
 from onthefly.modulation.lfm import FITTED_COEFFS, LFM, alignment_divergence, fitted_alpha
 from onthefly.modulation.mbsd import MBSD, pair_terms
+from test_methods import _one_torch_thread  # noqa: F401  (autouse: one torch thread for the tiny tensor ops)
 
 AV = ["audio", "visual"]
 LN = math.log
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Enc(nn.Module):
