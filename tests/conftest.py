@@ -59,7 +59,7 @@ def wandb_sandbox(tmp_path_factory):
 def train_run(tmp_path):
     """train_run(*overrides, name="run") -> (results, out_dir): compose TINY + overrides and train in-process."""
     from onthefly.config import compose
-    from onthefly.engine.loop import run
+    from onthefly.engine.run import run
 
     def _run(*overrides: str, name: str = "run"):
         out_dir = tmp_path / name

@@ -238,7 +238,7 @@ def train_once(dataset: str, root: Path, out_dir: Path, *overrides: str) -> dict
     """One tiny epoch on a prepared cache: small ResNets, 32-px frames, two batches of 3 (never a batch of one,
     which BatchNorm refuses), no W&B."""
     from onthefly.config import compose
-    from onthefly.engine.loop import run
+    from onthefly.engine.run import run
 
     cfg = compose([
         "debug=fast", f"dataset={dataset}", f"dataset.root={root}", "dataset.image_size=32",

@@ -10,7 +10,7 @@ import pytest
 import media
 from data_prep import avqa
 from onthefly.config import compose
-from onthefly.engine.loop import run
+from onthefly.engine.run import run
 
 QTYPES = ["Which", "Come From", "Happening"]
 RELATIONS = ["Audio", "Visual", "Both"]

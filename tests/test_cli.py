@@ -1,4 +1,5 @@
-"""The command lines: `python -m onthefly.train` (Hydra, single run and sweep) and `python -m onthefly.evaluate`."""
+"""The command lines: `python -m onthefly.train` (Hydra, single run and sweep) and `python -m onthefly.analyse`
+(`onthefly.evaluate` is its deprecated alias)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, read_results, subprocess_env
-from onthefly import evaluate as evaluate_cli
+from onthefly import analyse as evaluate_cli
 from onthefly.engine import analysis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,12 +109,12 @@ def test_record_failure_replaces_a_stale_record_and_keeps_the_runs_own(tmp_path)
     assert json.loads(path.read_text())["epochs_done"] == 3
 
 
-# --- python -m onthefly.evaluate ------------------------------------------------------------------------------
+# --- python -m onthefly.analyse -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A run folder with a checkpoint, made in-process (OPM+OGM, so steps.csv has rho, k and q)."""
     from onthefly.config import compose
-    from onthefly.engine.loop import run
+    from onthefly.engine.run import run
 
     out = tmp_path_factory.mktemp("eval") / "run"
     results = run(compose([*TINY, "modulation=opm_ogm", "trainer.save_checkpoint=true"]), out)
@@ -191,10 +192,18 @@ def test_evaluate_on_a_folder_without_checkpoint_names_the_file(tmp_path):
 
 def test_evaluate_cli_exit_code_for_missing_run_dir(tmp_path):
     """Through the real entry point: non-zero exit and a one-line reason naming run_dir."""
-    proc = _python("-m", "onthefly.evaluate", "plots", f"run_dir={tmp_path / 'gone'}", cwd=tmp_path, timeout=120)
+    proc = _python("-m", "onthefly.analyse", "plots", f"run_dir={tmp_path / 'gone'}", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "run_dir=" in proc.stderr and "gone" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_is_a_deprecated_alias_of_analyse(finished_run):
+    run_dir, _ = finished_run
+    proc = _python("-m", "onthefly.evaluate", "plots", f"run_dir={run_dir}", cwd=run_dir, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "deprecated" in proc.stderr and "python -m onthefly.analyse" in proc.stderr
+    assert "rho.png" in proc.stdout
 
 
 # --- the demo's table helpers ---------------------------------------------------------------------------------
@@ -228,3 +237,37 @@ def test_demo_summarise_and_markdown():
     assert markdown[2] == "| B | 60.0 ± 10.0 | 40.0 ± 0.0 | 40.0 ± 10.0 |"
     assert markdown[3] == "| A | 85.0 ± 4.1 | 65.0 ± 4.1 | – |"
     assert len(markdown) == 4
+
+
+# --- a run folder is data: nothing in it runs -------------------------------------------------------------------
+class _Payload:
+    """Unpickling this writes a marker file: the proof that a planted pickle ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "payload ran"))
+
+
+@pytest.mark.parametrize("key", ["dataset", "fusion"])
+def test_a_planted_target_in_a_run_folder_is_refused_and_nothing_runs(finished_run, tmp_path, key):
+    import pickle
+    import shutil
+
+    import yaml
+
+    run_dir, _ = finished_run
+    planted = tmp_path / "planted_run"
+    shutil.copytree(run_dir, planted)
+    marker, pkl = tmp_path / "marker.txt", tmp_path / "payload.pkl"
+    pkl.write_bytes(pickle.dumps(_Payload(str(marker))))
+    config = yaml.safe_load((planted / "config.yaml").read_text())
+    config[key] = {"_target_": "pandas.read_pickle", "filepath_or_buffer": str(pkl)}
+    (planted / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(Exception, match=rf"{key}\._target_='pandas\.read_pickle' is not one of onthefly's registered"):
+        analysis.load_run(planted, "cpu")
+    assert not marker.exists()
+    proc = _python("-m", "onthefly.analyse", "probe", f"run_dir={planted}", "device=cpu", cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0 and f"{key}._target_" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()

@@ -42,15 +42,15 @@ def _one_step(overrides: list[str], info, device, rank_slice: slice, record_mask
     """Build a run exactly as `train` does, take one training step on this rank's part of the global batch, and
     return what the step computed."""
     from onthefly.config import compose
-    from onthefly.engine import loop
+    from onthefly.engine import build as builder
+    from onthefly.engine.trainer import Trainer
     from onthefly.logging import RunLogger
     from onthefly.modulation import opm
 
     cfg = compose([*TINY, *overrides])
-    parts = loop.build(cfg, device, info)
+    parts = builder.build(cfg, device, info)
     logger = RunLogger(Path("."), {}, {"mode": "disabled"}, enabled=False)
-    trainer = loop.Trainer(cfg, parts.model, parts.modulation, parts.splits, parts.optimizer, parts.scheduler, logger,
-                           device, dist=info)
+    trainer = Trainer.from_parts(cfg, parts, logger, device, dist=info)
     parts.model.train()
     for module in parts.model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

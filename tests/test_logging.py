@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from conftest import EPOCHS, read_metrics, read_results
-from onthefly.engine.loop import Trainer, TrainingError
+from onthefly.engine.errors import TrainingError
+from onthefly.engine.trainer import Trainer
 from onthefly.logging.sinks import wandb_logged_in
 
 

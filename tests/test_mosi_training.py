@@ -16,7 +16,7 @@ import pytest
 from conftest import read_results
 from data_prep import mosi as prep
 from onthefly.config import compose
-from onthefly.engine.loop import run
+from onthefly.engine.run import run
 from onthefly.models.encoders import ResNet18
 from onthefly.models.sequence import LSTMSequenceEncoder, TransformerSequenceEncoder
 from onthefly.modulation.ogm import select_parameters
@@ -136,8 +136,8 @@ def test_mosi_under_torchrun_gathers_sequences_and_scores_like_one_process(mosi_
 
     from conftest import subprocess_env
     from onthefly.engine import analysis
-    from onthefly.engine.evaluate import evaluate
-    from onthefly.engine.loop import make_loader
+    from onthefly.engine.evaluation import evaluate
+    from onthefly.data.loaders import make_loader
     from onthefly.tasks import build_task
 
     with socket.socket() as s:

@@ -10,7 +10,9 @@ from hydra.errors import ConfigCompositionException
 
 from conftest import read_metrics, read_results
 from onthefly.config import Precision, compose
-from onthefly.engine import loop
+from onthefly.engine import build as builder
+from onthefly.engine import run as run_module
+from onthefly.engine.trainer import Trainer
 from onthefly.modulation.ogm import OGM
 
 ONE_EPOCH = ["trainer.epochs=1"]
@@ -63,7 +65,7 @@ def _first_step_gradient_norms(train_run, monkeypatch, precision: str, name: str
 
 def test_ogm_sees_the_unscaled_gradient_under_fp16(train_run, monkeypatch):
     full = _first_step_gradient_norms(train_run, monkeypatch, "32", "fp32")
-    real_init = loop.Trainer.__init__
+    real_init = Trainer.__init__
 
     def moderate_scale(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
@@ -71,14 +73,14 @@ def test_ogm_sees_the_unscaled_gradient_under_fp16(train_run, monkeypatch):
         # 256 does not, so the first step's gradient can be compared with float32's
         self.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
 
-    monkeypatch.setattr(loop.Trainer, "__init__", moderate_scale)
+    monkeypatch.setattr(Trainer, "__init__", moderate_scale)
     half = _first_step_gradient_norms(train_run, monkeypatch, "fp16", "fp16")
     # the scaler multiplies the loss by 256; unscale_ must have run before OGM's hook
     assert half["norm"] == pytest.approx(full["norm"], rel=0.05), (half, full)
 
 
 def test_gradient_overflow_is_skipped_by_the_scaler_not_counted_as_nonfinite(train_run, monkeypatch):
-    real_init = loop.Trainer.__init__
+    real_init = Trainer.__init__
 
     def huge_scale(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
@@ -86,7 +88,7 @@ def test_gradient_overflow_is_skipped_by_the_scaler_not_counted_as_nonfinite(tra
         # step and back off (here by 1000x, so that the next steps fit)
         self.scaler = torch.amp.GradScaler("cpu", init_scale=65536.0, backoff_factor=1e-3)
 
-    monkeypatch.setattr(loop.Trainer, "__init__", huge_scale)
+    monkeypatch.setattr(Trainer, "__init__", huge_scale)
     results, out = train_run(*ONE_EPOCH, "modulation=ogm_ge", "trainer.precision=fp16",
                              "trainer.max_nonfinite_steps=0")
     assert results["status"] == "ok"
@@ -115,13 +117,13 @@ def test_nan_loss_under_fp16_is_skipped_and_counted(train_run, monkeypatch):
 @pytest.mark.slow
 def test_compile_keeps_the_numbers_and_the_parameter_names(train_run, monkeypatch):
     built = {}
-    real_build = loop.build
+    real_build = builder.build
 
     def keep(*args, **kwargs):
         built["parts"] = real_build(*args, **kwargs)
         return built["parts"]
 
-    monkeypatch.setattr(loop, "build", keep)
+    monkeypatch.setattr(run_module, "build", keep)
     _, plain = train_run(*ONE_EPOCH, "trainer.limit_train_batches=2", name="plain")
     _, compiled = train_run(*ONE_EPOCH, "trainer.limit_train_batches=2", "trainer.compile=true",
                             "trainer.compile_backend=eager", name="compiled")
@@ -144,19 +146,19 @@ def test_channels_last_defaults_to_auto_and_is_off_on_a_cpu(tiny):
     cfg = compose(tiny)
     assert cfg.trainer.channels_last == "auto"
     cpu = torch.device("cpu")
-    assert loop.use_channels_last(cfg.trainer.channels_last, cpu) is False
-    assert loop.use_channels_last("auto", torch.device("cuda")) is True
-    assert loop.use_channels_last("false", torch.device("cuda")) is False
-    assert not _is_channels_last(loop.build(cfg, cpu).model)
+    assert builder.use_channels_last(cfg.trainer.channels_last, cpu) is False
+    assert builder.use_channels_last("auto", torch.device("cuda")) is True
+    assert builder.use_channels_last("false", torch.device("cuda")) is False
+    assert not _is_channels_last(builder.build(cfg, cpu).model)
 
 
 def test_forcing_channels_last_on_a_cpu_warns_about_the_crash(tiny):
     cfg = compose([*tiny, "trainer.channels_last=true"])
     with pytest.warns(UserWarning, match=r"segmentation fault.*channels_last=auto.*ONEDNN_MAX_CPU_ISA=AVX2"):
-        model = loop.build(cfg, torch.device("cpu")).model
+        model = builder.build(cfg, torch.device("cpu")).model
     assert _is_channels_last(model)
 
 
 def test_channels_last_refuses_other_values():
-    with pytest.raises(loop.TrainingError, match="auto, true or false"):
-        loop.use_channels_last("sometimes", torch.device("cpu"))
+    with pytest.raises(builder.TrainingError, match="auto, true or false"):
+        builder.use_channels_last("sometimes", torch.device("cpu"))

@@ -16,7 +16,7 @@ import torch
 
 from conftest import TINY, read_metrics, read_results, subprocess_env
 from onthefly.engine import checkpoint as ckpt
-from onthefly.engine.loop import CheckpointError, TrainingError
+from onthefly.engine.errors import CheckpointError, TrainingError
 
 # OPM+OGM-GE with q from the previous step: draws random numbers (OPM's coin and masks, the GE noise) and keeps
 # state between steps (the previous ρ), so an inexact resume shows in the numbers.
@@ -131,12 +131,12 @@ def test_no_checkpoints_when_keep_is_zero(train_run):
 # it right after its first checkpoint, in the middle of epoch 0.
 SLOW_TRAIN = (
     "import sys, time\n"
-    "from onthefly.engine import loop\n"
-    "step = loop.Trainer.train_step\n"
+    "from onthefly.engine.trainer import Trainer\n"
+    "step = Trainer.train_step\n"
     "def slow(self, *a, **k):\n"
     "    time.sleep(0.5)\n"
     "    return step(self, *a, **k)\n"
-    "loop.Trainer.train_step = slow\n"
+    "Trainer.train_step = slow\n"
     "from onthefly.train import main\n"
     "sys.argv = ['onthefly.train', *sys.argv[1:]]\n"
     "main()\n"

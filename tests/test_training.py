@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import EPOCHS, STEPS_PER_EPOCH, epoch_rows, read_metrics, read_results
-from onthefly.engine.loop import TrainingError
+from onthefly.engine.errors import TrainingError
 
 FUSIONS = {
     "concat": [],
@@ -142,7 +142,7 @@ def test_ogm_on_an_mlp_encoder_warns_when_scope_is_conv(tmp_path):
     import warnings
 
     from onthefly.config import compose
-    from onthefly.engine.loop import run
+    from onthefly.engine.run import run
 
     base = ["debug=fast", "dataset=synth_av3", "modulation=ogm_ge", "dataset.num_train=16", "dataset.num_val=16",
             "dataset.num_test=16", "trainer.batch_size=16", "trainer.epochs=1", "trainer.threads=1",

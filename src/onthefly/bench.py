@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import multiprocessing as mp
 import os
 import resource
@@ -46,17 +45,17 @@ CREMAD_SR, CREMAD_SECONDS, CREMAD_FFT, CREMAD_HOP = 22050, 3.0, 512, 353  # -> 2
 def _trainer(method: str, device: torch.device, bare: bool = False, precision: str = "32"):
     """A Trainer for the full-width ResNet18 (CVPR protocol: SGD), built as `train` builds it."""
     from onthefly.config import compose
-    from onthefly.engine import loop
+    from onthefly.engine.build import build
+    from onthefly.engine.trainer import Trainer
     from onthefly.logging import RunLogger
 
     cfg = compose([f"modulation={method}", f"backbone={BACKBONE}", "optim=sgd", "dataset.num_classes=6",
                    "dataset.num_train=8", "dataset.num_val=8", "dataset.num_test=8", f"trainer.device={device}",
                    f"trainer.precision={precision}", "trainer.deterministic=false", "trainer.progress=false",
                    "trainer.num_workers=0", "logger.mode=disabled"])
-    parts = loop.build(cfg, device)
+    parts = build(cfg, device)
     logger = RunLogger(Path("."), {}, {"mode": "disabled"}, enabled=False)
-    trainer = loop.Trainer(cfg, parts.model, parts.modulation, parts.splits, parts.optimizer, parts.scheduler,
-                           logger, device)
+    trainer = Trainer.from_parts(cfg, parts, logger, device)
     if bare:
         trainer.use_rho = False  # no uni-modal logits, no scores, no ρ
     parts.model.train()
@@ -218,7 +217,8 @@ def _ddp_worker(rank: int, world: int, port: int, per_gpu: int, steps: int, queu
                       LOCAL_RANK=str(rank))
     from onthefly.config import compose
     from onthefly.engine import distributed as ddp
-    from onthefly.engine import loop
+    from onthefly.engine.build import build
+    from onthefly.engine.trainer import Trainer
     from onthefly.logging import RunLogger
 
     info, device = ddp.setup("cuda")
@@ -226,9 +226,9 @@ def _ddp_worker(rank: int, world: int, port: int, per_gpu: int, steps: int, queu
         cfg = compose(["modulation=ogm_ge", "backbone=resnet18", "dataset.num_classes=6", "dataset.num_train=64",
                        "dataset.num_val=8", "dataset.num_test=8", f"trainer.batch_size={per_gpu * world}",
                        "trainer.deterministic=false", "logger.mode=disabled"])
-        parts = loop.build(cfg, device, info)
-        trainer = loop.Trainer(cfg, parts.model, parts.modulation, parts.splits, parts.optimizer, parts.scheduler,
-                               RunLogger(Path("."), {}, {"mode": "disabled"}, enabled=False), device, dist=info)
+        parts = build(cfg, device, info)
+        logger = RunLogger(Path("."), {}, {"mode": "disabled"}, enabled=False)
+        trainer = Trainer.from_parts(cfg, parts, logger, device, dist=info)
         audio, frames, size = SHAPES["CREMA-D"][:3]
         inputs, labels = _batch(audio, frames, size, per_gpu, device)
         _timed_step(trainer, inputs, labels)

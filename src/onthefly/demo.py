@@ -38,7 +38,7 @@ def run_job(label: str, overrides: list[str], seed: int, out_root: str) -> dict:
     os.environ.setdefault("WANDB_SILENT", "true")  # 18 runs of W&B banners would bury the table
     from onthefly.config import compose
     from onthefly.engine.analysis import probe
-    from onthefly.engine.loop import train
+    from onthefly.engine.run import train
 
     cfg = compose([*overrides, f"seed={seed}", f"name=demo-{_slug(label)}-s{seed}"])
     run_dir = Path(out_root) / _slug(label) / f"seed{seed}"

@@ -58,7 +58,7 @@ def record_failure(out_dir: Path, cfg: DictConfig, err: BaseException, since: fl
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    from onthefly.engine.loop import run
+    from onthefly.engine.run import run
 
     if cfg.name is None:
         with open_dict(cfg):

@@ -5,29 +5,32 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from onthefly.engine.evaluate import extract_features, linear_probe, robustness_curve
-from onthefly.engine.loop import make_loader, select_device
-from onthefly.models import model_for
-from onthefly.tasks import Classification, Task, build_task
+from onthefly.data.loaders import make_loader
+from onthefly.engine.build import build_model, build_splits, check_targets
+from onthefly.engine.distributed import select_device
+from onthefly.engine.evaluation import extract_features, iterate, linear_probe, robustness_curve
+from onthefly.tasks import Classification, Task
 
 RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 def load_run(run_dir: Path | str, device: str = "auto"):
-    """(cfg, model with its best weights, splits, device) of a finished run folder."""
+    """(cfg, model with its best weights, splits, device) of a finished run folder.
+
+    The folder is data: its config.yaml may only name the project's registered classes (:func:`check_targets`),
+    and best.pt is read with ``weights_only=True``; nothing in the folder runs."""
     run_dir = Path(run_dir)
     cfg_path, ckpt_path = run_dir / "config.yaml", run_dir / "best.pt"
     for path in (cfg_path, ckpt_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run_dir must be a finished run folder of `onthefly.train`.")
     cfg = OmegaConf.load(cfg_path)
+    check_targets(cfg, str(cfg_path))  # a run folder is data: build only the project's own classes
     dev = select_device(device)
-    splits = instantiate(cfg.dataset).splits()
-    modalities = list(cfg.trainer.modalities) if cfg.trainer.modalities else list(splits.modalities)
-    model = model_for(cfg, modalities, splits, build_task(cfg, splits))
+    splits = build_splits(cfg)
+    model, _, _ = build_model(cfg, splits, torch.device("cpu"))
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -73,7 +76,6 @@ def estimator_agreement(model, splits, device, batch_size: int = 64, reduce: str
                         task: Optional[Task] = None) -> dict:
     """How often the head's natural estimator and zero-out name the same dominant modality (argmax ρ), per
     test batch of ``batch_size``; with the mean ρ of each. Empty when the head has no natural estimator."""
-    from onthefly.engine.evaluate import iterate
     from onthefly.modulation.discrepancy import discrepancy
 
     head, task = model.head, task or Classification()

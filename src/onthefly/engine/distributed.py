@@ -1,5 +1,6 @@
 """Data parallelism with torch.distributed: process-group setup from torchrun (or Slurm tasks via submitit),
-the training sampler, sharded evaluation, and the collectives the loop needs.
+sharded evaluation, seeded RNG streams, and the collectives the trainer needs (the samplers live in
+`onthefly.data.loaders`).
 
 One process per device. ``trainer.batch_size`` is the GLOBAL batch: each of the N ranks takes batch_size / N
 samples, so a run keeps its protocol (lr, batch) whatever N is. Every rank computes the same ρ, k and q: the
@@ -11,15 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, DistributedSampler
 
+from onthefly.data.loaders import mix_seed
 from onthefly.engine.errors import TrainingError
-
-_MIX = 1_000_003  # a prime, to mix (seed, epoch, index) into one seed
 
 
 @dataclass
@@ -120,59 +119,12 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-# --- training data: shard, shuffle per epoch, resume mid-epoch, per-sample randomness ----------------------
-class EpochSampler(DistributedSampler):
-    """torch's DistributedSampler (a permutation from seed + epoch, padded to equal shards), yielding
-    ``(epoch, index)`` keys for :class:`SampleSeeded`, and able to start ``start`` samples into this rank's shard
-    (a mid-epoch resume). Also used in a single process (num_replicas=1), so a run's sample order depends only
-    on the seed and the epoch."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self.start = 0
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return iter([(epoch, i) for i in list(super().__iter__())[self.start:]])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-class SampleSeeded(Dataset):
-    """Items addressed by ``(epoch, index)``; the item's random draws (e.g. a random crop) come from torch's CPU
-    generator seeded by (seed, epoch, index). Augmentation thus does not depend on the number of workers, the
-    rank, or a resume, and the caller's generator state is left as it was.
-
-    Contract for datasets: per-item randomness draws from torch's generator (as FrameTransform and
-    onthefly.data.sampling do), not from `random` or `numpy.random`, which are not re-seeded per item (seeding
-    and restoring all three cost ~0.25 ms per item, ~10 % of a CPU demo run)."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed = dataset, int(seed)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        s = ((self.seed * _MIX + epoch) * _MIX + index) % (2**63)
-        state = torch.get_rng_state()  # CPU generator only: CUDA streams stay untouched
-        torch.default_generator.manual_seed(s)
-        try:
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(state)
-
-
 @contextlib.contextmanager
 def seeded_rng(device: torch.device, *parts: int):
     """Run a block on RNG streams seeded from ``parts`` (CPU, and the CUDA device if used), then restore the
     previous states. The loop uses it under DDP: each rank's OPM drop masks come from a stream of its own, while
     the GE noise comes from one shared by every rank, so the replicas' weights stay identical."""
-    seed = 0
-    for p in parts:
-        seed = (seed * _MIX + int(p)) % (2**63)
+    seed = mix_seed(*parts)
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(seed)
@@ -188,7 +140,7 @@ def gathered_features(model, loader, device, limit: Optional[int], info: DistInf
     """Encoder features of a split evaluated in shards (one per rank, DistributedSampler without shuffling),
     gathered on every rank. The duplicates that pad the shards are dropped by sample index and the rows put in
     index order, so the metrics equal a single-process evaluation. Returns ({modality: [N, D]}, labels [N])."""
-    from onthefly.engine.evaluate import collect, to_device
+    from onthefly.engine.evaluation import collect, to_device
 
     model.eval()
     feats: dict[str, list] = {}

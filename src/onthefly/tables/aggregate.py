@@ -15,7 +15,7 @@ import pandas as pd
 
 from onthefly.tables.spec import TableSpec
 
-PUBLISHED_CSV = Path(__file__).resolve().parents[3] / "experiments" / "published_results.csv"  # copy of shared/reference
+PUBLISHED_CSV = Path(__file__).resolve().parents[3] / "experiments" / "published_results.csv"
 ID_COLUMNS = ["table", "row", "col", "seed"]
 
 

@@ -448,7 +448,7 @@ def failure_lines(cells: list[CellPlan]) -> list[str]:
 
 def run_analyses(spec: TableSpec, cells: list[CellPlan], seeds: list[int], log=print) -> None:
     """Probe / robustness / estimator analyses the spec needs, for finished runs that lack them."""
-    from onthefly.evaluate import analyse
+    from onthefly.analyse import analyse
 
     kinds = spec.analyses()
     if not kinds:

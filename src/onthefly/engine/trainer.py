@@ -1,11 +1,14 @@
-"""The one training loop. Methods plug in through the hooks of `onthefly.modulation.base.Modulation`.
+"""The trainer: one step, one epoch, and the fit over epochs, with the method's hooks at their named points.
 
-The same loop runs in one process and under torchrun (DDP, see `onthefly.engine.distributed`), in float32 or
+The same trainer runs in one process and under torchrun (DDP, see `onthefly.engine.distributed`), in float32 or
 mixed precision, and resumes from its checkpoints (`onthefly.engine.checkpoint`). One step, in order:
 
     before_forward -> encoders -> uni-modal logits, scores (summed over ranks), ρ -> on_features -> head
     -> after_forward -> loss -> backward (DDP all-reduces the gradients) -> GradScaler unscale (fp16)
     -> gradient clipping -> after_backward (OGM edits the unscaled global gradient) -> optimizer step
+
+The run around it (its folder, logger, resume, results) is `onthefly.engine.run`; what it trains is built by
+`onthefly.engine.build`.
 """
 from __future__ import annotations
 
@@ -13,30 +16,25 @@ import contextlib
 import copy
 import logging
 import math
-import os
-import random
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from onthefly.config import Precision, Split
+from onthefly.data.loaders import LoaderOptions, run_loaders
 from onthefly.engine import checkpoint as ckpt
 from onthefly.engine import distributed as ddp
-from onthefly.engine.distributed import DistInfo, select_device  # noqa: F401  (select_device: public here too)
-from onthefly.engine.errors import CheckpointError, TrainingError  # noqa: F401  (re-exported)
-from onthefly.engine.evaluate import evaluate, iterate, metrics_from_features
+from onthefly.engine.distributed import DistInfo
+from onthefly.engine.errors import TrainingError
+from onthefly.engine.evaluation import evaluate, iterate, metrics_from_features
 from onthefly.logging import RunLogger
-from onthefly.models import model_for
 from onthefly.modulation.base import Modulation, StepContext
 from onthefly.modulation.discrepancy import discrepancy
 from onthefly.tasks import Task, build_task
@@ -46,27 +44,9 @@ log = logging.getLogger("onthefly")
 _AMP_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, device: torch.device):
-    """A plain loader (analysis, probes). Training uses :meth:`Trainer._loader` (sharded, resumable)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
-    )
+def config_dict(cfg: DictConfig) -> dict:
+    """A resolved config as plain containers (what checkpoints and results.json hold)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
 class TrainForward(nn.Module):
@@ -104,20 +84,14 @@ class Trainer:
         self._check_estimator()
 
         # loaders: training is sharded over ranks (global batch = trainer.batch_size) and resumable mid-epoch
-        world = self.dist.world_size
-        if self.tc.batch_size % world:
-            raise TrainingError(f"trainer.batch_size={self.tc.batch_size} is the global batch: it must divide by the "
-                                f"{world} data-parallel ranks")
-        self.local_batch = self.tc.batch_size // world
-        self.train_sampler = ddp.EpochSampler(splits["train"], world, self.dist.rank, cfg.seed)
-        eval_batch = -(-self.tc.eval_batch_size // world)
-        self.loaders = {
-            # a trailing batch of one clip would break BatchNorm in training: drop it (and only it)
-            "train": self._loader(ddp.SampleSeeded(splits["train"], cfg.seed), self.local_batch, self.train_sampler,
-                                  drop_last=self.train_sampler.num_samples % self.local_batch == 1),
-            "val": self._loader(splits["val"], eval_batch, self._eval_sampler(splits["val"])),
-            "test": self._loader(splits["test"], eval_batch, self._eval_sampler(splits["test"])),
-        }
+        self.loader_options = LoaderOptions(self.tc.num_workers, self.tc.prefetch_factor,
+                                            self.tc.pin_memory and device.type == "cuda")
+        try:
+            self.loaders = run_loaders(splits, cfg.seed, self.tc.batch_size, self.tc.eval_batch_size,
+                                       self.loader_options, self.dist.world_size, self.dist.rank)
+        except ValueError as err:
+            raise TrainingError(str(err)) from err
+        self.local_batch, self.train_sampler = self.loaders.local_batch, self.loaders.train_sampler
         self._hook_loaders = None if self.dist.enabled else self.loaders
 
         # precision: autocast dtype and a GradScaler that is a no-op unless fp16
@@ -136,22 +110,13 @@ class Trainer:
         if resume_state is not None:
             self._load_state(resume_state)
 
-    # --- data -------------------------------------------------------------------------------------------------
-    def _eval_sampler(self, dataset):
-        if not self.dist.enabled:
-            return None
-        return DistributedSampler(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=False)
+    @classmethod
+    def from_parts(cls, cfg: DictConfig, parts, logger: RunLogger, device, **options) -> "Trainer":
+        """A trainer for what :func:`onthefly.engine.build.build` made (``options``: dist, out_dir, resume_state)."""
+        return cls(cfg, parts.model, parts.modulation, parts.splits, parts.optimizer, parts.scheduler, logger, device,
+                   task=parts.task, **options)
 
-    def _loader(self, dataset, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
-        workers = self.tc.num_workers
-        extra = {"prefetch_factor": self.tc.prefetch_factor} if workers > 0 and self.tc.prefetch_factor else {}
-        return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers, drop_last=drop_last,
-            pin_memory=self.tc.pin_memory and self.device.type == "cuda", persistent_workers=workers > 0,
-            # the loader's own generator: creating an iterator must not draw from the global RNG (exact resume)
-            generator=torch.Generator().manual_seed(self.cfg.seed), **extra,
-        )
-
+    # --- set-up checks, and the data the hooks read ---------------------------------------------------------------
     def _check_estimator(self) -> None:
         head = self.model.head
         if self.use_rho and head.natural_estimator is None and self.estimator.value == "natural":
@@ -170,13 +135,9 @@ class Trainer:
     def _batches(self, split: str, limit: Optional[int] = None):
         """(inputs, labels) of a split for the hooks (G-Blending's loss estimates). Under DDP every rank reads the
         whole split (not its shard), so every rank's method state stays identical."""
-        if self._hook_loaders is None:
-            sampler = ddp.EpochSampler(self.splits["train"], 1, 0, self.cfg.seed)
-            self._hook_loaders = {
-                "train": self._loader(ddp.SampleSeeded(self.splits["train"], self.cfg.seed), self.local_batch, sampler),
-                "val": self._loader(self.splits["val"], self.tc.eval_batch_size),
-                "test": self._loader(self.splits["test"], self.tc.eval_batch_size),
-            }
+        if self._hook_loaders is None:  # one process's loaders over the whole splits
+            self._hook_loaders = run_loaders(self.splits, self.cfg.seed, self.local_batch, self.tc.eval_batch_size,
+                                             self.loader_options)
         limit = limit if limit is not None else (self.tc.limit_train_batches if split == "train" else self.tc.limit_eval_batches)
         return iterate(self._hook_loaders[split], self.input_keys, self.device, limit)
 
@@ -301,7 +262,8 @@ class Trainer:
         self.logger.write_steps(step_rows)
         return {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
 
-    def evaluate(self, split: str) -> dict:
+    def metrics_on(self, split: str) -> dict:
+        """The task's metrics of the current model on a split, keys prefixed `<split>/`."""
         if self.dist.enabled:  # each rank encodes its shard; features gathered, padding dropped
             feats, labels = ddp.gathered_features(self.model, self.loaders[split], self.device,
                                                   self.tc.limit_eval_batches, self.dist)
@@ -326,9 +288,9 @@ class Trainer:
             te = time.time()
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
             row.update(self.train_epoch(epoch))
-            row.update(self.evaluate("val"))
+            row.update(self.metrics_on("val"))
             if select == "test":
-                row.update(self.evaluate("test"))
+                row.update(self.metrics_on("test"))
             self.scheduler.step()
             self.modulation.epoch_end(self._ctx(epoch, 0))
             row["time/epoch_s"] = time.time() - te
@@ -349,7 +311,7 @@ class Trainer:
         if self.scaler.is_enabled():
             results["overflow_steps"] = self.overflow_steps
         if self.tc.eval_test:
-            test = self.evaluate("test")
+            test = self.metrics_on("test")
             results["test"] = {k.split("/", 1)[1]: v for k, v in test.items()}
             self.logger.log_epoch({"epoch": self.tc.epochs, **test}, self.global_step)
         return results
@@ -363,7 +325,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         state = {
-            "config": _config_dict(self.cfg),
+            "config": config_dict(self.cfg),
             "world_size": self.dist.world_size,
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
@@ -409,174 +371,3 @@ class Trainer:
             self._pending = {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"], "acc": state["epoch_acc"]}
         rngs = state["rng"]
         self._resumed_rng = rngs[self.dist.rank % len(rngs)]
-
-
-def _config_dict(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-
-def _resume_state(out_dir: Path, config: dict, tc, info: DistInfo) -> Optional[dict]:
-    """The checkpoint this run continues from (rank 0 chooses the file, every rank reads it), checked against
-    this run's settings; None for a fresh start."""
-    chosen = None
-    if info.is_main:
-        found = ckpt.find_resume(out_dir, tc.resume)
-        chosen = str(found[0]) if found else None
-    chosen = ddp.broadcast_object(chosen, info)
-    if chosen is None:
-        return None
-    state = ckpt.load(chosen)
-    differ = ckpt.config_differences(state["config"], config)
-    if differ:
-        saved = ckpt._flatten(state["config"])
-        now = ckpt._flatten(config)
-        shown = ", ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in differ[:6])
-        raise CheckpointError(f"checkpoint {chosen} belongs to a run with other settings ({shown}); resume with the "
-                              "same settings, or start a new run folder (or trainer.resume=never)")
-    if state["world_size"] != info.world_size and state["step_in_epoch"]:
-        raise CheckpointError(f"checkpoint {chosen} was written mid-epoch by {state['world_size']} ranks; resume it with "
-                              f"the same number of ranks (this run has {info.world_size}), or from an epoch-end checkpoint")
-    log.info("resuming from %s (epoch %d, step %d of it, global step %d)", chosen, state["epoch"],
-             state["step_in_epoch"], state["global_step"])
-    return state
-
-
-def train(cfg: DictConfig, out_dir: Path | str):
-    """Train and evaluate one configuration; everything the run makes goes under ``out_dir``.
-
-    Writes config.yaml, metrics.csv (per epoch), steps.csv (per step), results.json, best.pt, checkpoints/ and,
-    unless logger.mode=disabled, a W&B run under out_dir/wandb. Under torchrun every rank calls this; rank 0
-    alone writes. Returns (results, model at its best epoch, splits).
-    """
-    tc = cfg.trainer
-    info, device = ddp.setup(tc.device)
-    try:
-        return _train(cfg, Path(ddp.broadcast_object(str(out_dir), info)), info, device)
-    finally:
-        ddp.teardown(info)
-
-
-CPU_NHWC_WARNING = (
-    "trainer.channels_last=true on a CPU: oneDNN's AVX-512 NHWC convolution backward crashes (segmentation fault) on "
-    "some conv shapes with torch 2.14 (e.g. a 1x1 stride-2 conv over 8 channels at 256x16). If this run dies in "
-    "loss.backward(), use trainer.channels_last=auto (off on CPU) or set ONEDNN_MAX_CPU_ISA=AVX2."
-)
-
-
-def use_channels_last(setting, device: torch.device) -> bool:
-    """``trainer.channels_last`` resolved for ``device``: auto = on for CUDA only; true forces it (warning on CPU)."""
-    value = str(setting).lower()
-    if value not in ("auto", "true", "false"):
-        raise TrainingError(f"trainer.channels_last={setting!r}: expected auto, true or false")
-    if value == "auto":
-        return device.type == "cuda"
-    if value == "true" and device.type == "cpu":
-        warnings.warn(CPU_NHWC_WARNING, stacklevel=2)
-    return value == "true"
-
-
-@dataclass
-class Parts:
-    """What a run trains: built (and seeded) the same way on every rank."""
-
-    model: nn.Module
-    modulation: Modulation
-    splits: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    modalities: list
-    task: Task
-
-
-def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None) -> Parts:
-    """Seed, then build the dataset splits, the model (on ``device``, in its memory format, compiled if asked),
-    the method, the optimizer and the scheduler from ``cfg``."""
-    tc, info = cfg.trainer, info or DistInfo()
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    seed_everything(cfg.seed, tc.deterministic)
-    splits = instantiate(cfg.dataset).splits()
-    modalities = list(tc.modalities) if tc.modalities else list(splits.modalities)
-    unknown = [m for m in modalities if m not in splits.modalities]
-    if unknown:
-        raise TrainingError(f"trainer.modalities names {unknown}, but the dataset has {splits.modalities}")
-    task = build_task(cfg, splits)
-    model = model_for(cfg, modalities, splits, task)
-    if info.enabled and tc.sync_batchnorm:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif info.is_main:
-            warnings.warn("SyncBatchNorm needs a GPU: on this CPU (gloo) run BatchNorm statistics are per rank.",
-                          stacklevel=2)
-    model = model.to(device)
-    if use_channels_last(tc.channels_last, device):
-        model = model.to(memory_format=torch.channels_last)
-    if tc.compile:
-        for encoder in model.encoders.values():
-            encoder.compile(backend=tc.compile_backend)  # in place: parameter names stay as they are
-    modulation: Modulation = instantiate(cfg.modulation)
-    if modulation.needs_rho and len(modalities) < 2:
-        raise TrainingError(
-            f"modulation {type(modulation).__name__} balances modalities, but this model has only {modalities}; "
-            "use modulation=none for uni-modal runs."
-        )
-    modulation.setup(model, splits.num_classes)
-    params = list(model.parameters())
-    extra = modulation.extra_module()
-    if extra is not None:
-        params += list(extra.to(device).parameters())
-    optimizer = instantiate(cfg.optim)(params)
-    scheduler = instantiate(cfg.scheduler)(optimizer)
-    return Parts(model, modulation, splits, optimizer, scheduler, modalities, task)
-
-
-def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device):
-    tc = cfg.trainer
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-    parts = build(cfg, device, info)
-    model, modulation, splits, modalities = parts.model, parts.modulation, parts.splits, parts.modalities
-    optimizer, scheduler = parts.optimizer, parts.scheduler
-
-    config = _config_dict(cfg)
-    resume_state = _resume_state(out_dir, config, tc, info)
-    lc = cfg.logger
-    wandb_options = {
-        "mode": lc.mode.value, "project": lc.project, "entity": lc.entity, "group": lc.group,
-        "job_type": lc.job_type or cfg.modulation._target_.rsplit(".", 1)[-1], "name": lc.name or cfg.name,
-        "tags": list(lc.tags),
-    }
-    logger = RunLogger(out_dir, config, wandb_options, log_steps=lc.log_steps, enabled=info.is_main,
-                       resume=resume_state["logger"] if resume_state else None)
-    failed = True
-    try:
-        trainer = Trainer(cfg, model, modulation, splits, optimizer, scheduler, logger, device, dist=info,
-                          out_dir=out_dir, resume_state=resume_state, task=parts.task)
-        results = trainer.fit()
-        results.update(status="ok", modalities=modalities, num_classes=splits.num_classes,
-                       device=str(device), config=config)
-        if info.enabled:
-            results["world_size"] = info.world_size
-        if tc.save_checkpoint and info.is_main:
-            torch.save({"model": model.state_dict(), "epoch": results["best"]["epoch"] if results["best"] else None},
-                       out_dir / "best.pt")
-        if tc.plots and info.is_main:
-            from onthefly.plots import run_plots
-
-            for path in run_plots(out_dir):
-                logger.log_image(f"plots/{path.stem}", path)
-        logger.finish(results)
-        failed = False
-        return results, model, splits
-    except BaseException as err:  # record what happened, keep what was computed, re-raise
-        logger.finish({"status": "failed", "error": f"{type(err).__name__}: {err}", "config": config,
-                       "epochs_done": len(logger.epoch_rows)})
-        raise
-    finally:
-        logger.close(failed=failed)
-
-
-def run(cfg: DictConfig, out_dir: Path | str) -> dict:
-    """:func:`train`, returning only the results dict (what results.json holds)."""
-    return train(cfg, out_dir)[0]

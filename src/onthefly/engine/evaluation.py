@@ -1,4 +1,5 @@
-"""Evaluation passes: fused metrics, per-modality accuracy, features for the linear probe and robustness."""
+"""Evaluation passes: a split's fused metrics and per-modality accuracy (:func:`evaluate`), its features (for the
+linear probe and robustness), and the probe and robustness computations themselves."""
 from __future__ import annotations
 
 from typing import Dict, Iterable, Optional

@@ -1,0 +1,117 @@
+"""One run: its folder, its resume point, its logger and its results, around the trainer.
+
+`train(cfg, out_dir)` is what `python -m onthefly.train` calls (on every rank under torchrun): it builds the run
+(`onthefly.engine.build`), finds the checkpoint to go on from, opens the run's logger (W&B + CSV/JSON), fits
+(`onthefly.engine.trainer`) and writes results.json, best.pt and the plots. Whatever happens, results.json says
+how the run ended and nothing already written is lost.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from onthefly.engine import checkpoint as ckpt
+from onthefly.engine import distributed as ddp
+from onthefly.engine.build import build
+from onthefly.engine.distributed import DistInfo
+from onthefly.engine.errors import CheckpointError
+from onthefly.engine.trainer import Trainer, config_dict
+from onthefly.logging import RunLogger
+
+log = logging.getLogger("onthefly")
+
+
+def _resume_state(out_dir: Path, config: dict, tc, info: DistInfo) -> Optional[dict]:
+    """The checkpoint this run continues from (rank 0 chooses the file, every rank reads it), checked against
+    this run's settings; None for a fresh start."""
+    chosen = None
+    if info.is_main:
+        found = ckpt.find_resume(out_dir, tc.resume)
+        chosen = str(found[0]) if found else None
+    chosen = ddp.broadcast_object(chosen, info)
+    if chosen is None:
+        return None
+    state = ckpt.load(chosen)
+    differ = ckpt.config_differences(state["config"], config)
+    if differ:
+        saved = ckpt._flatten(state["config"])
+        now = ckpt._flatten(config)
+        shown = ", ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in differ[:6])
+        raise CheckpointError(f"checkpoint {chosen} belongs to a run with other settings ({shown}); resume with the "
+                              "same settings, or start a new run folder (or trainer.resume=never)")
+    if state["world_size"] != info.world_size and state["step_in_epoch"]:
+        raise CheckpointError(f"checkpoint {chosen} was written mid-epoch by {state['world_size']} ranks; resume it with "
+                              f"the same number of ranks (this run has {info.world_size}), or from an epoch-end checkpoint")
+    log.info("resuming from %s (epoch %d, step %d of it, global step %d)", chosen, state["epoch"],
+             state["step_in_epoch"], state["global_step"])
+    return state
+
+
+def train(cfg: DictConfig, out_dir: Path | str):
+    """Train and evaluate one configuration; everything the run makes goes under ``out_dir``.
+
+    Writes config.yaml, metrics.csv (per epoch), steps.csv (per step), results.json, best.pt, checkpoints/ and,
+    unless logger.mode=disabled, a W&B run under out_dir/wandb. Under torchrun every rank calls this; rank 0
+    alone writes. Returns (results, model at its best epoch, splits).
+    """
+    tc = cfg.trainer
+    info, device = ddp.setup(tc.device)
+    try:
+        return _train(cfg, Path(ddp.broadcast_object(str(out_dir), info)), info, device)
+    finally:
+        ddp.teardown(info)
+
+
+def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device):
+    tc = cfg.trainer
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    parts = build(cfg, device, info)
+    model, splits, modalities = parts.model, parts.splits, parts.modalities
+
+    config = config_dict(cfg)
+    resume_state = _resume_state(out_dir, config, tc, info)
+    lc = cfg.logger
+    wandb_options = {
+        "mode": lc.mode.value, "project": lc.project, "entity": lc.entity, "group": lc.group,
+        "job_type": lc.job_type or cfg.modulation._target_.rsplit(".", 1)[-1], "name": lc.name or cfg.name,
+        "tags": list(lc.tags),
+    }
+    logger = RunLogger(out_dir, config, wandb_options, log_steps=lc.log_steps, enabled=info.is_main,
+                       resume=resume_state["logger"] if resume_state else None)
+    failed = True
+    try:
+        trainer = Trainer.from_parts(cfg, parts, logger, device, dist=info, out_dir=out_dir,
+                                     resume_state=resume_state)
+        results = trainer.fit()
+        results.update(status="ok", modalities=modalities, num_classes=splits.num_classes,
+                       device=str(device), config=config)
+        if info.enabled:
+            results["world_size"] = info.world_size
+        if tc.save_checkpoint and info.is_main:
+            torch.save({"model": model.state_dict(), "epoch": results["best"]["epoch"] if results["best"] else None},
+                       out_dir / "best.pt")
+        if tc.plots and info.is_main:
+            from onthefly.plots import run_plots
+
+            for path in run_plots(out_dir):
+                logger.log_image(f"plots/{path.stem}", path)
+        logger.finish(results)
+        failed = False
+        return results, model, splits
+    except BaseException as err:  # record what happened, keep what was computed, re-raise
+        logger.finish({"status": "failed", "error": f"{type(err).__name__}: {err}", "config": config,
+                       "epochs_done": len(logger.epoch_rows)})
+        raise
+    finally:
+        logger.close(failed=failed)
+
+
+def run(cfg: DictConfig, out_dir: Path | str) -> dict:
+    """:func:`train`, returning only the results dict (what results.json holds)."""
+    return train(cfg, out_dir)[0]
