@@ -491,6 +491,13 @@ def test_table_sweep_with_a_failing_cell_runs_the_rest_reports_it_and_exits_1(tm
     assert tables_cli.main([*argv, "--dry-run", "--retry-failed"]) == 0
     retry = capsys.readouterr().out
     assert "2 to run" in retry and "experiment=table_job/bad__synth_av__s0,table_job/bad__synth_av__s1" in retry
+    # retried for real: they fail again (the cause is in the spec), and the earlier failure record is kept
+    assert tables_cli.main([*argv, "--retry-failed"]) == 1
+    capsys.readouterr()
+    for seed in (0, 1):
+        folder = runs / "bad__synth_av" / f"seed{seed}"
+        assert json.loads((folder / "results.previous.json").read_text())["status"] == "failed"
+        assert sweep.job_state(folder)[0] == sweep.FAILED
 
 
 # --- W&B report ----------------------------------------------------------------------------------------------

@@ -359,6 +359,9 @@ def run_sweep(spec: TableSpec, seeds: list[int], launcher: str = "serial", extra
         raise SpecError(f"a launch of {spec.name} is still waiting for its jobs (pid {other['pid']}, started "
                         f"{other['started']}): let it finish or stop it, then run again")
     write_presets(spec, todo, results)
+    for job in todo:  # a retried job's old failure record is kept beside it, so progress reads the new attempt
+        if job.state == FAILED:
+            (job.run_dir / "results.json").replace(job.run_dir / "results.previous.json")
     sweep_log = results / spec.name / "sweep.log"
     lock = _lock(results, spec)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
