@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from onthefly.config import CONF_DIR, register_configs
+from onthefly.config import CONF_DIR, register_configs, validate
 from onthefly.engine.errors import TrainingError
 
 register_configs()
@@ -66,6 +66,7 @@ def main(cfg: DictConfig) -> float:
     out_dir = HydraConfig.get().runtime.output_dir
     started = time.time() - 1.0  # file times may be coarser than time.time()
     try:
+        validate(cfg)  # a value out of range (or trainer.device=cuda without CUDA): one line, before any work
         results = run(cfg, out_dir)
     except TrainingError as err:
         record_failure(Path(out_dir), cfg, err, started)

@@ -20,7 +20,7 @@ from torch import nn
 from onthefly.engine.distributed import DistInfo
 from onthefly.engine.errors import TrainingError
 from onthefly.models import model_for
-from onthefly.modulation.base import Modulation
+from onthefly.modulation.base import Modulation, default_param_groups
 from onthefly.tasks import Task, build_task
 
 CPU_NHWC_WARNING = (
@@ -152,10 +152,17 @@ def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None
             "use modulation=none for uni-modal runs."
         )
     modulation.setup(model, splits.num_classes)
-    params = list(model.parameters())
     extra = modulation.extra_module()
     if extra is not None:
-        params += list(extra.to(device).parameters())
-    optimizer = instantiate(cfg.optim)(params)
-    scheduler = instantiate(cfg.scheduler)(optimizer)
+        extra.to(device)
+    optimizer, scheduler = make_optimizer(cfg, model, modulation, extra, epoch=0)
     return Parts(model, modulation, splits, optimizer, scheduler, modalities, task)
+
+
+def make_optimizer(cfg: DictConfig, model: nn.Module, modulation: Modulation, extra: Optional[nn.Module],
+                   epoch: int = 0):
+    """(optimizer, scheduler) from cfg.optim / cfg.scheduler over the method's parameter groups for ``epoch``
+    (a group's own options, e.g. its lr, override cfg.optim's)."""
+    groups = modulation.param_groups(model, extra, epoch) or default_param_groups([model, extra])
+    optimizer = instantiate(cfg.optim)(groups)
+    return optimizer, instantiate(cfg.scheduler)(optimizer)

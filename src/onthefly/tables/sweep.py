@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from omegaconf import OmegaConf
 
-from onthefly.config import CONF_DIR
+from onthefly.config import CONF_DIR, validate
 from onthefly.tables.spec import Column, Row, SpecError, TableSpec
 
 RESULTS_DIR = Path(__file__).resolve().parents[3] / "experiments" / "results"
@@ -232,7 +232,8 @@ def check_cells(spec: TableSpec, jobs: list[Job], extra: list[str]) -> dict[tupl
             continue
         seen.add(key)
         try:
-            _hydra_compose([*job_overrides(spec, job), *[o for o in extra if not _is_hydra(o)]])
+            cfg = _hydra_compose([*job_overrides(spec, job), *[o for o in extra if not _is_hydra(o)]])
+            validate(cfg, environment=False)  # values in range (the machine that runs it may differ from this one)
         except Exception as err:  # noqa: BLE001  (reported per cell)
             errors[key] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
     return errors
