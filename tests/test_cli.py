@@ -84,7 +84,8 @@ def test_train_cli_multirun_a_failing_job_fails_alone(tmp_path):
     assert sorted(results) == [0, 1, 2]
     assert results[0]["status"] == "ok" and results[2]["status"] == "ok"
     assert results[1]["status"] == "failed"
-    assert results[1]["error"] == "TrainingError: trainer.modalities names ['foo'], but the dataset has ['audio', 'visual']"
+    assert results[1]["error"] == ("TrainingError: trainer.modalities names ['foo'], but the dataset has "
+                                   "['audio', 'visual']")
     assert results[1]["config"]["trainer"]["modalities"] == ["foo"]
     assert "trainer.modalities names ['foo']" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -150,7 +150,8 @@ def test_data_root_is_the_training_configs(tmp_path, monkeypatch):
     assert cells[("concat", "kinetics_sounds")].no_data is None
 
 
-AVQA_LIKE = BASE_SPEC.replace("kinetics_sounds: {{preset: demo,", "kinetics_sounds: {{preset: demo, overrides: [fusion=sum],") \
+AVQA_LIKE = BASE_SPEC.replace("kinetics_sounds: {{preset: demo,",
+                              "kinetics_sounds: {{preset: demo, overrides: [fusion=sum],") \
     .replace("values: [test/acc]\n", "values: [test/acc]\noverrides: [fusion=concat]\n") \
     .replace("[modulation=ogm_ge]", "[modulation=ogm_ge, modulation.alpha=2.6, \"trainer.modalities=[audio,visual]\"]")
 
@@ -195,7 +196,8 @@ def test_dry_run_prints_every_job_the_launcher_settings_and_one_command(tmp_path
                     results, dry_run=True, log=lines.append)
     out = "\n".join(lines)
     assert "7 to run" in out and "7 job(s) in one multirun (one Slurm job array)" in out
-    for job in ["concat__cremad__s1", "ogm_ge__cremad__s0", "ogm_ge__kinetics_sounds__s1", "concat__kinetics_sounds__s0"]:
+    for job in ("concat__cremad__s1", "ogm_ge__cremad__s0", "ogm_ge__kinetics_sounds__s1",
+                "concat__kinetics_sounds__s0"):
         assert job in out
     assert "concat__cremad__s0:" not in out  # finished: not launched again
     for setting in ("partition=gpu", "timeout_min=600", "gpus_per_node=1", "cpus_per_task=10", "mem_gb=64",
@@ -218,11 +220,18 @@ def test_launchers_are_the_repositorys_presets():
 
 
 def test_a_cell_that_does_not_compose_fails_alone(tmp_path):
-    spec = load_spec(write_spec(tmp_path, BASE_SPEC.replace("[modulation=ogm_ge]", "[modulation=ogm_ge, modulation.alpah=1]")))
+    spec = load_spec(write_spec(tmp_path, BASE_SPEC.replace("[modulation=ogm_ge]",
+                                                            "[modulation=ogm_ge, modulation.alpah=1]")))
     jobs = sweep.all_jobs(sweep.plan(spec, [0], tmp_path / "r", root=tmp_path))
     errors = sweep.check_cells(spec, jobs, ["trainer.epochs=1", "hydra.launcher.n_jobs=2"])
     assert sorted(errors) == [("ogm_ge", "cremad"), ("ogm_ge", "kinetics_sounds")]  # the concat cells compose
     assert "alpah" in errors[("ogm_ge", "cremad")]
+    # a value its schema refuses is caught before launch as well
+    spec = load_spec(write_spec(tmp_path, BASE_SPEC.replace("[modulation=none]", "[modulation=none, trainer.epochs=0]"),
+                                name="t2"))
+    errors = sweep.check_cells(spec, sweep.all_jobs(sweep.plan(spec, [0], tmp_path / "r", root=tmp_path)), [])
+    assert sorted(errors) == [("concat", "cremad"), ("concat", "kinetics_sounds")]
+    assert "trainer.epochs=0: must be >= 1" in errors[("concat", "cremad")]
 
 
 def test_unknown_launcher_is_refused(tmp_path):

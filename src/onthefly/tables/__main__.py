@@ -60,8 +60,8 @@ def status_lines(spec, cells, results: Path) -> list[str]:
     lines = []
     failed = sweep.failure_lines(cells)
     if failed:
-        lines += [f"{len(failed)} failed job(s) (run again with --retry-failed once the cause is fixed; make: "
-                  "RETRY_FAILED=1):", *failed]
+        lines += [(f"{len(failed)} failed job(s) (run again with --retry-failed once the cause is fixed; make: "
+                   "RETRY_FAILED=1):"), *failed]
     started = [j for j in jobs if j.state == sweep.STARTED]
     if started:
         launch = sweep.last_launch(results, spec) or {}

@@ -154,7 +154,8 @@ def explain(missing: list[int], key: str, jobs: Optional[dict], source: str = "l
 
 
 def summarise(spec: TableSpec, records: pd.DataFrame, published: Optional[dict] = None,
-              seeds: Optional[Iterable[int]] = None, jobs: Optional[list] = None, source: str = "local") -> pd.DataFrame:
+              seeds: Optional[Iterable[int]] = None, jobs: Optional[list] = None,
+              source: str = "local") -> pd.DataFrame:
     """Long table: one line per (row, col, value key) with n (seeds with a value) of ``expected``, mean, std
     (population, ddof=0; values in %), the published number and ours minus it, the seeds used, and ``reason``:
     why seeds are missing (from ``jobs``, the sweep's :class:`~onthefly.tables.sweep.Job` list), None when none is."""

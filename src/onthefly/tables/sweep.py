@@ -180,8 +180,9 @@ def job_option(job: Job) -> str:
 
 def job_overrides(spec: TableSpec, job: Job) -> list[str]:
     """The job as command-line overrides (what its preset holds), for dry runs and checks."""
-    return [*spec.cell_overrides(job.row, job.col), f"seed={job.seed}", f"name={spec.name}:{job.row.id}:{job.col.id}:s{job.seed}",
-            f"logger.group={spec.name}", f"logger.tags=[{job.row.id},{job.col.id}]", f"logger.job_type={job.row.id}"]
+    return [*spec.cell_overrides(job.row, job.col), f"seed={job.seed}",
+            f"name={spec.name}:{job.row.id}:{job.col.id}:s{job.seed}", f"logger.group={spec.name}",
+            f"logger.tags=[{job.row.id},{job.col.id}]", f"logger.job_type={job.row.id}"]
 
 
 def job_preset(spec: TableSpec, job: Job) -> str:
@@ -342,8 +343,8 @@ def run_sweep(spec: TableSpec, seeds: list[int], launcher: str = "serial", extra
     settings = launcher_settings(launcher, spec, extra)
     resume = next((o for o in extra if o.startswith("trainer.resume=")), "trainer.resume=auto")
     log(f"launcher {launcher} (conf/hydra/launcher/{launcher}.yaml), the settings every job gets:")
-    for line in _wrap([f"{k}={v}" for k, v in settings.items()] or ["Hydra's basic launcher: one job after another, "
-                                                                    "in one process"]):
+    basic = "Hydra's basic launcher: one job after another, in one process"
+    for line in _wrap([f"{k}={v}" for k, v in settings.items()] or [basic]):
         log(f"  {line}")
     log(f"  {resume}" + (" (a requeued, preempted or re-launched job continues from its newest checkpoint)"
                          if resume == "trainer.resume=auto" else ""))
@@ -366,7 +367,8 @@ def run_sweep(spec: TableSpec, seeds: list[int], launcher: str = "serial", extra
     sweep_log = results / spec.name / "sweep.log"
     lock = _lock(results, spec)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "finished": None, "launcher": launcher, "settings": settings, "command": cmd, "jobs": [j.name for j in todo]}
+            "finished": None, "launcher": launcher, "settings": settings, "command": cmd,
+            "jobs": [j.name for j in todo]}
     lock.write_text(json.dumps(info, indent=2, default=str))
     log(f"launching; the multirun's output goes to {sweep_log}")
     with open(sweep_log, "a") as fh:
@@ -419,7 +421,8 @@ def _report_broken(cells: list[CellPlan], broken: dict) -> None:
     """Mark the jobs of cells that do not compose as failed (in the returned plan only; nothing is written)."""
     for job in all_jobs(cells):
         if (job.row.id, job.col.id) in broken and job.state != DONE:
-            job.state, job.error = FAILED, f"the cell's configuration does not compose: {broken[(job.row.id, job.col.id)]}"
+            reason = broken[(job.row.id, job.col.id)]
+            job.state, job.error = FAILED, f"the cell's configuration does not compose: {reason}"
 
 
 def _follow(proc: subprocess.Popen, jobs: list[Job], log, poll_s: float) -> None:
