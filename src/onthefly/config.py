@@ -596,6 +596,13 @@ def may_change_on_resume(*configs: dict) -> set[str]:
     return keys
 
 
+def registered_targets() -> set[str]:
+    """Every ``_target_`` the project registers a schema for (its configurable classes, the optimizer and
+    scheduler schemas): what a config read from a user's file may name."""
+    register_configs()
+    return set(_SCHEMAS)
+
+
 def compose(overrides: list[str] | None = None, config_name: str = "config", environment: bool = True):
     """Compose the project config outside a Hydra app (tests, the demo, bench, notebooks) and :func:`validate`
     it (``environment=False``: a config meant for another machine, device availability is not checked)."""
