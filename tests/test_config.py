@@ -339,7 +339,6 @@ SETTING_GROUPS = ("dataset", "task", "backbone", "encoder", "fusion", "modulatio
 CONFIG_FIELD_GROUPS = ("trainer", "logger", "paths", "discrepancy")
 # The dataset classes and conf/dataset/*.yaml are being reworked elsewhere; until their files name their schema
 # as `- /<Class>_schema@_here_` and list every key, they are left out of the two checks that need it.
-PENDING = ("dataset",)
 SETTING_FILES = [(g, p.stem) for g in SETTING_GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 
 
@@ -378,7 +377,7 @@ def test_schemas_are_not_offered_as_options():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        offered = {g: loader.get_group_options(g) for g in SETTING_GROUPS if g not in PENDING}
+        offered = {g: loader.get_group_options(g) for g in SETTING_GROUPS}
     assert all(offered.values())
     assert {g: [o for o in opts if "schema" in o] for g, opts in offered.items()} == {g: [] for g in offered}
     for group, schema in [("modulation", "OGM_schema"), ("optim", "SGD_schema"), ("backbone", "backbone_schema"),
@@ -387,8 +386,6 @@ def test_schemas_are_not_offered_as_options():
             compose([f"{group}={schema}"])
 
 
-@pytest.mark.xfail(strict=True, reason="conf/dataset/*.yaml still name their schema relatively (`- CremaD_schema`), "
-                   "so config._LEGACY_SCHEMA_GROUPS stores the dataset schemas in the group too")
 def test_dataset_schemas_are_not_offered_as_options():
     with pytest.raises(ConfigCompositionException):
         compose(["dataset=CremaD_schema"])
@@ -407,11 +404,10 @@ def test_help_lists_no_schema_as_a_choice():
     groups = proc.stdout.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
     lines = [line for line in groups.splitlines() if ": " in line]
     assert {line.split(":", 1)[0] for line in lines} >= {"modulation", "fusion", "optim", "trainer", "discrepancy"}
-    assert [line for line in lines if "_schema" in line and not line.startswith(PENDING)] == []
+    assert [line for line in lines if "_schema" in line] == []
 
 
-@pytest.mark.parametrize("group,option", [f for f in SETTING_FILES if f[0] not in PENDING],
-                         ids=[f"{g}={o}" for g, o in SETTING_FILES if g not in PENDING])
+@pytest.mark.parametrize("group,option", SETTING_FILES, ids=[f"{g}={o}" for g, o in SETTING_FILES])
 def test_every_setting_is_listed_with_a_comment_in_its_yaml(group, option):
     raw, defaults = _option_file(group, option)
     schema = _schema_node(group, defaults)

@@ -51,9 +51,6 @@ _SCHEMA_MODULES = (
     "onthefly.tasks",
 )
 
-# Option groups whose YAML files still name their schema relatively (`- CremaD_schema`): their schemas are also
-# stored in the group, as before. Remove a group from here once its files say `- /<Class>_schema@_here_`.
-_LEGACY_SCHEMA_GROUPS: tuple[str, ...] = ("dataset",)
 
 
 # --- what a value may be: metadata carried by the types ------------------------------------------------------
@@ -375,7 +372,7 @@ _WRITTEN_OUT = {"backbone_schema": BackboneConfig, "SGD_schema": SGDConfig, "Ada
                 "Adam_schema": AdamConfig, "StepLR_schema": StepLRConfig, "ConstantLR_schema": ConstantLRConfig}
 
 
-def _store_schema(name: str, schema: type, group: Optional[str] = None) -> None:
+def _store_schema(name: str, schema: type) -> None:
     """Store ``schema`` at the root of the ConfigStore (YAML files say ``- /<name>@_here_``), and remember it by
     its ``_target_``."""
     target = getattr(schema, "_target_", None)
@@ -384,10 +381,7 @@ def _store_schema(name: str, schema: type, group: Optional[str] = None) -> None:
         raise ValueError(f"two schemas for {target}: {known} and {schema}")
     if isinstance(target, str):
         _SCHEMAS[target] = schema
-    cs = ConfigStore.instance()
-    cs.store(name=name, node=schema)
-    if group in _LEGACY_SCHEMA_GROUPS:
-        cs.store(group=group, name=name, node=schema)
+    ConfigStore.instance().store(name=name, node=schema)
 
 
 # --- schemas derived from class signatures ---------------------------------------------------------------
@@ -447,7 +441,7 @@ def configurable(group: str, *, runtime: tuple[str, ...] = ()):
         schema = dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
         schema.__module__ = cls.__module__
         cls.Config = schema
-        _store_schema(f"{cls.__name__}_schema", schema, group)
+        _store_schema(f"{cls.__name__}_schema", schema)
         return cls
 
     return decorate
