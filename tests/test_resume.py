@@ -43,12 +43,21 @@ def test_resume_from_a_mid_epoch_checkpoint_gives_the_uninterrupted_numbers(trai
     mid = ckpt.load(ckpt.path_for(full, 3))
     assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (0, 3, 3)
 
-    # a run folder that holds only what the run had written up to step 3
-    part = tmp_path / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copy(ckpt.path_for(full, 3), part / "checkpoints")
+    # a run folder killed after step 3's checkpoint, whose logs ran on past it (steps.csv is streamed)
+    part = _killed_copy(full, tmp_path / "part", 3)
+    assert len(pd.read_csv(part / "steps.csv")) == 8, "the copy should hold rows past the checkpoint"
     _, resumed = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.resume=auto", name="part")
     _assert_same_run(full, resumed)
+
+
+def _killed_copy(full: Path, part: Path, step: int) -> Path:
+    """A copy of run folder ``full`` as a kill after the checkpoint at ``step`` could leave it: that checkpoint,
+    and the logs as far as they had got (here: all of them; resume must cut them back to the checkpoint)."""
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt.path_for(full, step), part / "checkpoints")
+    for name in ("steps.csv", "metrics.csv"):
+        shutil.copy(full / name, part / name)
+    return part
 
 
 def test_resume_of_a_finished_run_only_evaluates_again(train_run):
@@ -194,9 +203,7 @@ def test_loader_workers_change_no_number_even_across_a_resume(train_run, tmp_pat
     """Augmentation draws from a seed fixed by (seed, epoch, sample): two workers give the numbers of none, also
     when the run resumes mid-epoch."""
     _, inline = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.keep_checkpoints=10", name="inline")
-    part = tmp_path / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copy(ckpt.path_for(inline, 3), part / "checkpoints")
+    _killed_copy(inline, tmp_path / "part", 3)
     _, resumed = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.num_workers=2",
                            "trainer.resume=auto", name="part")
     _assert_same_run(inline, resumed)

@@ -10,7 +10,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from onthefly.config import CONF_DIR, register_configs
 
@@ -18,22 +18,15 @@ register_configs()
 log = logging.getLogger("onthefly")
 
 
-def default_name(cfg: DictConfig) -> str:
-    choices = HydraConfig.get().runtime.choices
-    return f"{choices.get('dataset')}-{choices.get('fusion')}-{choices.get('modulation')}-s{cfg.seed}"
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     from onthefly.engine.errors import TrainingError
+    from onthefly.engine.identity import identify
     from onthefly.engine.run import run
 
-    if cfg.name is None:
-        with open_dict(cfg):
-            cfg.name = default_name(cfg)
     out_dir = HydraConfig.get().runtime.output_dir
     try:
-        results = run(cfg, out_dir)
+        results = run(cfg, out_dir, identify(cfg, HydraConfig.get()))  # name, group, job type: engine/identity.py
     except TrainingError as err:
         log.error("%s", err)
         sys.exit(1)
