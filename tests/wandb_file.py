@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ def records(path: Path):
         if length == 0 and kind == 0:  # zero fill at the end of a block or of a file being written
             pos += left_in_block
             continue
+        if pos + _HEADER + length > len(data):  # a record still being written
+            return
         body = data[pos + _HEADER:pos + _HEADER + length]
         assert zlib.crc32(bytes([kind]) + body) & 0xFFFFFFFF == crc, f"bad checksum at byte {pos} of {path}"
         pos += _HEADER + length
@@ -55,8 +58,19 @@ def records(path: Path):
         yield rec
 
 
-def _key(item) -> str:
-    return "/".join(item.nested_key) if item.nested_key else item.key
+def _put(into: dict, item) -> None:
+    """Store an item's value; a nested key (["plots/rho", "format"], as media values are recorded) as nested dicts."""
+    path = list(item.nested_key) or [item.key]
+    for part in path[:-1]:
+        into = into.setdefault(part, {})
+    into[path[-1]] = json.loads(item.value_json)
+
+
+def _drop(into: dict, item) -> None:
+    path = list(item.nested_key) or [item.key]
+    for part in path[:-1]:
+        into = into.get(part, {})
+    into.pop(path[-1], None)
 
 
 @dataclass
@@ -72,13 +86,24 @@ class Recorded:
     exit_code: int | None = None
 
     def column(self, key: str) -> list:
-        """(row index, value) of every history row that holds ``key``."""
+        """The values of ``key`` in the history rows that hold it, in order."""
         return [row[key] for row in self.history if key in row]
 
 
-def read_run(run_dir: Path) -> Recorded:
-    """Decode ``run_dir`` (an ``offline-run-*`` folder, or a ``.wandb`` file)."""
+def read_run(run_dir: Path, wait_s: float = 30.0) -> Recorded:
+    """Decode ``run_dir`` (an ``offline-run-*`` folder, or a ``.wandb`` file). wandb-core writes the file
+    behind ``run.finish()``; a run read in the process that made it is waited for until its exit record is
+    there (at most ``wait_s``)."""
     run_dir = Path(run_dir)
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _read(run_dir)
+        if out.exit_code is not None or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read(run_dir: Path) -> Recorded:
     (path,) = [run_dir] if run_dir.suffix == ".wandb" else list(run_dir.glob("*.wandb"))
     out = Recorded()
     for rec in records(path):
@@ -86,18 +111,20 @@ def read_run(run_dir: Path) -> Recorded:
         if kind == "run":
             out.run = rec.run
             for item in rec.run.config.update:
-                out.config[_key(item)] = json.loads(item.value_json)
+                _put(out.config, item)
         elif kind == "config":
             for item in rec.config.update:
-                out.config[_key(item)] = json.loads(item.value_json)
+                _put(out.config, item)
         elif kind == "history":
-            row = {_key(item): json.loads(item.value_json) for item in rec.history.item}
+            row: dict = {}
+            for item in rec.history.item:
+                _put(row, item)
             out.history.append(row)
         elif kind == "summary":
             for item in rec.summary.update:
-                out.summary[_key(item)] = json.loads(item.value_json)
+                _put(out.summary, item)
             for item in rec.summary.remove:
-                out.summary.pop(_key(item), None)
+                _drop(out.summary, item)
         elif kind == "metric":
             name = rec.metric.name or rec.metric.glob_name
             out.metrics[name] = rec.metric.step_metric

@@ -74,14 +74,17 @@ def _swept_keys(hydra) -> Optional[set[str]]:
     """Keys the sweep varies: the sweep's command-line overrides with sweep syntax (``a,b``, ``range()``, ...),
     read from the multirun.yaml Hydra wrote into the sweep folder, plus the sweeper's own ``params``. None when
     the sweep folder has no multirun.yaml (a sweeper that writes none)."""
-    sweep_dir = _sweep_dir(hydra)
-    keys: set[str] = set(OmegaConf.to_container(hydra.sweeper.get("params") or {}, resolve=False) or {})
-    path = sweep_dir / "multirun.yaml" if sweep_dir is not None else None
-    if path is None or not path.is_file():
-        return keys or None
-    task = OmegaConf.load(path).hydra.overrides.task
-    keys |= {o.key_or_group for o in _parse(list(task)) if o.is_sweep_override()}
-    return keys
+    try:
+        params = hydra.sweeper.get("params")
+        keys = {str(k) for k in params.keys()} if params else set()
+        sweep_dir = _sweep_dir(hydra)
+        path = sweep_dir / "multirun.yaml" if sweep_dir is not None else None
+        if path is None or not path.is_file():
+            return keys or None
+        task = OmegaConf.load(path).hydra.overrides.task
+        return keys | {o.key_or_group for o in _parse(list(task)) if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001  (a sweeper's files we cannot read: the name then holds every override)
+        return None
 
 
 def _sweep_dir(hydra) -> Optional[Path]:

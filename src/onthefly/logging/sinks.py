@@ -66,6 +66,53 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
+def open_wandb_run(folder: Path, config: dict, options: dict) -> tuple[Any, str]:
+    """Start a W&B run under ``folder``/wandb; returns (run or None, the mode it got).
+
+    ``options``: mode (offline | online | disabled) and any other ``wandb.init`` argument. online without a
+    login, or with a server that does not answer within the init timeout (30 s; WANDB_INIT_TIMEOUT), becomes
+    offline with one warning that says how to upload the run later; a W&B that cannot start at all gives
+    (None, "disabled") with a warning. Never raises."""
+    opts = dict(options)
+    mode = opts.pop("mode", "offline")
+    if mode == "disabled":
+        return None, "disabled"
+    if mode == "online" and not wandb_logged_in():
+        warnings.warn(
+            "logger.mode=online but W&B has no login: logging offline instead (nothing is lost; run "
+            "`wandb login`, then `wandb sync` the run's wandb/ folder to upload it).",
+            stacklevel=3,
+        )
+        mode = "offline"
+    import wandb
+
+    kwargs = {k: v for k, v in opts.items() if v not in (None, [], "")}
+    settings = None if os.environ.get("WANDB_INIT_TIMEOUT") else wandb.Settings(init_timeout=INIT_TIMEOUT_S)
+    try:
+        run = wandb.init(config=config, dir=str(folder), mode=mode, reinit="finish_previous", settings=settings,
+                         **kwargs)
+    except Exception as err:  # noqa: BLE001  (W&B trouble must not cost the run)
+        if mode != "online":
+            warnings.warn(f"W&B could not start ({_first_line(err)}); continuing with the local CSV/JSON files in "
+                          f"{folder} only.", stacklevel=3)
+            return None, "disabled"
+        try:
+            run = wandb.init(config=config, dir=str(folder), mode="offline", reinit="finish_previous", **kwargs)
+        except Exception as again:  # noqa: BLE001
+            warnings.warn(f"W&B could not start online ({_first_line(err)}) nor offline ({_first_line(again)}); "
+                          f"continuing with the local CSV/JSON files in {folder} only.", stacklevel=3)
+            return None, "disabled"
+        where = Path(run.dir).parent
+        warnings.warn(f"W&B server not reached ({_first_line(err)}); this run logs OFFLINE to {where}: upload it "
+                      f"later with `wandb sync {where}` (WANDB_MODE=offline skips the wait when there is no network).",
+                      stacklevel=3)
+        return run, "offline"
+    if mode == "offline":
+        log.info("W&B run %s logs offline to %s (upload it with: wandb sync %s)", run.id, Path(run.dir).parent,
+                 Path(run.dir).parent)
+    return run, mode
+
+
 class RunLogger:
     """One run's sinks. ``wandb_options``: mode (offline | online | disabled), project, entity, group, job_type,
     name, tags. Online without a login, or without a server that answers within the init timeout, logs offline
@@ -86,6 +133,7 @@ class RunLogger:
         self.steps_flushed = 0  # the last step written to steps.csv
         self.run = None
         self.mode = "disabled"  # the W&B mode the run actually got
+        self.wandb_info: Optional[dict] = None  # results.json's "wandb": the run's id, project, group, ...
         self._wandb_failed = False
         if not enabled:
             return
@@ -94,9 +142,14 @@ class RunLogger:
         if resume is not None:
             other = resume_from is not None and Path(resume_from).resolve() != self.out_dir.resolve()
             self._restore(resume, Path(resume_from) if other else None)
-            if resume.get("wandb_id"):
+            if resume.get("wandb_id") and not other:  # a checkpoint of another folder starts a new W&B run
                 opts.update(id=resume["wandb_id"], resume="allow")
         self.run = self._start_wandb(config, opts)
+        if self.run is not None:
+            run = self.run
+            self.wandb_info = {"id": run.id, "project": run.project, "entity": run.entity or None,
+                               "group": run.group or None, "job_type": run.job_type or None, "name": run.name,
+                               "mode": self.mode, "dir": str(Path(run.dir).parent)}
 
     # --- resume ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -104,7 +157,7 @@ class RunLogger:
         exactly the steps up to ``steps_flushed`` when the checkpoint is taken."""
         self.flush_steps()
         return {"epoch_rows": [dict(r) for r in self.epoch_rows], "steps_flushed": self.steps_flushed,
-                "wandb_id": self.run.id if self.run is not None else None}
+                "wandb_id": self.wandb_info["id"] if self.wandb_info else None}
 
     def _restore(self, state: dict, source: Optional[Path] = None) -> None:
         """Take back a checkpoint's rows: metrics.csv rewritten from them, steps.csv cut back to the steps the
@@ -131,43 +184,9 @@ class RunLogger:
 
     # --- W&B ----------------------------------------------------------------------------------------------
     def _start_wandb(self, config: dict, opts: dict):
-        mode = opts.pop("mode", "offline")
-        if mode == "disabled":
+        run, self.mode = open_wandb_run(self.out_dir, config, opts)
+        if run is None:
             return None
-        if mode == "online" and not wandb_logged_in():
-            warnings.warn(
-                "logger.mode=online but W&B has no login: logging offline instead (nothing is lost; run "
-                "`wandb login`, then `wandb sync` the run's wandb/ folder to upload it).",
-                stacklevel=3,
-            )
-            mode = "offline"
-        import wandb
-
-        kwargs = {k: v for k, v in opts.items() if v not in (None, [], "")}
-        settings = None if os.environ.get("WANDB_INIT_TIMEOUT") else wandb.Settings(init_timeout=INIT_TIMEOUT_S)
-        try:
-            run = wandb.init(config=config, dir=str(self.out_dir), mode=mode, reinit="finish_previous",
-                             settings=settings, **kwargs)
-        except Exception as err:  # noqa: BLE001  (W&B trouble must not cost the run)
-            if mode != "online":
-                warnings.warn(f"W&B could not start ({_first_line(err)}); continuing with the local CSV/JSON logs "
-                              f"in {self.out_dir} only.", stacklevel=3)
-                return None
-            try:
-                run = wandb.init(config=config, dir=str(self.out_dir), mode="offline", reinit="finish_previous",
-                                 **kwargs)
-            except Exception as again:  # noqa: BLE001
-                warnings.warn(f"W&B could not start online ({_first_line(err)}) nor offline ({_first_line(again)}); "
-                              f"continuing with the local CSV/JSON logs in {self.out_dir} only.", stacklevel=3)
-                return None
-            warnings.warn(f"W&B server not reached ({_first_line(err)}); this run logs OFFLINE to "
-                          f"{Path(run.dir).parent}: upload it later with `wandb sync {Path(run.dir).parent}` "
-                          "(set WANDB_MODE=offline to skip the wait when there is no network).", stacklevel=3)
-            mode = "offline"
-        self.mode = mode
-        if mode == "offline":
-            log.info("W&B run %s logs offline to %s (upload: wandb sync %s)", run.id, Path(run.dir).parent,
-                     Path(run.dir).parent)
         try:
             run.define_metric(names.EPOCH)
             for pattern, axis in names.WANDB_AXES.items():
@@ -189,6 +208,8 @@ class RunLogger:
 
     def _give_up_wandb(self, what: str, err: BaseException) -> None:
         run, self.run = self.run, None
+        if self.wandb_info is not None:
+            self.wandb_info["error"] = f"{what}: {_first_line(err)}"
         if not self._wandb_failed:
             self._wandb_failed = True
             warnings.warn(
@@ -288,11 +309,8 @@ class RunLogger:
             return
         self.flush_steps()
         results = _clean(results)
-        if self.run is not None:
-            run = self.run
-            results.setdefault("wandb", {"id": run.id, "project": run.project, "entity": run.entity or None,
-                                         "group": run.group or None, "job_type": run.job_type or None,
-                                         "name": run.name, "mode": self.mode, "dir": str(Path(run.dir).parent)})
+        if self.wandb_info is not None:
+            results.setdefault("wandb", dict(self.wandb_info))
         (self.out_dir / "results.json").write_text(json.dumps(results, indent=2))
         if results.get("status") == "ok":
             summary = names.summary_for_wandb(results, self.epoch_rows)
