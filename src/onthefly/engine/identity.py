@@ -3,9 +3,9 @@
 Decided here and nowhere else. With ``logger.name`` / ``logger.group`` / ``logger.job_type`` set, those win;
 otherwise, from the Hydra job:
 
-* name: ``<dataset>-<fusion>-<modulation>-s<seed>`` (the group choices), then the overrides that set this run
-  apart: in a sweep (``-m``) every swept key other than those four (``optim.lr=0.01 modulation.alpha=0.3``), in a
-  single run every command-line override other than bookkeeping ones (devices, workers, paths, logger, resume);
+* name: ``<dataset>-<fusion>-<modulation>-s<seed>`` (the group choices); in a sweep (``-m``) followed by every
+  other swept key of this job (``... optim.lr=0.01 modulation.alpha=0.3``), the overrides that set it apart from
+  the sweep's other runs (the full settings are in the run's config);
 * group: in a sweep, the sweep (its folder, e.g. ``multirun/2025-01-31/12-00-00``; a table sweep passes its table
   name); a single run has none;
 * job_type: the method's config choice (``ogm_ge``, not the class name);
@@ -30,13 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from onthefly.engine.errors import TrainingError
 
 BASE = ("dataset", "fusion", "modulation")  # the group choices every name starts with (then s<seed>)
-# single runs: command-line overrides that change how a run runs, not what it computes, stay out of its name
-NOT_IN_NAME_PREFIXES = ("logger.", "paths.", "hydra.", "hydra/")
-NOT_IN_NAME = {
-    "name", "seed", *BASE, "trainer.resume", "trainer.progress", "trainer.num_workers", "trainer.prefetch_factor",
-    "trainer.pin_memory", "trainer.device", "trainer.threads", "trainer.plots", "trainer.checkpoint_every_n_steps",
-    "trainer.keep_checkpoints", "trainer.save_checkpoint", "trainer.eval_test",
-}
+NOT_IN_NAME = ("logger.", "paths.", "hydra.", "hydra/")  # swept or not, never part of a name
 NAME_MAX = 128  # W&B's limit for display names and groups
 
 
@@ -73,7 +67,7 @@ def _parse(overrides: list[str]):
 def _swept_keys(hydra) -> Optional[set[str]]:
     """Keys the sweep varies: the sweep's command-line overrides with sweep syntax (``a,b``, ``range()``, ...),
     read from the multirun.yaml Hydra wrote into the sweep folder, plus the sweeper's own ``params``. None when
-    the sweep folder has no multirun.yaml (a sweeper that writes none)."""
+    that cannot be known (a sweeper that writes no multirun.yaml): the name then holds every override."""
     try:
         params = hydra.sweeper.get("params")
         keys = {str(k) for k in params.keys()} if params else set()
@@ -139,26 +133,15 @@ def identify(cfg: DictConfig, hydra: Any = None) -> RunIdentity:
     parts = [choices.get(g) or _class(cfg.get(g)) for g in BASE]
     name = "-".join(parts) + f"-s{cfg.seed}"
     group = None
-    if hydra is not None:
-        multirun = _hydra_mode(hydra) == "MULTIRUN"
-        task = list(hydra.overrides.get("task") or [])
-        swept = _swept_keys(hydra) if multirun else None
-        extras = []
-        for o in _parse(task):
-            key = o.key_or_group
-            if key in BASE or key in ("seed", "name") or key.startswith(NOT_IN_NAME_PREFIXES):
-                continue
-            if swept is not None:
-                if key not in swept:
-                    continue
-            elif key in NOT_IN_NAME:
-                continue
-            extras.append(o.input_line)
+    if hydra is not None and _hydra_mode(hydra) == "MULTIRUN":
+        swept = _swept_keys(hydra)
+        extras = [o.input_line for o in _parse(list(hydra.overrides.get("task") or []))
+                  if o.key_or_group not in (*BASE, "seed", "name") and not o.key_or_group.startswith(NOT_IN_NAME)
+                  and (swept is None or o.key_or_group in swept)]
         if extras:
             name = f"{name} {' '.join(extras)}"
-        if multirun:
-            sweep_dir = _sweep_dir(hydra)
-            group = _group_of(sweep_dir, cfg) if sweep_dir is not None else None
+        sweep_dir = _sweep_dir(hydra)
+        group = _group_of(sweep_dir, cfg) if sweep_dir is not None else None
     return RunIdentity(
         name=(lc.name or legacy or name)[:NAME_MAX],
         group=lc.group or group,
