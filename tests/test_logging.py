@@ -300,3 +300,14 @@ def test_wandb_mode_environment_reaches_the_run(monkeypatch, tmp_path, env):
         assert "wandb" not in results and not (tmp_path / "run" / "wandb").exists()
     else:
         assert len(offline) == 1 and read_results(tmp_path / "run")["wandb"]["mode"] == "offline"
+
+
+def test_a_wandb_mode_this_schema_does_not_know_stops_the_run_naming_both_keys(monkeypatch, tmp_path):
+    from onthefly.config import compose
+    from onthefly.engine.run import run
+
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    with pytest.raises(TrainingError, match=r"logger.mode: the environment's WANDB_MODE='dryrun' is not one of "
+                                            r"offline, online, disabled"):
+        run(compose(_no_debug()), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

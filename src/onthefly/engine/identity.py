@@ -20,6 +20,7 @@ The run name's one key is ``logger.name``; the top-level ``name`` is a deprecate
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,19 @@ def _group_of(sweep_dir: Path, cfg: DictConfig) -> str:
     return str(sweep_dir)[-NAME_MAX:]
 
 
+def _check_mode(lc) -> None:
+    """logger.mode defaults to $WANDB_MODE: a value W&B knows but this schema does not (dryrun, run) is refused
+    here, in one line naming both keys, rather than in a traceback on first use."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        lc.mode  # noqa: B018  (resolves the interpolation, validates the value)
+    except OmegaConfBaseException as err:
+        raise TrainingError(f"logger.mode: the environment's WANDB_MODE={os.environ.get('WANDB_MODE')!r} is not one of "
+                            "offline, online, disabled; change or unset WANDB_MODE, or set logger.mode=... on the "
+                            f"command line ({str(err).splitlines()[0]})") from err
+
+
 def _hydra_mode(hydra) -> str:
     mode = hydra.get("mode")
     return str(getattr(mode, "name", mode) or "RUN")
@@ -118,6 +132,7 @@ def identify(cfg: DictConfig, hydra: Any = None) -> RunIdentity:
 
         hydra = HydraConfig.get() if HydraConfig.initialized() else None
     lc = cfg.logger
+    _check_mode(lc)
     legacy = cfg.get("name")
     if legacy is not None:
         if lc.name is not None and lc.name != legacy:
