@@ -7,7 +7,7 @@ workers or ranks, and after a resume mid-epoch (``EpochSampler.start``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -27,15 +27,21 @@ class EpochSampler(DistributedSampler):
     """torch's DistributedSampler (a permutation from seed + epoch, padded to equal shards), yielding
     ``(epoch, index)`` keys for :class:`SampleSeeded`, and able to start ``start`` samples into this rank's shard
     (a mid-epoch resume). Also used in a single process (num_replicas=1), so a run's sample order depends only
-    on the seed and the epoch."""
+    on the seed and the epoch. ``indices``: the samples of an epoch (repeats allowed) when a method re-samples the
+    training set; the permutation then runs over that list."""
 
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True,
+                 indices: Optional[Sequence[int]] = None):
+        self.indices = None if indices is None else [int(i) for i in indices]
+        super().__init__(dataset if self.indices is None else self.indices, num_replicas=num_replicas, rank=rank,
+                         shuffle=shuffle, seed=seed, drop_last=False)
         self.start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return iter([(epoch, i) for i in list(super().__iter__())[self.start:]])
+        epoch, chosen = self.epoch, list(super().__iter__())[self.start:]
+        if self.indices is not None:
+            chosen = [self.indices[i] for i in chosen]
+        return iter([(epoch, i) for i in chosen])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -108,6 +114,15 @@ class RunLoaders:
         return {"train": self.train, "val": self.val, "test": self.test}[split]
 
 
+def train_loader(train, seed: int, local_batch: int, options: LoaderOptions, world_size: int = 1, rank: int = 0,
+                 indices: Optional[Sequence[int]] = None) -> tuple[DataLoader, EpochSampler]:
+    """The training loader of one rank (shuffled per epoch, resumable, per-sample seeded) and its sampler."""
+    sampler = EpochSampler(train, world_size, rank, seed, indices=indices)
+    # a trailing batch of one clip would break BatchNorm in training: drop it (and only it)
+    return loader(SampleSeeded(train, seed), local_batch, options, seed, sampler,
+                  drop_last=sampler.num_samples % local_batch == 1), sampler
+
+
 def run_loaders(splits, seed: int, batch_size: int, eval_batch_size: int, options: LoaderOptions,
                 world_size: int = 1, rank: int = 0) -> RunLoaders:
     """The loaders of one rank. ``batch_size`` is the global batch (each of the ``world_size`` ranks takes its
@@ -116,7 +131,7 @@ def run_loaders(splits, seed: int, batch_size: int, eval_batch_size: int, option
         raise ValueError(f"trainer.batch_size={batch_size} is the global batch: it must divide by the "
                          f"{world_size} data-parallel ranks")
     local = batch_size // world_size
-    sampler = EpochSampler(splits["train"], world_size, rank, seed)
+    train, sampler = train_loader(splits["train"], seed, local, options, world_size, rank)
     eval_batch = -(-eval_batch_size // world_size)
 
     def in_order(dataset):
@@ -125,9 +140,7 @@ def run_loaders(splits, seed: int, batch_size: int, eval_batch_size: int, option
         return DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
 
     return RunLoaders(
-        # a trailing batch of one clip would break BatchNorm in training: drop it (and only it)
-        train=loader(SampleSeeded(splits["train"], seed), local, options, seed, sampler,
-                     drop_last=sampler.num_samples % local == 1),
+        train=train,
         val=loader(splits["val"], eval_batch, options, seed, in_order(splits["val"])),
         test=loader(splits["test"], eval_batch, options, seed, in_order(splits["test"])),
         train_sampler=sampler,

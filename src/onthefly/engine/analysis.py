@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from onthefly.data.loaders import make_loader
@@ -31,6 +32,7 @@ def load_run(run_dir: Path | str, device: str = "auto"):
     dev = select_device(device)
     splits = build_splits(cfg)
     model, _, _ = build_model(cfg, splits, torch.device("cpu"))
+    instantiate(cfg.modulation).setup(model, splits.num_classes)  # a method may have wrapped the head it saved
     try:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])

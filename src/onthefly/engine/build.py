@@ -20,7 +20,7 @@ from torch import nn
 from onthefly.engine.distributed import DistInfo
 from onthefly.engine.errors import TrainingError
 from onthefly.models import model_for
-from onthefly.modulation.base import Modulation
+from onthefly.modulation.base import Modulation, default_param_groups
 from onthefly.tasks import Task, build_task
 
 CPU_NHWC_WARNING = (
@@ -65,29 +65,11 @@ class Parts:
     task: Task
 
 
-def registered_targets() -> set[str]:
-    """Every ``_target_`` the project registers (its configurable classes and optimizer / scheduler schemas)."""
-    from hydra.core.config_store import ConfigStore
-
-    from onthefly.config import register_configs
-
-    register_configs()
-
-    def walk(node):
-        for value in node.values():
-            if isinstance(value, dict):
-                yield from walk(value)
-            else:
-                target = getattr(value.node, "get", lambda _k: None)("_target_")
-                if isinstance(target, str):
-                    yield target
-
-    return set(walk(ConfigStore.instance().repo))
-
-
 def check_targets(cfg, source: str) -> None:
     """Refuse a config (read from a file a user handed us) that would build anything but the project's own
     registered classes: ``_target_`` is how Hydra picks what to call, so a planted one could run any code."""
+    from onthefly.config import registered_targets
+
     allowed = registered_targets()
 
     def walk(node, path: str):
@@ -152,10 +134,17 @@ def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None
             "use modulation=none for uni-modal runs."
         )
     modulation.setup(model, splits.num_classes)
-    params = list(model.parameters())
     extra = modulation.extra_module()
     if extra is not None:
-        params += list(extra.to(device).parameters())
-    optimizer = instantiate(cfg.optim)(params)
-    scheduler = instantiate(cfg.scheduler)(optimizer)
+        extra.to(device)
+    optimizer, scheduler = make_optimizer(cfg, model, modulation, extra, epoch=0)
     return Parts(model, modulation, splits, optimizer, scheduler, modalities, task)
+
+
+def make_optimizer(cfg: DictConfig, model: nn.Module, modulation: Modulation, extra: Optional[nn.Module],
+                   epoch: int = 0):
+    """(optimizer, scheduler) from cfg.optim / cfg.scheduler over the method's parameter groups for ``epoch``
+    (a group's own options, e.g. its lr, override cfg.optim's)."""
+    groups = modulation.param_groups(model, extra, epoch) or default_param_groups([model, extra])
+    optimizer = instantiate(cfg.optim)(groups)
+    return optimizer, instantiate(cfg.scheduler)(optimizer)

@@ -26,12 +26,17 @@ def to_device(batch: dict, keys: Iterable[str], device: torch.device):
     return inputs, batch["label"].to(device, non_blocking=non_blocking)
 
 
-def iterate(loader, keys, device, limit: Optional[int] = None):
-    """(inputs, labels) batches on ``device``; ``keys``: the batch entries to move (``model.input_keys``)."""
+def iterate(loader, keys, device, limit: Optional[int] = None, with_index: bool = False):
+    """(inputs, labels) batches on ``device``; ``keys``: the batch entries to move (``model.input_keys``).
+    ``with_index``: (inputs, labels, sample indices) (every dataset's items carry their "index")."""
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
-        yield to_device(batch, keys, device)
+        inputs, labels = to_device(batch, keys, device)
+        if with_index:
+            yield inputs, labels, torch.as_tensor(batch["index"]).to(device)
+        else:
+            yield inputs, labels
 
 
 @torch.no_grad()

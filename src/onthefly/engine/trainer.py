@@ -28,14 +28,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from onthefly.config import Precision, Split
-from onthefly.data.loaders import LoaderOptions, run_loaders
+from onthefly.data.loaders import LoaderOptions, loader, run_loaders, train_loader
 from onthefly.engine import checkpoint as ckpt
 from onthefly.engine import distributed as ddp
 from onthefly.engine.distributed import DistInfo
 from onthefly.engine.errors import TrainingError
 from onthefly.engine.evaluation import evaluate, iterate, metrics_from_features
 from onthefly.logging import RunLogger
-from onthefly.modulation.base import Modulation, StepContext
+from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, StepContext
 from onthefly.modulation.discrepancy import discrepancy
 from onthefly.tasks import Task, build_task
 
@@ -60,11 +60,15 @@ class TrainForward(nn.Module):
         self.model, self.extra = model, extra
         object.__setattr__(self, "_trainer", trainer)  # a plain reference, not a submodule
 
-    def forward(self, ctx: StepContext) -> torch.Tensor:
-        return self._trainer._forward(ctx)
+    def forward(self, ctx: StepContext, fn) -> torch.Tensor:
+        return fn(ctx)
 
 
 class Trainer:
+    """Fits a built run (:meth:`from_parts`). A method shapes the step through its hooks, or replaces it with a
+    step strategy that composes :meth:`forward`, :meth:`backward`, :meth:`after_backward` and :meth:`update`;
+    it shapes the epochs through its schedule (phases with their own optimizer) and ``train_indices``."""
+
     def __init__(self, cfg: DictConfig, model, modulation: Modulation, splits, optimizer, scheduler, logger: RunLogger,
                  device, *, dist: Optional[DistInfo] = None, out_dir: Optional[Path] = None,
                  resume_state: Optional[dict] = None, task: Optional[Task] = None):
@@ -98,6 +102,10 @@ class Trainer:
         self.amp_dtype = _AMP_DTYPES[Precision(self.tc.precision).name]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.extra = modulation.extra_module()
+        self.step_strategy = modulation.step_strategy() or JointStep()
+        self.schedule = modulation.schedule() or EpochSchedule()
+        self.phase, self.phase_epoch = self.schedule.phase(0), 0  # the optimizer's groups were made for this epoch
+        self._train_indices = None  # the sample list of the current training loader (None: the whole split)
         self.forward_module: nn.Module = TrainForward(self, model, self.extra)
         if self.dist.enabled:
             self.forward_module = nn.parallel.DistributedDataParallel(
@@ -132,18 +140,25 @@ class Trainer:
             )
             self.use_rho = False
 
-    def _batches(self, split: str, limit: Optional[int] = None):
-        """(inputs, labels) of a split for the hooks (G-Blending's loss estimates). Under DDP every rank reads the
-        whole split (not its shard), so every rank's method state stays identical."""
+    def _batches(self, split: str, limit: Optional[int] = None, with_index: bool = False):
+        """(inputs, labels[, indices]) of a split for the hooks outside the step (G-Blending's loss estimates, a
+        prototype pass): ``train`` (augmented), ``train_eval`` (train with evaluation transforms, in order), ``val``
+        or ``test``. Under DDP every rank reads the whole split (not its shard), so every rank's method state
+        stays identical."""
         if self._hook_loaders is None:  # one process's loaders over the whole splits
             self._hook_loaders = run_loaders(self.splits, self.cfg.seed, self.local_batch, self.tc.eval_batch_size,
                                              self.loader_options)
-        limit = limit if limit is not None else (self.tc.limit_train_batches if split == "train" else self.tc.limit_eval_batches)
-        return iterate(self._hook_loaders[split], self.input_keys, self.device, limit)
+        if split == "train_eval":
+            found = loader(self.splits.probe_train, self.tc.eval_batch_size, self.loader_options, self.cfg.seed)
+        else:
+            found = self._hook_loaders[split]
+        limit = limit if limit is not None else (
+            self.tc.limit_train_batches if split.startswith("train") else self.tc.limit_eval_batches)
+        return iterate(found, self.input_keys, self.device, limit, with_index)
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
         return StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
-                           modalities=self.modalities, device=self.device, batches=self._batches)
+                           modalities=self.modalities, device=self.device, batches=self._batches, phase=self.phase)
 
     def _rng(self, phase: int):
         """Under DDP: the forward hooks draw from a stream of this rank's own (phase 1: OPM's masks differ between
@@ -157,12 +172,12 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    # --- one step ---------------------------------------------------------------------------------------------
-    def _forward(self, ctx: StepContext) -> torch.Tensor:
-        """Forward hooks, encoders, ρ, head and loss (runs inside TrainForward, hence inside DDP)."""
+    # --- one step: the default forward, and the primitives a step strategy composes -------------------------------
+    def joint_loss(self, ctx: StepContext) -> torch.Tensor:
+        """The paper's forward: forward hooks, encoders, ρ, head and loss (runs inside :meth:`forward`)."""
         model, hooks, labels, task = self.model, self.modulation, ctx.labels, self.task
         hooks.before_forward(ctx)
-        ctx.features = model.encode(ctx.inputs)
+        ctx.features = model.encode(ctx.inputs, ctx)
         if self.use_rho:
             with torch.no_grad():
                 detached = {m: f.detach() for m, f in ctx.features.items()}
@@ -182,23 +197,34 @@ class Trainer:
             fused_loss = (per_sample * ctx.sample_weight).sum() / ctx.sample_weight.sum().clamp_min(1)
         return ctx.loss_weight * fused_loss + sum(ctx.extra_losses.values())
 
-    def train_step(self, ctx: StepContext, inputs, labels) -> dict:
-        hooks, scaler = self.modulation, self.scaler
-        ctx.inputs, ctx.labels = inputs, labels
+    def forward(self, ctx: StepContext, fn=None) -> torch.Tensor:
+        """Run ``fn(ctx)`` (default :meth:`joint_loss`) as the differentiable part of a step: inside the (DDP)
+        module call, so DDP prepares the gradient all-reduce; under autocast; on this rank's RNG stream."""
         with self._rng(1), self._autocast():
-            loss = self.forward_module(ctx)
+            return self.forward_module(ctx, fn or self.joint_loss)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Zero the gradients, back-propagate (DDP: the gradients are the mean over ranks when this returns),
+        unscale them under fp16 (so after_backward sees the true gradient, docs/method.md §3), clip."""
         self.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # DDP: gradients are the mean over ranks when this returns
-        if scaler.is_enabled():
-            scaler.unscale_(self.optimizer)  # OGM (after_backward) must see the unscaled gradient (METHOD.md §3)
+        self.scaler.scale(loss).backward()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
         if self.tc.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+
+    def after_backward(self, ctx: StepContext) -> None:
         with self._rng(2):
-            hooks.after_backward(ctx)
+            self.modulation.after_backward(ctx)
+
+    def update(self, ctx: StepContext, loss: torch.Tensor) -> dict:
+        """Record the step's loss and accuracy, make the step's one host sync (every scalar at once; under DDP the
+        mean over ranks, so every rank takes the same decision), skip a non-finite step, else step the optimizer.
+        Returns the step's scalars as floats."""
+        scaler = self.scaler
         ctx.metrics["loss"] = loss.detach()
-        ctx.metrics["acc"] = (self.task.class_logits(ctx.logits.detach()).argmax(1) == labels).float().mean()
-        # the step's one host sync: every scalar at once (also tells whether the loss is finite); under DDP the
-        # mean over ranks, so every rank takes the same skip decision
+        if ctx.logits is not None:
+            ctx.metrics["acc"] = (self.task.class_logits(ctx.logits.detach()).argmax(1) == ctx.labels).float().mean()
         names = list(ctx.metrics)
         stacked = [ctx.metrics[n].float() for n in names]
         if scaler.is_enabled():
@@ -225,6 +251,11 @@ class Trainer:
             self.optimizer.step()
         return values
 
+    def train_step(self, ctx: StepContext, inputs, labels, indices=None) -> dict:
+        """One training step on a batch, as the method's step strategy runs it."""
+        ctx.inputs, ctx.labels, ctx.indices = inputs, labels, indices
+        return self.step_strategy.run(self, ctx)
+
     # --- epochs ---------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
@@ -242,11 +273,11 @@ class Trainer:
         sampler.start = min(start * self.local_batch, sampler.num_samples)
         every = self.tc.checkpoint_every_n_steps
         try:
-            bar = tqdm(iterate(self.loaders["train"], self.input_keys, self.device, max(total - start, 0)),
+            bar = tqdm(iterate(self.loaders["train"], self.input_keys, self.device, max(total - start, 0), True),
                        total=max(total - start, 0), desc=f"epoch {epoch}", leave=False,
                        disable=not (self.tc.progress and self.dist.is_main), dynamic_ncols=True)
-            for step, (inputs, labels) in enumerate(bar, start=start):
-                values = self.train_step(self._ctx(epoch, step), inputs, labels)
+            for step, (inputs, labels, indices) in enumerate(bar, start=start):
+                values = self.train_step(self._ctx(epoch, step), inputs, labels, indices)
                 self.global_step += 1
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -259,6 +290,29 @@ class Trainer:
         finally:
             sampler.start = 0
         return {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
+
+    def _begin_epoch(self, epoch: int) -> None:
+        """The method's say on the coming epoch: its phase (a new phase gets its own optimizer and scheduler), its
+        training samples, and its epoch_start hook (not when the run resumes in the middle of this epoch)."""
+        phase = self.schedule.phase(epoch)
+        if phase != self.phase:
+            self._rebuild_optimizer(epoch)
+        indices = self.modulation.train_indices(epoch)
+        indices = None if indices is None else [int(i) for i in indices]
+        if indices != self._train_indices:
+            self.loaders.train, self.train_sampler = train_loader(
+                self.splits["train"], self.cfg.seed, self.local_batch, self.loader_options, self.dist.world_size,
+                self.dist.rank, indices)
+            self.loaders.train_sampler, self._train_indices = self.train_sampler, indices
+        if not (self._pending is not None and self._pending["epoch"] == epoch):
+            self.modulation.epoch_start(self._ctx(epoch, 0))
+
+    def _rebuild_optimizer(self, epoch: int) -> None:
+        """A fresh optimizer and scheduler over the method's parameter groups for ``epoch`` (a new phase)."""
+        from onthefly.engine.build import make_optimizer
+
+        self.optimizer, self.scheduler = make_optimizer(self.cfg, self.model, self.modulation, self.extra, epoch)
+        self.phase, self.phase_epoch = self.schedule.phase(epoch), epoch
 
     def metrics_on(self, split: str) -> dict:
         """The task's metrics of the current model on a split, keys prefixed `<split>/`."""
@@ -287,7 +341,10 @@ class Trainer:
         self._t0 = t0
         for epoch in range(self.start_epoch, self.tc.epochs):
             te = time.time()
+            self._begin_epoch(epoch)
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            if type(self.schedule) is not EpochSchedule:
+                row["phase"] = self.phase
             row.update(self.train_epoch(epoch))
             row.update(self.metrics_on("val"))
             if select == "test":
@@ -337,6 +394,7 @@ class Trainer:
             "epoch_acc": acc,
             "model": self.model.state_dict(),
             "extra": self.extra.state_dict() if self.extra is not None else None,
+            "phase_epoch": self.phase_epoch,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -358,6 +416,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         if self.extra is not None and state.get("extra") is not None:
             self.extra.load_state_dict(state["extra"])
+        if state.get("phase_epoch", 0) != self.phase_epoch:  # the optimizer of the phase the run was in
+            self._rebuild_optimizer(state["phase_epoch"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):

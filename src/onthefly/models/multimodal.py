@@ -37,7 +37,10 @@ class MultimodalModel(nn.Module):
     def feature_dims(self) -> Dict[str, int]:
         return {m: enc.out_dim for m, enc in self.encoders.items()}
 
-    def encode(self, inputs: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    def encode(self, inputs: Dict[str, Any], ctx: Any = None) -> Dict[str, torch.Tensor]:
+        """Features of every modality and context input, plus the passed-through entries. ``ctx``: the training
+        step's context (None at evaluation), for models whose modules read the step's state (e.g. a method's
+        keep masks inside a mid-fusion model); these plain encoders ignore it."""
         out = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
         out.update({k: enc(inputs[k]) for k, enc in self.context.items()})
         out.update({k: inputs[k] for k in self.passthrough if k in inputs})
