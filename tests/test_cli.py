@@ -30,7 +30,7 @@ def test_train_cli_single_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = read_results(run_dir)
     assert saved["status"] == "ok" and 0 <= saved["test"]["acc"] <= 1
-    assert saved["config"]["name"] == "synth_av-concat-ogm_ge-s0"  # the default name from the group choices
+    assert saved["config"]["logger"]["name"] == "synth_av-concat-ogm_ge-s0"  # the default name from the group choices
     assert (run_dir / "metrics.csv").is_file() and (run_dir / "config.yaml").is_file()
     assert (run_dir / ".hydra" / "overrides.yaml").is_file()
     assert "test/acc" in (proc.stdout + proc.stderr)

@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from onthefly.config import CONF_DIR, register_configs, validate
 from onthefly.engine.errors import TrainingError
@@ -31,11 +31,6 @@ log = logging.getLogger("onthefly")
 class JobFailed(CompactHydraException):
     """A job that stopped on a :class:`TrainingError`. Raised (never ``sys.exit``) so that a sweep's other jobs
     still run; Hydra prints its message as one line and the command exits 1."""
-
-
-def default_name(cfg: DictConfig) -> str:
-    choices = HydraConfig.get().runtime.choices
-    return f"{choices.get('dataset')}-{choices.get('fusion')}-{choices.get('modulation')}-s{cfg.seed}"
 
 
 def record_failure(out_dir: Path, cfg: DictConfig, err: BaseException, since: float) -> None:
@@ -58,17 +53,16 @@ def record_failure(out_dir: Path, cfg: DictConfig, err: BaseException, since: fl
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
+    from onthefly.data.base import DataError
+    from onthefly.engine.identity import identify
     from onthefly.engine.run import run
 
-    if cfg.name is None:
-        with open_dict(cfg):
-            cfg.name = default_name(cfg)
     out_dir = HydraConfig.get().runtime.output_dir
     started = time.time() - 1.0  # file times may be coarser than time.time()
     try:
         validate(cfg)  # a value out of range (or trainer.device=cuda without CUDA): one line, before any work
-        results = run(cfg, out_dir)
-    except TrainingError as err:
+        results = run(cfg, out_dir, identify(cfg, HydraConfig.get()))  # name, group, job type: engine/identity.py
+    except (TrainingError, DataError) as err:  # a setting or the data: one line says what to do
         record_failure(Path(out_dir), cfg, err, started)
         log.error("%s", err)
         raise JobFailed(str(err)) from None
