@@ -84,7 +84,7 @@ class Classification(Task):
                 for i, name in enumerate(names):
                     chosen = values == i
                     if bool(chosen.any()):
-                        out[f"acc_{key}_{_slug(name)}"] = float(correct[chosen].float().mean())
+                        out[f"acc_{key}_{_slug(name)}"] = float(correct[chosen].double().mean())
         return out
 
 
