@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from data_prep import audio as recipes
 from data_prep.cache import CacheWriter, Clip, Result
@@ -33,6 +32,7 @@ from data_prep.errors import PrepError, UsageError
 from data_prep.parent import PARENT_ENV, exit_with_parent
 from data_prep.media import check_audio, decode_container, encode_frame, read_wav, MediaError
 from onthefly.data.cache import INDEX_FILE, OK, RECIPE_FILE, SPLITS, read_json, write_json
+from onthefly.progress import bar as progress_bar
 from onthefly.data.cache import audio_recipe as recipes_for
 
 
@@ -233,8 +233,8 @@ def run_prep(*, dataset: str, clips: list[Clip], out_root: Path, recipe: dict[st
     results = _results(todo, work, config, workers)
     try:
         with _TermAsException():
-            bar = tqdm(results, total=len(todo), desc=f"prep {dataset}", unit="clip",
-                       disable=not opts.progress or not todo, dynamic_ncols=True)
+            bar = progress_bar(results, total=len(todo), desc=f"prep {dataset}", unit="clip",
+                               enabled=opts.progress and bool(todo))
             for clip_id, result in bar:
                 writer.add(by_id[clip_id], result)
     finally:

@@ -22,7 +22,6 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from data_prep.cache import DAMAGED, read_journal
 from data_prep.errors import PrepError, UsageError
@@ -31,6 +30,7 @@ from onthefly.data.avqa import AVQA, media_cache_path
 from onthefly.data.base import CacheMissingError
 from onthefly.data.cache import JOURNAL_FILE, PREP_COMMANDS, SPLITS, CacheReader
 from onthefly.data.mosi import MOSI, MOSISplit
+from onthefly.progress import bar as progress_bar
 
 USAGE = "python -m data_prep.verify dataset=<name> [root=path] [mark=true]"
 CLIP_CACHES = ("cremad", "kinetics_sounds", "vggsound", "ucf101")
@@ -91,8 +91,8 @@ def verify_clips(reader: CacheReader, progress: bool) -> tuple[dict[str, list[st
     entries = journals(reader.root)
     rows = reader.ok_rows()
     bad = {}
-    for row in tqdm(rows.itertuples(index=False), total=len(rows), desc=f"verify {reader.root}", unit="clip",
-                    disable=not progress, dynamic_ncols=True):
+    for row in progress_bar(rows.itertuples(index=False), total=len(rows), desc=f"verify {reader.root}",
+                            unit="clip", enabled=progress):
         problems = check_clip(reader, row, entries.get(row.id, (None, None))[0])
         if problems:
             bad[row.id] = problems
@@ -122,7 +122,7 @@ def verify_mosi(root: Path, progress: bool) -> dict[str, list[str]]:
     """{split/modality: problems}: non-finite features, lengths outside their sequences, non-finite scores."""
     MOSI(root=str(root)).open()
     bad: dict[str, list[str]] = {}
-    for split in tqdm(SPLITS, desc=f"verify {root}", disable=not progress):
+    for split in progress_bar(SPLITS, desc=f"verify {root}", enabled=progress):
         part = MOSISplit(root, split, ["text", "audio", "visual"])
         if not np.isfinite(part.scores).all():
             bad.setdefault(split, []).append(f"{int((~np.isfinite(part.scores)).sum())} non-finite scores")

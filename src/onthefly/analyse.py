@@ -97,6 +97,17 @@ def analyse(kind: str, run_dir: Path, device: str = "auto", seed: int = 0) -> di
     return result
 
 
+def robustness_table(result: dict) -> str:
+    """The robustness curves as aligned text: one column per removed fraction r, one row per removed modality,
+    fused test accuracy in each cell."""
+    ratios, curves = result["ratios"], result["acc"]
+    first = max([len("removed"), *(len(m) for m in curves)])
+    header = f"{'removed':<{first}}  " + "  ".join(f"{'r=' + format(r, '.1f'):>6}" for r in ratios)
+    lines = ["fused test accuracy with the modality removed from a fraction r of the test samples:", header]
+    lines += [f"{m:<{first}}  " + "  ".join(f"{a:>6.4f}" for a in accs) for m, accs in curves.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     command, run_dir, device, seed = _parse(argv)
     register_configs()
@@ -119,9 +130,7 @@ def main(argv=None) -> int:
         for m, r in result.items():
             print(f"probe/acc_{m}: {r['acc']:.4f}  (val {r['val_acc']:.4f}, l2 {r['l2']:g})")
     elif command == "robustness":
-        print("r    " + "  ".join(f"{r:4.1f}" for r in analysis.RATIOS))
-        for m, accs in result["acc"].items():
-            print(f"{m:<5}" + "  ".join(f"{a:4.2f}" for a in accs))
+        print(robustness_table(result))
         print(f"plot: {run_dir / 'plots' / 'robustness.png'}")
     else:
         for k, v in result.items():

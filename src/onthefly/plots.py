@@ -9,6 +9,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# what each logged per-step quantity is, for titles and axis labels
+QUANTITIES = {"rho": "ρ (discrepancy ratio)", "k": "k (OGM gradient coefficient)", "q": "q (OPM drop probability)"}
 
 
 def _save(fig, path: Path) -> Path:
@@ -20,9 +24,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def line_plot(series: dict, path: Path, xlabel: str, ylabel: str, title: str = "", hline: Optional[float] = None) -> Path:
-    """series: {label: (x, y)} or {label: (x, y, y_std)} (a shaded band of ±std)."""
+def line_plot(series: dict, path: Path, xlabel: str, ylabel: str, title: str = "", hline: Optional[float] = None,
+              integer_x: Optional[bool] = None) -> Path:
+    """series: {label: (x, y)} or {label: (x, y, y_std)} (a shaded band of ±std). ``integer_x``: ticks at whole
+    numbers only (default: when the x axis is epochs or steps)."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    if integer_x if integer_x is not None else xlabel.split()[0] in ("epoch", "step"):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for label, values in series.items():
         x, y = values[0], values[1]
         (line,) = ax.plot(x, y, label=label, marker="o" if len(x) <= 12 else None, ms=3)
@@ -38,10 +46,14 @@ def line_plot(series: dict, path: Path, xlabel: str, ylabel: str, title: str = "
 
 
 def step_curves(steps: pd.DataFrame, prefix: str, path: Path, title: str = "", smooth: int = 10) -> Path:
-    """Per-step curves of every `train/<prefix>_<modality>` column (rolling mean over `smooth` steps)."""
+    """Per-step curves of every `train/<prefix>_<modality>` column, each a rolling mean over ``smooth`` steps
+    (the default title says so)."""
     cols = [c for c in steps.columns if c.startswith(f"train/{prefix}_")]
     series = {c.split("_", 1)[1]: (steps["step"], steps[c].rolling(smooth, min_periods=1).mean()) for c in cols}
-    return line_plot(series, path, xlabel="step", ylabel=prefix, title=title, hline=1.0 if prefix == "rho" else None)
+    what = QUANTITIES.get(prefix, prefix)
+    title = title or f"{what} of each modality, rolling mean over {smooth} training steps"
+    return line_plot(series, path, xlabel="training step", ylabel=f"{what}, rolling mean", title=title,
+                     hline=1.0 if prefix == "rho" else None)
 
 
 def grouped_bars(table: pd.DataFrame, path: Path, ylabel: str, title: str = "", errors: Optional[pd.DataFrame] = None) -> Path:
@@ -65,5 +77,5 @@ def run_plots(run_dir: Path, prefixes: Sequence[str] = ("rho", "k", "q")) -> lis
     out = []
     for prefix in prefixes:
         if any(c.startswith(f"train/{prefix}_") for c in steps.columns):
-            out.append(step_curves(steps, prefix, run_dir / "plots" / f"{prefix}.png", title=f"{prefix} per step"))
+            out.append(step_curves(steps, prefix, run_dir / "plots" / f"{prefix}.png"))
     return out

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from onthefly.engine.metrics import accuracy
 from onthefly.models.fusion import EstimatorUnavailable
+from onthefly.progress import bar as progress_bar
 from onthefly.tasks import Classification, Task
 
 
@@ -40,12 +41,17 @@ def iterate(loader, keys, device, limit: Optional[int] = None, with_index: bool 
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, limit: Optional[int] = None):
+def extract_features(model, loader, device, limit: Optional[int] = None, progress: bool = False,
+                     desc: str = "evaluate"):
     """The encoded split: ({key: [N, ...]}, labels [N]) in eval mode. Keys: the modalities' features, context
-    encodings and passed-through side targets (everything :meth:`MultimodalModel.encode` returns)."""
+    encodings and passed-through side targets (everything :meth:`MultimodalModel.encode` returns).
+    ``progress``: a progress bar over the batches (drawn only on a terminal, :mod:`onthefly.progress`)."""
     model.eval()
     feats, labels = {}, []
-    for inputs, y in iterate(loader, model.input_keys, device, limit):
+    total = len(loader) if limit is None else min(limit, len(loader))
+    batches = progress_bar(iterate(loader, model.input_keys, device, limit), enabled=progress, total=total,
+                           desc=desc, unit="batch", leave=False)
+    for inputs, y in batches:
         collect(feats, model.encode(inputs))
         labels.append(y)
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(labels)
@@ -73,8 +79,11 @@ def metrics_from_features(head, feats: Dict[str, torch.Tensor], labels: torch.Te
     return out
 
 
-def evaluate(model, loader, device, estimator, limit: Optional[int] = None, task: Optional[Task] = None) -> Dict[str, float]:
-    feats, labels = extract_features(model, loader, device, limit)
+def evaluate(model, loader, device, estimator, limit: Optional[int] = None, task: Optional[Task] = None,
+             progress: bool = False, desc: str = "evaluate") -> Dict[str, float]:
+    """The task's metrics of ``loader``'s split (see :func:`metrics_from_features`), with a progress bar over its
+    batches when ``progress`` (and stderr is a terminal)."""
+    feats, labels = extract_features(model, loader, device, limit, progress, desc)
     return metrics_from_features(model.head, feats, labels, estimator, task)
 
 

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm.auto import tqdm
 
 from onthefly.config import Precision, Split
 from onthefly.data.loaders import LoaderOptions, loader, run_loaders, train_loader
@@ -37,6 +36,7 @@ from onthefly.engine.evaluation import evaluate, iterate, metrics_from_features
 from onthefly.logging import RunLogger
 from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, StepContext
 from onthefly.modulation.discrepancy import discrepancy
+from onthefly.progress import bar as progress_bar
 from onthefly.tasks import Task, build_task
 
 log = logging.getLogger("onthefly")
@@ -284,9 +284,9 @@ class Trainer:
         sampler.start = min(start * self.local_batch, sampler.num_samples)
         every = self.tc.checkpoint_every_n_steps
         try:
-            bar = tqdm(iterate(self.loaders["train"], self.input_keys, self.device, max(total - start, 0), True),
-                       total=max(total - start, 0), desc=f"epoch {epoch}", leave=False,
-                       disable=not (self.tc.progress and self.dist.is_main), dynamic_ncols=True)
+            bar = progress_bar(iterate(self.loaders["train"], self.input_keys, self.device, max(total - start, 0), True),
+                               total=max(total - start, 0), desc=f"epoch {epoch}", leave=False,
+                               enabled=self.tc.progress and self.dist.is_main)
             for step, (inputs, labels, indices) in enumerate(bar, start=start):
                 values = self.train_step(self._ctx(epoch, step), inputs, labels, indices)
                 self.global_step += 1
@@ -336,7 +336,7 @@ class Trainer:
             m = metrics_from_features(self.model.head, feats, labels, self.estimator, self.task)
         else:
             m = evaluate(self.model, self.loaders[split], self.device, self.estimator, self.tc.limit_eval_batches,
-                         self.task)
+                         self.task, progress=self.tc.progress, desc=split)
         return {f"{split}/{k}": v for k, v in m.items()}
 
     def fit(self) -> dict:
