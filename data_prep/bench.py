@@ -7,6 +7,9 @@ Kinetics-Sounds and VGGSound: 10-s 340 x 256 / 25-fps MP4 with 44.1-kHz AAC), th
 per-clip work (decode, resample, spectrogram, 1-fps frames, JPEG) on one core, after one warm-up clip.
 Generation is not timed. Prints the figures and the projected wall time of the full CREMA-D on 16 processes
 (assuming 16 free cores and a disk that keeps up).
+
+:func:`build_cache` makes a real cache the same way (the prep's own writer over such clips) for `make bench`,
+which times the reader that training uses on it.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import Optional
 import torch
 
 from data_prep.cache import Clip
-from data_prep.pipeline import cli, parse_args, process_av
+from data_prep.pipeline import CommonOptions, cli, frame_recipe, parse_args, process_av, run_prep
 from data_prep.synthetic import write_video, write_wav
 from onthefly.data.cache import audio_recipe
 
@@ -34,19 +37,50 @@ class Options:
     processes: int = 16
 
 
-def _clips(root: Path, kind: str, n: int) -> list[Clip]:
+# the generated sources: (seconds, (width, height), fps) per kind, as the real datasets ship them
+REALISTIC = {"cremad": (2.5, (480, 360), 30), "kinetics": (10.0, (340, 256), 25)}
+
+
+def generate_clips(root: Path, kind: str, n: int, spec: Optional[dict] = None) -> list[Clip]:
+    """``n`` + 1 generated clips (the first one is a warm-up) of ``kind`` "cremad" (FLV + 16-kHz WAV) or
+    "kinetics" (MP4 with AAC); ``spec`` overrides :data:`REALISTIC` (tests use tiny clips)."""
+    seconds, size, fps = (spec or REALISTIC)[kind]
     out = []
     for i in range(n + 1):  # + a warm-up clip
         if kind == "cremad":
-            video = write_video(root / "cremad" / f"{i}.flv", 2.5, size=(480, 360), fps=30, audio_rate=22050,
+            video = write_video(root / "cremad" / f"{i}.flv", seconds, size=size, fps=fps, audio_rate=22050,
                                 noise=2.0, shift=i, seed=i, textured=True)
-            wav = write_wav(root / "cremad" / f"{i}.wav", 2.5, freq=440.0, rate=16000)
+            wav = write_wav(root / "cremad" / f"{i}.wav", seconds, freq=440.0, rate=16000)
             out.append(Clip(str(i), "ANG", "train", {"video": str(video), "audio": str(wav)}))
         else:
-            video = write_video(root / "k" / f"{i}.mp4", 10.0, size=(340, 256), fps=25, audio_rate=44100, noise=2.0,
+            video = write_video(root / "k" / f"{i}.mp4", seconds, size=size, fps=fps, audio_rate=44100, noise=2.0,
                                 shift=i, seed=i, textured=True)
             out.append(Clip(str(i), "x", "train", {"video": str(video)}))
     return out
+
+
+def build_cache(out: Path, dataset: str, recipe: str, sources: list[Clip], clips: int, classes: int = 6,
+                workers: int = 1, test_every: int = 8) -> Path:
+    """A cache of ``dataset`` with audio ``recipe`` at ``out``, made by the prep's own code (decode, recipe,
+    1-fps frames as JPEG, the cache writer) from ``clips`` entries that cycle over the generated ``sources``
+    (:func:`generate_clips`). Labels cycle over ``classes`` names; every ``test_every``-th clip is in test, the others
+    in train. Quiet (the prep's summary is not printed). Returns ``out``."""
+    import contextlib
+    import io
+
+    names = [f"class{k}" for k in range(classes)]
+    entries = [Clip(f"{dataset}{i:05d}", names[i % classes], "test" if i % test_every == test_every - 1 else "train",
+                    dict(sources[i % len(sources)].sources), source=Path(sources[i % len(sources)].sources["video"]).name)
+               for i in range(clips)]
+    rec = audio_recipe(dataset, recipe)
+    opts = CommonOptions(raw_root=str(out), workers=workers, progress=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_prep(dataset=dataset, clips=entries, out_root=Path(out),
+                 recipe={"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s},
+                 streams=["visual"], array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=names,
+                 splits={"mode": "generated for the bench"}, work=process_av, opts=opts, raw_root=Path(out),
+                 expected="generated clips")
+    return Path(out)
 
 
 def measure(clips: list[Clip], dataset: str, recipe: str) -> dict:
@@ -69,7 +103,7 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=opts.workdir) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        cremad, kinetics = _clips(root, "cremad", opts.clips), _clips(root, "kinetics", opts.clips)
+        cremad, kinetics = generate_clips(root, "cremad", opts.clips), generate_clips(root, "kinetics", opts.clips)
         print(f"generated {2 * (opts.clips + 1)} clips in {time.perf_counter() - t0:.1f} s (not timed below)")
         rows = [measure(cremad, "cremad", "ogm_ge"), measure(cremad, "cremad", "fbank"),
                 measure(kinetics, "kinetics_sounds", "fbank"), measure(kinetics, "kinetics_sounds", "stft"),

@@ -40,11 +40,52 @@ def test_bare_trainer_skips_the_unimodal_estimate(tiny_bench):
     assert ctx.rho is not None
 
 
-def test_cremad_like_clips_have_the_cremad_shapes():
-    data = bench.CremadLike(3)
-    item = data[2]
+TINY_SOURCES = {"cremad": (1.0, (64, 48), 10), "kinetics": (2.0, (64, 48), 10)}
+
+
+@pytest.fixture(scope="module")
+def reader_figures(tmp_path_factory):
+    """(b) on tiny generated clips: real caches made by the prep, read as training reads them."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "SOURCES", TINY_SOURCES)
+        torch.set_num_threads(1)
+        return bench.reader_throughput(tmp_path_factory.mktemp("bench_b"), items=6, batches=2, workers=0,
+                                       clips=10, sources=2, prep_workers=1)
+
+
+def test_reader_bench_times_every_recipes_cache_reader_and_the_decoding_baseline(reader_figures):
+    rows = reader_figures["rows"]
+    assert [r["dataset"] for r in rows] == ["CREMA-D", "CREMA-D", "CREMA-D", "Kinetics-Sounds", "VGGSound"]
+    assert [r["kind"] for r in rows] == ["cache", "decode", "decode", "cache", "cache"]
+    for r in rows:
+        assert r["ms_per_sample"] > 0 and r["cpu_ms_per_sample"] > 0 and r["samples_s"] > 0, r
+        assert r["batch"] >= 1
+    for r in (rows[0], rows[3], rows[4]):
+        assert 0 < r["audio_cpu_ms"] < r["cpu_ms_per_sample"], r  # the audio read is a part of the item
+    assert reader_figures["goal_met"] == (rows[0]["cpu_ms_per_sample"] <= bench.GOAL_MS)
+    text = bench.print_readers(reader_figures)
+    assert "CREMA-D cache, ogm_ge, 1 frame 224" in text and "decode in __getitem__" in text
+    assert "VGGSound cache, ogm_ge, 3 frames 224, 626-frame audio crop" in text
+
+
+def test_the_bench_reads_the_caches_with_the_protocol_presets(tmp_path):
+    """What the reader bench times is what training reads: the preset's shapes out of the prep's caches."""
+    from data_prep.bench import build_cache, generate_clips
+    from onthefly.engine.build import build_splits
+
+    sources = generate_clips(tmp_path / "src", "cremad", 0, TINY_SOURCES)
+    root = build_cache(tmp_path / "cremad", "cremad", "ogm_ge", sources, clips=9)
+    splits = build_splits(bench._reader_cfg("cvpr2022/cremad", root))
+    train = splits.train
+    assert len(train) + len(splits.val) == 8 and len(splits.test) == 1  # every 8th clip is in test
+    item = train[0]
     assert item["audio"].shape == (1, 257, 188) and item["visual"].shape == (1, 3, 224, 224)
-    assert item["visual"].dtype == torch.float32 and torch.isfinite(item["audio"]).all()
+    base = bench.DecodeInGetitem(bench.DecodeInGetitem.make_tree(tmp_path / "raw", sources, 3))
+    for video in (False, True):
+        base.video = video
+        other = base[1]
+        assert other["audio"].shape == item["audio"].shape and other["visual"].shape == item["visual"].shape
+        assert torch.isfinite(other["audio"]).all() and torch.isfinite(other["visual"]).all()
 
 
 def test_shape_worker_reports_throughput_and_peak_memory(tiny_bench):

@@ -1,8 +1,12 @@
 """`python -m onthefly.bench` (`make bench`): performance figures, measured in one run on this machine.
 
 (a) train-step time of each method / the bare step (same model, same batch, interleaved repeats, median);
-(b) input-pipeline samples/s / model samples/s on CREMA-D-shaped synthetic clips (JPEG frames decoded and
-    cropped in the loader's workers, the spectrogram computed from a waveform);
+(b) the input pipeline training uses: for each recipe (CREMA-D `ogm_ge`, Kinetics-Sounds `fbank`, VGGSound), the
+    cache reader on a cache that the prep builds from generated clips of realistic size, with its protocol
+    preset's frames, image size and crops, in ms per sample on one core (one loader worker) and in samples/s
+    through the training loader; beside it, for CREMA-D, a loader that decodes media in `__getitem__` (WAV +
+    JPEG files, or the frame decoded from the FLV with PyAV); and the CREMA-D loader's samples/s over the
+    model's;
 (c) samples/s and peak memory at the CREMA-D, Kinetics-Sounds and VGGSound input shapes, protocol batch sizes,
     full-width ResNet18 (each shape in a fresh process, so the peaks do not mix);
 (d) DDP scaling efficiency over the visible GPUs (needs two or more).
@@ -16,13 +20,13 @@ the figures are then CPU figures, printed as such.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing as mp
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -106,69 +110,209 @@ def step_overhead(device: torch.device, batch: int, repeats: int, warmup: int, p
             "ratio": {n: med[n] / med["bare"] for n in med}}
 
 
-# --- (b) the input pipeline ---------------------------------------------------------------------------------
-class CremadLike(torch.utils.data.Dataset):
-    """CREMA-D-shaped clips made in memory: a 3 s waveform (log-spectrogram 257 x 188 computed per item) and
-    frames stored as JPEG bytes, decoded and cropped to 224 per item (the training transform)."""
+# --- (b) the input pipeline -----------------------------------------------------------------------------------
+# label -> (dataset, the protocol preset whose dataset options training uses)
+READERS = {
+    "CREMA-D": ("cremad", "cvpr2022/cremad"),
+    "Kinetics-Sounds": ("kinetics_sounds", "tpami2024/kinetics_sounds"),
+    "VGGSound": ("vggsound", "cvpr2022/vggsound"),
+}
+GOAL_MS = 1.0  # ms per sample per core for the CREMA-D reader (issue 13)
+# generated source clips per kind: (seconds, (width, height), fps); None: data_prep.bench.REALISTIC
+SOURCES: Optional[dict] = None
 
-    def __init__(self, n: int, frames: int = 1, height: int = 256, width: int = 341):
-        from PIL import Image
 
-        from onthefly.data.transforms import frame_transform
+def _reader_cfg(preset: str, root: Path, batch: Optional[int] = None):
+    from onthefly.config import compose
 
-        g = torch.Generator().manual_seed(0)
-        self.n, self.frames = n, frames
-        self.waves = [torch.randn(int(CREMAD_SR * CREMAD_SECONDS), generator=g) * 0.1 for _ in range(min(n, 16))]
-        self.jpegs = []
-        for _ in range(min(n, 16)):
-            clip = []
-            for _ in range(frames):
-                # smooth content (a blurred noise field) compresses like a real frame, unlike white noise
-                small = torch.rand(3, height // 8, width // 8, generator=g)
-                img = torch.nn.functional.interpolate(small[None], size=(height, width), mode="bilinear")[0]
-                buf = io.BytesIO()
-                Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(buf, format="JPEG", quality=90)
-                clip.append(buf.getvalue())
-            self.jpegs.append(clip)
-        self.tf = frame_transform(True, 224, (0.08, 1.0))
+    overrides = [f"experiment={preset}", f"dataset.root={root}", "logger.mode=disabled"]
+    return compose(overrides + ([f"trainer.batch_size={batch}"] if batch else []))
+
+
+def make_caches(workdir: Path, clips: int, sources: int, workers: int) -> dict[str, Path]:
+    """One real cache per reader of :data:`READERS` under ``workdir``, made by the prep's code from generated
+    clips of realistic size (``sources`` distinct clips, cycled into ``clips`` cache entries); the CREMA-D
+    sources also as a raw tree for :class:`DecodeInGetitem` (``<workdir>/raw_cremad``)."""
+    from data_prep.bench import build_cache, generate_clips
+
+    made = {"cremad": generate_clips(workdir / "sources", "cremad", sources - 1, SOURCES),
+            "kinetics": generate_clips(workdir / "sources", "kinetics", sources - 1, SOURCES)}
+    caches = {}
+    for label, (dataset, preset) in READERS.items():
+        recipe = _reader_cfg(preset, workdir).dataset.audio_recipe
+        kind = "cremad" if dataset == "cremad" else "kinetics"
+        caches[label] = build_cache(workdir / dataset, dataset, recipe, made[kind], clips, workers=workers)
+    caches["raw_cremad"] = DecodeInGetitem.make_tree(workdir / "raw_cremad", made["cremad"], clips)
+    return caches
+
+
+class DecodeInGetitem(torch.utils.data.Dataset):
+    """A CREMA-D loader without a cache, built the way the released OGM-GE loader is: every item lists its
+    clip's frame folder, reads the 16-kHz WAV (soundfile), resamples it to 22,050 Hz, tiles it to 3 s, clips it to
+    [-1, 1] and takes the log-STFT (torch.stft, n_fft 512, hop 353: 257 x 188), opens one frame (a JPEG file
+    extracted at the video's own size; with ``video=True`` the frame is decoded from the FLV with PyAV instead)
+    and augments it (RandomResizedCrop 224, horizontal flip, to tensor, ImageNet normalisation: torchvision's
+    transforms on the PIL image). Returns what :class:`~onthefly.data.clips.CachedClips` returns."""
+
+    def __init__(self, root: Path, train: bool = True, video: bool = False):
+        import torchvision.transforms as T
+
+        from onthefly.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        self.root, self.train, self.video = Path(root), train, video
+        self.ids = sorted(p.stem for p in (self.root / "AudioWAV").glob("*.wav"))
+        resize = [T.RandomResizedCrop(224), T.RandomHorizontalFlip()] if train else [T.Resize((224, 224))]
+        self.tf = T.Compose([*resize, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    @staticmethod
+    def make_tree(root: Path, sources: list, clips: int) -> Path:
+        """``AudioWAV/<id>.wav``, ``VideoFlash/<id>.flv`` and ``frames/<id>/<k>.jpg`` (1 fps, the video's size,
+        JPEG quality 90) for ``clips`` ids cycling over the generated ``sources``."""
+        import shutil
+
+        from data_prep.media import decode_container, encode_frame
+
+        root = Path(root)
+        frames = {}
+        for i in range(clips):
+            src = sources[i % len(sources)].sources
+            cid = f"{1001 + i}_IEO_ANG_XX"
+            for sub, key, ext in (("AudioWAV", "audio", ".wav"), ("VideoFlash", "video", ".flv")):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src[key], root / sub / f"{cid}{ext}")
+            if src["video"] not in frames:
+                frames[src["video"]] = [encode_frame(f, 90) for f in
+                                        decode_container(Path(src["video"]), short_side=None).frames]
+            folder = root / "frames" / cid
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, jpeg in enumerate(frames[src["video"]]):
+                (folder / f"{k:05d}.jpg").write_bytes(jpeg)
+        return root
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.ids)
 
-    def __getitem__(self, i: int) -> dict:
+    def _frame(self, cid: str):
+        import av
         from PIL import Image
 
-        from onthefly.data.audio import log_spectrogram
+        names = sorted(os.listdir(self.root / "frames" / cid))
+        k = int(torch.randint(len(names), ())) if self.train else len(names) // 2
+        if not self.video:
+            return Image.open(self.root / "frames" / cid / names[k]).convert("RGB")
+        with av.open(str(self.root / "VideoFlash" / f"{cid}.flv")) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1
+            container.seek(int((k + 0.5) / stream.time_base), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.time is not None and frame.time >= k + 0.5 - 1e-3:
+                    return frame.to_image()
+            return frame.to_image()
 
-        k = i % len(self.waves)
-        spec = log_spectrogram(self.waves[k], CREMAD_FFT, CREMAD_HOP).unsqueeze(0)
-        frames = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))).permute(2, 0, 1)
-                              for b in self.jpegs[k]])
-        return {"audio": spec, "visual": self.tf(frames), "label": i % 6, "index": i}
+    def __getitem__(self, i: int) -> dict:
+        import soundfile as sf
+        import torchaudio.functional as AF
+
+        from onthefly.data.audio import log_spectrogram, tile_to_length
+
+        cid = self.ids[i]
+        wave, rate = sf.read(str(self.root / "AudioWAV" / f"{cid}.wav"), dtype="float32")
+        x = AF.resample(torch.from_numpy(wave), rate, CREMAD_SR)
+        x = tile_to_length(x, int(CREMAD_SR * CREMAD_SECONDS)).clamp(-1, 1)
+        spec = log_spectrogram(x, CREMAD_FFT, CREMAD_HOP).unsqueeze(0)
+        visual = self.tf(self._frame(cid)).unsqueeze(0)
+        return {"audio": spec, "visual": visual, "label": 0, "index": i}
 
 
-def pipeline_ratio(device: torch.device, batch: int, workers: int, batches: int, model_steps: int) -> dict:
-    """(b) loader samples/s (workers decoding, nothing else running) / training samples/s at the same batch."""
-    loader = torch.utils.data.DataLoader(CremadLike(batch * (batches + 2)), batch_size=batch, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=False,
-                                         prefetch_factor=4 if workers else None)
-    it = iter(loader)
-    first = next(it)  # workers started, first batch ready
-    assert first["audio"].shape[1:] == (1, 257, 188) and first["visual"].shape[1:] == (1, 3, 224, 224)
-    t = time.perf_counter()
-    n = 0
-    for b in it:
-        n += len(b["label"])
-        b["audio"].to(device, non_blocking=True), b["visual"].to(device, non_blocking=True)
-    _sync(device)
-    data_rate = n / (time.perf_counter() - t)
+def _per_sample(dataset, items: int) -> dict:
+    """One process, one thread, as one loader worker: wall and CPU ms per item over ``items`` items (after a
+    warm-up), items drawn as training draws them (``SampleSeeded``, epoch 1)."""
+    from onthefly.data.loaders import SampleSeeded
+
+    seeded, n = SampleSeeded(dataset, 0), len(dataset)
+    for k in range(min(8, n)):
+        seeded[(0, k)]
+    wall, cpu = time.perf_counter(), time.process_time()
+    for k in range(items):
+        seeded[(1, k % n)]
+    return {"ms_per_sample": 1000 * (time.perf_counter() - wall) / items,
+            "cpu_ms_per_sample": 1000 * (time.process_time() - cpu) / items, "items": items}
+
+
+def _audio_ms(dataset, items: int) -> Optional[float]:
+    """CPU ms per item of the audio part alone (a cache reader's spectrogram read and crop)."""
+    if not hasattr(dataset, "_audio"):
+        return None
+    n = len(dataset)
+    cpu = time.process_time()
+    for k in range(items):
+        dataset._audio(k % n)
+    return 1000 * (time.process_time() - cpu) / items
+
+
+def _loader_rate(dataset, batch: int, workers: int, batches: int) -> float:
+    """Samples/s of the training loader (shuffled, per-sample seeded, ``workers`` processes) after its first
+    batch, over ``batches`` batches (epochs repeat as needed)."""
+    from onthefly.data.loaders import LoaderOptions, train_loader
+
+    loader, sampler = train_loader(dataset, 0, batch, LoaderOptions(workers, 4 if workers else None))
+    epoch, seen, n, t = 0, 0, 0, None
+    while seen <= batches:
+        sampler.set_epoch(epoch)
+        for b in loader:
+            if t is None:
+                t = time.perf_counter()  # workers started, first batch ready
+            else:
+                n += len(b["label"])
+            seen += 1
+            if seen > batches:
+                break
+        epoch += 1
+    return n / (time.perf_counter() - t)
+
+
+def reader_throughput(workdir: Path, items: int, batches: int, workers: int, clips: int, sources: int,
+                      prep_workers: int) -> dict:
+    """(b) For each recipe: the cache reader training uses, on a cache the prep built from generated clips
+    (its preset's frames, image size, crop and audio crop), in ms per sample on one core and in samples/s through
+    the training loader with ``workers`` workers; for CREMA-D also :class:`DecodeInGetitem` (JPEG files, and
+    frames decoded from the FLV)."""
+    from onthefly.engine.build import build_splits
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    caches = make_caches(Path(workdir), clips, sources, prep_workers)
+    rows = []
+    for label, (dataset, preset) in READERS.items():
+        cfg = _reader_cfg(preset, caches[label])
+        train = build_splits(cfg).train
+        ds = cfg.dataset
+        what = (f"cache, {ds.audio_recipe}, {ds.num_frames} frame{'s' if ds.num_frames > 1 else ''} "
+                f"{ds.image_size}" + (f", {ds.audio_crop}-frame audio crop" if ds.get("audio_crop") else ""))
+        batch = min(int(cfg.trainer.batch_size), len(train))  # the preset's batch (tiny test caches: all of train)
+        row = {"reader": f"{label} {what}", "dataset": label, "kind": "cache", "batch": batch,
+               **_per_sample(train, items), "audio_cpu_ms": _audio_ms(train, items)}
+        row["samples_s"] = _loader_rate(train, row["batch"], workers, batches)
+        rows.append(row)
+        if dataset == "cremad":
+            for video in (False, True):
+                base = DecodeInGetitem(caches["raw_cremad"], train=True, video=video)
+                what = "WAV + frame from the FLV (PyAV)" if video else "WAV + JPEG frame files"
+                row = {"reader": f"CREMA-D decode in __getitem__ ({what})", "dataset": label, "kind": "decode",
+                       "batch": rows[-1]["batch"], **_per_sample(base, items), "audio_cpu_ms": None}
+                row["samples_s"] = _loader_rate(base, row["batch"], workers, batches)
+                rows.append(row)
+    cache = rows[0]
+    return {"workers": workers, "items": items, "clips": clips, "setup_s": time.perf_counter() - t0, "rows": rows,
+            "goal_ms": GOAL_MS, "goal_met": cache["cpu_ms_per_sample"] <= GOAL_MS}
+
+
+def model_rate(device: torch.device, batch: int, steps: int) -> float:
+    """Training samples/s of the OGM-GE step at CREMA-D shapes (what the loader has to keep up with)."""
     trainer = _trainer("ogm_ge", device)
     inputs, labels = _batch((1, 257, 188), 1, 224, batch, device)
     _timed_step(trainer, inputs, labels)
-    step = statistics.median(_timed_step(trainer, inputs, labels) for _ in range(model_steps))
-    model_rate = batch / step
-    return {"batch": batch, "workers": workers, "pipeline_samples_s": data_rate, "model_samples_s": model_rate,
-            "ratio": data_rate / model_rate}
+    return batch / statistics.median(_timed_step(trainer, inputs, labels) for _ in range(steps))
 
 
 # --- (c) shapes at protocol batch sizes, one process each ----------------------------------------------------
@@ -268,6 +412,19 @@ def ddp_scaling(steps: int, per_gpu: int = 64) -> dict:
 
 
 # --- report -------------------------------------------------------------------------------------------------
+def print_readers(b: dict) -> str:
+    """The (b) figures as aligned text."""
+    width = max(len(r["reader"]) for r in b["rows"])
+    lines = [f"    {'reader':<{width}}  {'ms/sample':>9}  {'CPU ms':>7}  {'of which audio':>14}  "
+             f"{'samples/s':>9}  batch"]
+    for r in b["rows"]:
+        audio = f"{r['audio_cpu_ms']:.2f}" if r.get("audio_cpu_ms") is not None else "-"
+        lines.append(f"    {r['reader']:<{width}}  {r['ms_per_sample']:>9.2f}  {r['cpu_ms_per_sample']:>7.2f}  "
+                     f"{audio:>14}  {r['samples_s']:>9.1f}  {r['batch']:>5}")
+    return "\n".join(lines)
+
+
+
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"CUDA: {torch.cuda.get_device_name(device)} (x{torch.cuda.device_count()}), torch {torch.__version__}"
@@ -282,6 +439,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--precision", default="32", choices=["32", "bf16", "fp16"], help="precision of the (a) steps")
     p.add_argument("--workers", type=int, default=None, help="loader workers for (b); default: min(cores, 16)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
+    p.add_argument("--workdir", default=None, help="where (b) builds its temporary caches (default: the system's)")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     from onthefly.engine.distributed import select_device
@@ -306,12 +464,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"    {name:<20} {a['median_s'][name] * 1000:9.1f} ms  (range {lo * 1000:.0f}-{hi * 1000:.0f})   "
               f"ratio {ratio:.3f}")
 
-    b = pipeline_ratio(device, pipe_batch, workers, batches=6 if quick else 30, model_steps=1 if quick else 10)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        b = reader_throughput(Path(tmp), items=150 if quick else 600, batches=6 if quick else 30, workers=workers,
+                              clips=96 if quick else 256, sources=4, prep_workers=workers)
+    b["model_batch"] = pipe_batch
+    b["model_samples_s"] = model_rate(device, pipe_batch, steps=1 if quick else 10)
+    b["ratio"] = b["rows"][0]["samples_s"] / b["model_samples_s"]
     figures["b_pipeline"] = b
-    print(f"\n(b) input pipeline / model  [CREMA-D-shaped clips: 3 s waveform -> 257x188 log-spectrogram, 1 JPEG "
-          f"frame -> random crop 224; batch {b['batch']}, {b['workers']} workers]")
-    print(f"    pipeline {b['pipeline_samples_s']:.1f} samples/s, model (OGM-GE step) {b['model_samples_s']:.1f} "
-          f"samples/s, ratio {b['ratio']:.2f}")
+    print(f"\n(b) input pipeline: the cache reader training uses (frames decoded and cropped as in training) beside "
+          f"a loader that decodes media in __getitem__  [a cache of {b['clips']} clips per recipe, made by the prep "
+          f"from generated clips of realistic size; one process with one thread = one loader worker, "
+          f"{b['items']} items; loader: the training loader with {b['workers']} workers, the preset's batch]")
+    print(print_readers(b))
+    verdict = "met" if b["goal_met"] else "NOT met"
+    print(f"    goal: CREMA-D cache reader <= {b['goal_ms']:g} ms per sample per core (CPU time): {verdict} "
+          f"({b['rows'][0]['cpu_ms_per_sample']:.2f} ms)")
+    print(f"    model (OGM-GE step, batch {pipe_batch}): {b['model_samples_s']:.1f} samples/s; CREMA-D loader / model "
+          f"= {b['ratio']:.1f}")
 
     c = shape_throughput(device, steps=1 if quick else 10, warmup=not quick)
     figures["c_shapes"] = c
