@@ -34,8 +34,10 @@ def test_table_means_paired_differences_and_selected_epochs():
     assert table.loc["joint (none)", "Δ fused acc"] == "ref."
     # OPM minus joint per seed: +10, +4, +12 -> mean 8.67, population std 3.40; all three positive
     assert table.loc["joint + OPM", "Δ fused acc"] == "+8.7 ± 3.4 (3/3)"
-    # probe visual: OPM 80, 79, 78 minus joint 60, 61, 62 -> 20, 18, 16
+    # probe visual: OPM 80, 79, 78 minus joint 60, 61, 62 -> 20, 18, 16; probe audio: 56 - 55 in every seed
     assert table.loc["joint + OPM", "Δ probe visual"] == "+18.0 ± 1.6 (3/3)"
+    assert table.loc["joint + OPM", "Δ probe audio"] == "+1.0 ± 0.0 (3/3)"
+    assert table.loc["visual only", "Δ probe audio"] == "–"  # no audio encoder to compare
     # a uni-modal model's accuracy is its modality's; it has no audio numbers at all
     assert table.loc["visual only", "acc visual"] == table.loc["visual only", "fused acc"] == "80.0 ± 1.6"
     assert table.loc["visual only", "acc audio"] == "–" and table.loc["visual only", "probe audio"] == "–"

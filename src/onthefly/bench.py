@@ -466,7 +466,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         b = reader_throughput(Path(tmp), items=150 if quick else 600, batches=6 if quick else 30, workers=workers,
-                              clips=96 if quick else 256, sources=4, prep_workers=workers)
+                              clips=80 if quick else 256, sources=4, prep_workers=workers)
     b["model_batch"] = pipe_batch
     b["model_samples_s"] = model_rate(device, pipe_batch, steps=1 if quick else 10)
     b["ratio"] = b["rows"][0]["samples_s"] / b["model_samples_s"]

@@ -38,7 +38,7 @@ END = "<!-- demo-table:end -->"
 # modality's accuracy
 COLUMNS = {"fused acc": "test/acc", "acc audio": "test/acc_audio", "acc visual": "test/acc_visual",
            "probe audio": "probe/acc_audio", "probe visual": "probe/acc_visual"}
-PAIRED = {"Δ fused acc": "fused acc", "Δ probe visual": "probe visual"}  # paired differences to the joint row
+PAIRED = {"Δ fused acc": "fused acc", "Δ probe audio": "probe audio", "Δ probe visual": "probe visual"}  # paired, vs joint
 
 
 # --- the table -------------------------------------------------------------------------------------------------
@@ -278,8 +278,8 @@ def main(argv=None) -> int:
     table = demo_table(records, [(r.id, r.label or r.id) for r in spec.rows])
     wall = time.time() - t0
     markdown = to_markdown(table)
-    command = "make demo" if argv is None and len(sys.argv) <= 1 else \
-        "python -m onthefly.demo " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--update-docs"]
+    command = "make demo" if not given else "python -m onthefly.demo " + " ".join(given)
     block = block_text(markdown, seeds, epochs, wall, jobs, todo, total, command)
     out = results / SPEC
     (out / "demo.md").write_text(block + "\n")
