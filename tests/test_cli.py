@@ -207,39 +207,6 @@ def test_evaluate_is_a_deprecated_alias_of_analyse(finished_run):
     assert "rho.png" in proc.stdout
 
 
-# --- the demo's table helpers ---------------------------------------------------------------------------------
-def test_demo_summarise_and_markdown():
-    import pandas as pd
-
-    from onthefly.demo import summarise, to_markdown
-
-    rows = pd.DataFrame([
-        # method B first: the table keeps the order of first appearance
-        {"method": "B", "seed": 0, "acc": 0.50, "acc_audio": 0.40, "probe_audio": 0.30},
-        {"method": "A", "seed": 0, "acc": 0.80, "acc_audio": 0.60, "probe_audio": None},
-        {"method": "A", "seed": 1, "acc": 0.90, "acc_audio": 0.70, "probe_audio": None},
-        {"method": "B", "seed": 1, "acc": 0.70, "acc_audio": 0.40, "probe_audio": 0.50},
-        {"method": "A", "seed": 2, "acc": 0.85, "acc_audio": 0.65, "probe_audio": None},
-    ])
-    table = summarise(rows)
-    assert list(table.index) == ["B", "A"]
-    assert list(table.columns) == ["fused acc", "acc audio", "probe audio"]  # absent columns are left out
-    # B: acc 0.5, 0.7 -> mean 60.0, population std 10.0; A: 0.80, 0.90, 0.85 -> 85.0 ± 4.1 (ddof=0: 4.08)
-    assert table.loc["B", "fused acc"] == "60.0 ± 10.0"
-    assert table.loc["A", "fused acc"] == "85.0 ± 4.1"
-    assert table.loc["A", "acc audio"] == "65.0 ± 4.1"
-    assert table.loc["B", "acc audio"] == "40.0 ± 0.0"
-    assert table.loc["B", "probe audio"] == "40.0 ± 10.0"
-    assert table.loc["A", "probe audio"] == "–"  # no probe numbers at all
-
-    markdown = to_markdown(table).splitlines()
-    assert markdown[0] == "| method | fused acc | acc audio | probe audio |"
-    assert markdown[1] == "|---|---|---|---|"
-    assert markdown[2] == "| B | 60.0 ± 10.0 | 40.0 ± 0.0 | 40.0 ± 10.0 |"
-    assert markdown[3] == "| A | 85.0 ± 4.1 | 65.0 ± 4.1 | – |"
-    assert len(markdown) == 4
-
-
 # --- a run folder is data: nothing in it runs -------------------------------------------------------------------
 class _Payload:
     """Unpickling this writes a marker file: the proof that a planted pickle ran."""
