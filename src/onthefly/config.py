@@ -311,6 +311,10 @@ class Config:
     discrepancy: DiscrepancyConfig = field(default_factory=DiscrepancyConfig)
     seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0  # numpy's seed range
     name: Annotated[Optional[str], _Resumable] = None
+    # which protocol's choices the run makes (the fidelity group records its name here; conf/fidelity/) and which
+    # authors' release a preset follows (conf/release/)
+    fidelity: Annotated[str, Choice("clean", "official")] = "clean"
+    release: Annotated[str, Choice("none", "cvpr2022", "tpami2024")] = "none"
 
 
 # --- optimizer / scheduler schemas (torch classes, so written out here) -------------------------------------

@@ -36,7 +36,7 @@ from onthefly.engine.errors import TrainingError
 from onthefly.engine.evaluation import evaluate, iterate, metrics_from_features
 from onthefly.logging import RunLogger
 from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, StepContext
-from onthefly.modulation.discrepancy import discrepancy
+from onthefly.modulation.discrepancy import discrepancy, ratios
 from onthefly.tasks import Task, build_task
 
 log = logging.getLogger("onthefly")
@@ -62,6 +62,17 @@ class TrainForward(nn.Module):
 
     def forward(self, ctx: StepContext, fn) -> torch.Tensor:
         return fn(ctx)
+
+
+class _Unimodal(nn.Module):
+    """A head's uni-modal logits as a module call (so torch.func.functional_call can hold its weights fixed)."""
+
+    def __init__(self, head: nn.Module, estimator):
+        super().__init__()
+        self.head, self.estimator = head, estimator
+
+    def forward(self, feats: dict) -> dict:
+        return self.head.unimodal_logits(feats, self.estimator)
 
 
 class Trainer:
@@ -157,8 +168,27 @@ class Trainer:
         return iterate(found, self.input_keys, self.device, limit, with_index)
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
-        return StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
-                           modalities=self.modalities, device=self.device, batches=self._batches, phase=self.phase)
+        ctx = StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
+                          modalities=self.modalities, device=self.device, batches=self._batches, phase=self.phase,
+                          shared_rng=lambda: self._rng(3))
+        ctx.discrepancy_of = lambda feats: self.discrepancy_with_grad(feats, ctx.labels)
+        return ctx
+
+    def discrepancy_with_grad(self, feats: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_m, ρ_m) of ``feats`` as :meth:`joint_loss` computes them, but differentiable w.r.t. the features, the
+        head's weights held fixed (a hook that needs the gradient of ρ, docs/method.md §9). Under DDP the value is
+        the global one and the gradient this rank's share times the world size, so that DDP's mean over ranks
+        gives a single process's gradient on the whole batch."""
+        head = self.model.head
+        fixed = {f"head.{n}": p.detach() for n, p in head.named_parameters()}
+        logits = torch.func.functional_call(_Unimodal(head, self.estimator), fixed, (feats,))
+        idx = labels.view(-1, 1)
+        local = torch.stack([torch.softmax(self.task.class_logits(z).float(), dim=1).gather(1, idx).sum()
+                             for z in logits.values()])
+        if self._all_reduce is not None:
+            world = self.dist.world_size
+            local = world * local - (world - 1) * local.detach() + (self._all_reduce(local) - local).detach()
+        return local, ratios(local, self.cfg.discrepancy.reduce)
 
     def _rng(self, phase: int):
         """Under DDP: the forward hooks draw from a stream of this rank's own (phase 1: OPM's masks differ between

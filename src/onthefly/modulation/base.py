@@ -29,9 +29,9 @@ everything its hooks change (a resumed run must equal an uninterrupted one).
 from __future__ import annotations
 
 import abc
-
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -61,6 +61,12 @@ class StepContext:
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
     batches: Optional[Callable[..., Iterator[tuple]]] = None
     phase: str = "train"  # the epoch's phase (EpochSchedule.phase)
+    # runs a block on an RNG stream that every data-parallel rank shares (one draw per global batch; in one
+    # process: the global stream, unchanged)
+    shared_rng: Callable[[], ContextManager] = contextlib.nullcontext
+    # (s_m, ρ_m) of given features as the loop computes them (estimator, task, ρ reduction, scores summed over
+    # ranks), differentiable w.r.t. the features with the head's weights held fixed (None outside a training step)
+    discrepancy_of: Optional[Callable[[Dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]] = None
 
     def log_per_modality(self, name: str, values: torch.Tensor) -> None:
         for m, v in zip(self.modalities, values.detach().unbind(0)):

@@ -29,6 +29,33 @@ def ogm_coefficients(rho: torch.Tensor, alpha: float, form: CoeffForm | str = Co
     return torch.where(rho > 1, 1 - torch.tanh(alpha * arg), torch.ones_like(rho))
 
 
+def tie_rule(k: torch.Tensor, scores: torch.Tensor, index: int, alpha: float,
+             form: CoeffForm | str = CoeffForm.paper) -> torch.Tensor:
+    """The released CVPR code's tie rule (docs/method.md §9): when every modality has exactly the same score
+    (ρ = 1), the modality ``index`` is modulated as if dominant, k = 1 - tanh(α·1) (its else-branch); otherwise
+    ``k`` unchanged. No host sync."""
+    tie = (scores == scores[0]).all()
+    arg = 0.0 if CoeffForm(form) is CoeffForm.shifted else 1.0  # α·ρ (paper) or α·(ρ - 1) (shifted) at ρ = 1
+    at_one = 1 - torch.tanh(torch.full_like(k, alpha * arg))
+    onehot = torch.zeros_like(k, dtype=torch.bool)
+    onehot[index] = True
+    return torch.where(tie & onehot, at_one, k)
+
+
+def tie_index(tie_modality: Optional[str], modalities: list[str]) -> Optional[int]:
+    """The position of ``tie_modality`` in the model's modalities: a modality's name, or ``first`` / ``second``
+    (the released codes' else-branches: CVPR 2022 modulates the first, audio; the journal code the second,
+    visual); None: no tie rule."""
+    if tie_modality is None:
+        return None
+    if tie_modality in modalities:
+        return modalities.index(tie_modality)
+    if tie_modality in ("first", "second") and len(modalities) >= 2:
+        return 0 if tie_modality == "first" else 1
+    raise ValueError(f"modulation.tie_modality={tie_modality!r}: use one of the modalities {modalities}, first, "
+                     "second, or null")
+
+
 def select_parameters(encoder: nn.Module, scope: Scope | str) -> list[nn.Parameter]:
     """The encoder tensors OGM modulates, chosen by structure (never by parsing parameter names)."""
     scope = Scope(scope)
@@ -69,13 +96,16 @@ class OGM(Modulation):
         scope: Scope = Scope.auto,
         ge: bool = False,
         ge_scale: NonNegativeFloat = 1.0,
+        tie_modality: Optional[str] = None,
     ):
         self.alpha, self.coeff_form, self.scope = float(alpha), CoeffForm(coeff_form), Scope(scope)
         self.window = EpochWindow(start, end, warmup_epochs)
         self.noise = float(ge_scale) if ge else 0.0
+        self.tie_modality, self.tie_index = tie_modality, None
         self.params: dict[str, list[nn.Parameter]] = {}
 
     def setup(self, model, num_classes: int) -> None:
+        self.tie_index = tie_index(self.tie_modality, list(model.encoders))
         self.params = {m: select_parameters(enc, self.scope) for m, enc in model.encoders.items()}
         for m, ps in self.params.items():
             if not ps:
@@ -90,6 +120,8 @@ class OGM(Modulation):
             ctx.log_per_modality("k", torch.ones_like(ctx.rho))
             return
         k = ogm_coefficients(ctx.rho, self.alpha, self.coeff_form)
+        if self.tie_index is not None and ctx.scores is not None:
+            k = tie_rule(k, ctx.scores, self.tie_index, self.alpha, self.coeff_form)
         for i, m in enumerate(ctx.modalities):
             grads = [p.grad for p in self.params.get(m, []) if p.grad is not None]
             modulate_gradients(grads, k[i].to(grads[0].dtype) if grads else k[i], self.noise)

@@ -1,6 +1,7 @@
 """On-the-fly Prediction Modulation: drop the dominant modality's features in the forward pass (METHOD.md §4)."""
 from __future__ import annotations
 
+import contextlib
 import enum
 from typing import Optional
 
@@ -26,6 +27,25 @@ class QSource(str, enum.Enum):
     previous = "previous"  # q from the previous step's ρ (the journal's figure)
 
 
+class ExeDraw(str, enum.Enum):
+    per_rank = "per_rank"  # under DDP each rank draws its own p_exe decision
+    global_batch = "global_batch"  # one decision per global batch, the same on every rank (the released code)
+
+
+def theta_of(q: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """θ = Σ_m d_m q_m / Σ_m d_m: the share of the features a step drops (docs/method.md §4)."""
+    return (dims * q).sum() / dims.sum()
+
+
+def released_theta_term(theta: torch.Tensor) -> torch.Tensor:
+    """A loss term whose value is 0 and whose gradient is the one the released journal code gives θ (docs/method.md
+    §9): its rescale is an autograd function that returns θ itself as the gradient of θ, i.e. θ·∂θ/∂params, the
+    gradient of ½θ². Written as ½θ² - (½θ²).detach(), it goes through loss scaling and DDP's averaging like the
+    loss itself and leaves the logged loss unchanged."""
+    half = 0.5 * theta.float() ** 2
+    return half - half.detach()
+
+
 def opm_drop_probs(rho: torch.Tensor, q_base: float, lam: float) -> torch.Tensor:
     """q_m = clip(q_base · (1 + λ · tanh(ρ_m − 1)), 0, 1) where ρ_m > 1, else 0."""
     q = (q_base * (1 + lam * torch.tanh(rho - 1))).clamp(0.0, 1.0)
@@ -36,8 +56,7 @@ def rescale_factors(q: torch.Tensor, dims: torch.Tensor, mode: Rescale | str) ->
     """Per-modality feature scale [M] applied to the kept features."""
     mode = Rescale(mode)
     if mode is Rescale.global_:
-        theta = (dims * q).sum() / dims.sum()
-        return (1 / (1 - theta).clamp_min(1e-6)).expand_as(q)
+        return (1 / (1 - theta_of(q, dims)).clamp_min(1e-6)).expand_as(q)
     if mode is Rescale.per_modality:
         return 1 / (1 - q).clamp_min(1e-6)
     return torch.ones_like(q)
@@ -61,7 +80,13 @@ def drop_features(feats: dict, q: torch.Tensor, mode: Rescale | str, generator: 
 
 @configurable("modulation")
 class OPM(Modulation):
-    """Per step, with probability p_exe, drop each sample's dominant-modality features with probability q_m."""
+    """Per step, with probability p_exe, drop each sample's dominant-modality features with probability q_m.
+
+    ``rescale_grad``: the released journal code's gradient through the rescale (docs/method.md §9): every executed
+    drop adds θ·∂θ/∂params, q computed from scores that are not detached from the encoders (the gradient of ½θ²;
+    global rescale only). ``exe_draw``: whether, under data parallelism, each rank draws its own p_exe decision
+    or one is drawn per global batch, as the released code (one process) does.
+    """
 
     needs_rho = True
 
@@ -75,10 +100,17 @@ class OPM(Modulation):
         start: NonNegativeInt = 0,
         end: Optional[NonNegativeInt] = None,
         warmup_epochs: NonNegativeInt = 0,
+        rescale_grad: bool = False,
+        exe_draw: ExeDraw = ExeDraw.per_rank,
     ):
         self.q_base, self.lam, self.p_exe = float(q_base), float(lam), float(p_exe)
         self.rescale, self.q_source = Rescale(rescale), QSource(q_source)
         self.window = EpochWindow(start, end, warmup_epochs)
+        self.rescale_grad, self.exe_draw = bool(rescale_grad), ExeDraw(exe_draw)
+        if self.rescale_grad and (self.rescale is not Rescale.global_ or self.q_source is not QSource.current):
+            raise ValueError("modulation.rescale_grad=true is the released code's gradient of its global rescale, "
+                             "with q from the current batch: it needs modulation.rescale=global and "
+                             "modulation.q_source=current")
         self.prev_rho: Optional[torch.Tensor] = None
 
     def on_features(self, ctx: StepContext) -> None:
@@ -91,14 +123,29 @@ class OPM(Modulation):
             return
         q = opm_drop_probs(rho, self.q_base, self.lam)
         ctx.log_per_modality("q", q)
-        if torch.rand(()).item() >= self.p_exe:  # CPU generator: no device sync
+        shared = ctx.shared_rng() if self.exe_draw is ExeDraw.global_batch else contextlib.nullcontext()
+        with shared:
+            execute = torch.rand(()).item() < self.p_exe  # CPU generator: no device sync
+        if not execute:
             ctx.log_per_modality("drop", torch.zeros_like(q))  # same columns every step
             return
+        if self.rescale_grad:
+            ctx.extra_losses["opm_rescale_grad"] = released_theta_term(self._theta_with_grad(ctx))
         dropped, keep = drop_features({m: ctx.features[m] for m in ctx.modalities}, q, self.rescale)
         ctx.features = {**ctx.features, **dropped}  # context inputs and side targets are left alone
         ctx.log_per_modality("drop", 1 - keep.float().mean(0))
         alive = keep.any(dim=1).to(q.dtype)  # a sample with every modality dropped leaves the loss
         ctx.sample_weight = alive if ctx.sample_weight is None else ctx.sample_weight * alive
+
+    def _theta_with_grad(self, ctx: StepContext) -> torch.Tensor:
+        """θ of this step from the undropped features' scores, with its gradient to the encoders (the head's
+        weights held fixed, as the released code detaches them)."""
+        if ctx.discrepancy_of is None:
+            raise RuntimeError("modulation.rescale_grad needs the training loop's discrepancy_of (StepContext)")
+        _, rho = ctx.discrepancy_of({m: ctx.features[m] for m in ctx.features})
+        q = opm_drop_probs(rho, self.q_base, self.lam)
+        dims = torch.tensor([ctx.features[m].shape[1] for m in ctx.modalities], device=q.device, dtype=q.dtype)
+        return theta_of(q, dims)
 
     def state_dict(self) -> dict:
         return {"prev_rho": self.prev_rho}
