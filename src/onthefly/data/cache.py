@@ -373,7 +373,7 @@ class CacheReader:
             lines = "\n".join(f"  {k}: cache has {_shown(k, h)}, config asks for {_shown(k, w)}" for k, h, w in diffs)
             wanted = dict.fromkeys(fix[k] if k in fix else fix[k.split(".")[0]]
                                    for k, _, _ in diffs if k in fix or k.split(".")[0] in fix)
-            args = _make_args(list(wanted))
+            args = make_args(list(wanted))
             raise CacheMismatchError(
                 f"The {self.dataset} cache at {self.root} was prepared differently from what the config asks:\n"
                 f"{lines}\nEither change the config to match the cache, or build a matching cache (into another "
@@ -420,7 +420,7 @@ def _shown(key: str, value: Any) -> str:
     return repr(value)
 
 
-def _make_args(parts: list[str]) -> str:
+def make_args(parts: list[str]) -> str:
     """Make-variable assignments with every ``ARGS=...`` joined into one (make keeps only the last ARGS)."""
     plain = [p for p in parts if not p.startswith("ARGS=")]
     extra = [p[len("ARGS="):] for p in parts if p.startswith("ARGS=")]

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from onthefly.config import NonNegativeInt, PositiveInt, Range
 from onthefly.data.base import DataSplits, EmptySplitError
 from onthefly.data.audio import log_spectrogram
-from onthefly.data.cache import DEFAULT_DOWNMIX, FRAME_TIMES, CacheReader, audio_recipe
+from onthefly.data.cache import FRAME_TIMES, CacheReader, audio_recipe, make_args, prep_command
 from onthefly.data.loaders import mix_seed
 from onthefly.data.sampling import Sampling, crop_start, frame_indices
 from onthefly.data.transforms import IMAGENET_MEAN, IMAGENET_STD, FrameTransform, random_resized_crop_box
@@ -255,8 +255,13 @@ class ClipCache:
         """The cache's usable rows this dataset reads (a subclass may leave some out)."""
         return ok
 
+    def prep_args(self) -> list[str]:
+        """The prep arguments (make variables) a cache for these options needs beyond the defaults, for the
+        command a missing cache's message names."""
+        return [] if self.frame_short_side == 256 else [f"ARGS=short_side={self.frame_short_side}"]
+
     def open(self) -> CacheReader:
-        reader = CacheReader(self.root, self.name)
+        reader = CacheReader(self.root, self.name, prep_command(self.name, self.root, make_args(self.prep_args())))
         checks = self.recipe_checks()
         reader.check({key: value for key, (value, _) in checks.items() if value is not FIX_ONLY},
                      {key: arg for key, (_, arg) in checks.items() if arg})
@@ -322,6 +327,16 @@ class AudioClipCache(ClipCache):
                   "frames.times": (FRAME_TIMES[self.frame_times.value], f"ARGS=frame_times={self.frame_times.value}")}
         checks["audio.downmix"] = (FIX_ONLY, f"ARGS=downmix={self.downmix.value}")  # compared within "audio"
         return checks
+
+    def prep_args(self) -> list[str]:
+        args = super().prep_args()
+        if self.audio_recipe != type(self).audio_recipe:  # the dataset's default recipe
+            args.append(f"AUDIO={self.audio_recipe}")
+        if self.frame_times is not FrameTimes.centre:
+            args.append(f"ARGS=frame_times={self.frame_times.value}")
+        if self.downmix is not Downmix.pyav:
+            args.append(f"ARGS=downmix={self.downmix.value}")
+        return args
 
     def usable_rows(self, ok: pd.DataFrame) -> pd.DataFrame:
         if self.min_frames > 1 and "visual" in self.modalities:

@@ -25,8 +25,17 @@ class CremaD(AudioClipCache):
     audio_recipe: str = "ogm_ge"
     split: Optional[str] = None
 
+    def prep_args(self) -> list[str]:
+        args = super().prep_args()
+        if self.split == "lists":
+            args.append("SPLITS=/path/to/lists")
+        elif self.split is not None and self.split != "random":
+            args.append(f"SPLIT={self.split}")
+        return args
+
     def recipe_checks(self) -> dict[str, tuple[Any, str]]:
         checks = super().recipe_checks()
         if self.split is not None:
-            checks["splits.mode"] = (self.split, f"SPLIT={self.split}")
+            fix = "SPLITS=/path/to/lists" if self.split == "lists" else f"SPLIT={self.split}"
+            checks["splits.mode"] = (self.split, fix)
         return checks
