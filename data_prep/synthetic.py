@@ -47,10 +47,11 @@ def _scene(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 
 def write_video(path: Path, seconds: float, *, size=(64, 48), fps: int = 10, audio_freq: Optional[float] = 440.0,
                 audio_rate: int = 22050, shift: int = 0, noise: float = 0.0, seed: int = 0,
-                textured: bool = False, right: Optional[np.ndarray] = None) -> Path:
+                textured: bool = False, right: Optional[np.ndarray] = None, frame_colours: bool = False) -> Path:
     """A clip whose frames are colour_at(second) and whose audio is a sine. ``textured``: the colour tints a
     smooth scene panning sideways (realistic JPEG sizes); ``noise``: pixel noise of that standard deviation.
-    ``right``: a stereo track, the sine on the left channel and these samples (at ``audio_rate``) on the right."""
+    ``right``: a stereo track, the sine on the left channel and these samples (at ``audio_rate``) on the right.
+    ``frame_colours``: frame i shows colour_at(i) instead (a test can tell which frame of a second was kept)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     vcodec, acodec = CODECS[path.suffix]
@@ -69,7 +70,7 @@ def write_video(path: Path, seconds: float, *, size=(64, 48), fps: int = 10, aud
             astream.layout = layout
         for i in range(int(round(seconds * fps))):
             img = np.empty((h, w, 3), np.uint8)
-            img[:] = colour_at(int(i / fps), shift)
+            img[:] = colour_at(i if frame_colours else int(i / fps), shift)
             if scene is not None:
                 view = scene[:, i : i + w, None]  # pan one pixel per frame
                 img = np.clip(img * (0.6 + 0.4 * view) + 60 * view, 0, 255).astype(np.uint8)

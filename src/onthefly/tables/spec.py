@@ -48,6 +48,7 @@ class Column:
     pending: Optional[str] = None  # why this column cannot run yet (e.g. its dataset reader is not built)
     train_clips: Optional[int] = None  # size of the training split (published), for run-time projections
     method_overrides: dict = field(default_factory=dict)  # {modulation option: [overrides]} (e.g. alpha per dataset)
+    row_overrides: dict = field(default_factory=dict)  # {row id: [overrides]}: what a row sets in this column only
 
 
 @dataclass
@@ -108,6 +109,9 @@ class TableSpec:
     def data_folder(self, row: Row, col: Column) -> Optional[str]:
         """The data folder a cell needs: the column's, or under fidelity=official the folder the official dataset
         options name (conf/fidelity/dataset/official_<data>.yaml: ``cremad_official``, ...)."""
+        roots = [o.split("=", 1)[1] for o in self.cell_overrides(row, col) if o.startswith("dataset.root=")]
+        if roots:  # a cell that reads another cache (the fidelity-ablation's prep row)
+            return roots[-1].rstrip("/").rsplit("/", 1)[-1]
         if not col.data or self.row_fidelity(row) == "clean":
             return col.data
         return official_data_folder(col.data)
@@ -135,7 +139,7 @@ class TableSpec:
         methods = [o.split("=", 1)[1] for o in overrides if o.startswith("modulation=")]
         method = methods[-1] if methods else "none"
         return [f"experiment={col.preset}", f"fidelity={self.row_fidelity(row)}", *overrides,
-                *col.method_overrides.get(method, [])]
+                *col.method_overrides.get(method, []), *col.row_overrides.get(row.id, [])]
 
     def analyses(self) -> set[str]:
         """Post-training analyses the rows need (probe, robustness, estimator)."""
@@ -151,7 +155,7 @@ class TableSpec:
 _SPEC_KEYS = {"name", "title", "columns", "rows", "seeds", "values", "protocol", "published", "overrides", "plots",
               "notes", "fidelity"}
 _COL_KEYS = {"preset", "data", "prep", "label", "published_dataset", "overrides", "pending", "train_clips",
-             "method_overrides"}
+             "method_overrides", "row_overrides"}
 _ROW_KEYS = {"overrides", "label", "values", "published", "analyses", "same_runs_as", "fidelity"}
 _PLOTS = {"rho", "k", "q", "acc_curves", "robustness", "probe"}
 
@@ -249,6 +253,12 @@ def load_spec(path: Path | str, fidelity: Optional[str] = None) -> TableSpec:
                         published=r.get("published"), analyses=list(r.get("analyses", [])),
                         same_runs_as=r.get("same_runs_as"), fidelity=r.get("fidelity")))
     ids = {r.id for r in rows}
+    for col in columns:
+        for rid, extra in col.row_overrides.items():
+            if rid not in ids:
+                raise SpecError(f"{where} column {col.id} row_overrides: {rid!r} is not a row of the spec")
+            for o in extra:
+                _check_override(f"{where} column {col.id} row_overrides.{rid}", o)
     for r in rows:
         if r.same_runs_as and (r.same_runs_as not in ids or r.same_runs_as == r.id):
             raise SpecError(f"{where} row {r.id}: same_runs_as names {r.same_runs_as!r}, not another row")
