@@ -84,7 +84,7 @@ official_prep = $(if $(OFFICIAL),$(2) out_root=$(or $(OUT),$(or $(ONTHEFLY_DATA)
 prep-cremad: $(STAMP)  ## cache CREMA-D: make prep-cremad RAW=/path/to/CREMA-D [OUT=] [SPLITS=dir of lists] [SPLIT=speaker] [FIDELITY=official]
 	$(call need,RAW,make prep-cremad RAW=/path/to/CREMA-D [OUT=...] [SPLITS=/dir/with/train.csv+test.csv])
 	$(if $(OFFICIAL),$(call need,SPLITS,make prep-cremad FIDELITY=official RAW=/path/to/CREMA-D SPLITS=/path/to/OGM-GE_CVPR2022/data/CREMAD (its train.csv + test.csv)))
-	$(PY) -m data_prep.cremad raw_root=$(RAW) $(if $(SPLITS),splits=$(SPLITS)) $(if $(SPLIT),split=$(SPLIT)) $(call official_prep,cremad,frame_times=second_start) $(PREP_COMMON)
+	$(PY) -m data_prep.cremad raw_root=$(RAW) $(if $(SPLITS),splits=$(SPLITS)) $(if $(SPLIT),split=$(SPLIT)) $(call official_prep,cremad,frame_times=second_start resample=kaiser_best) $(PREP_COMMON)
 
 prep-kinetics-sounds: $(STAMP)  ## cache Kinetics-Sounds: make prep-kinetics-sounds RAW=/path/to/kinetics400 [SPLITS=lists] [FIDELITY=official]
 	$(call need,RAW,make prep-kinetics-sounds RAW=/path/to/kinetics400 [SPLITS=/path/to/lists] [OUT=...])

@@ -37,6 +37,7 @@ EXPECTED = ("VideoFlash/<clip>.flv and AudioWAV/<clip>.wav files under raw_root=
 class Options(CommonOptions):
     audio: str = "ogm_ge"  # ogm_ge: 257 x 188 log-STFT at 22,050 Hz | fbank: kaldi fbank, 128 mel bins
     downmix: str = "pyav"  # stereo to mono: pyav (FFmpeg, 0.707 each) | mean (librosa) | first (channel 0)
+    resample: str = "sinc"  # WAV 16 kHz -> 22,050 Hz: sinc (torchaudio) | kaiser_best (librosa < 0.10, the CVPR loader)
     splits: Optional[str] = None  # a folder holding train.csv and test.csv (and val.csv) of `<clip>,<EMO>` lines
     split: str = "random"  # without lists: random (stratified) | speaker (actors held out)
     seed: int = 0

@@ -271,17 +271,25 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
     return out
 
 
-def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+# librosa's kaiser_best (resampy) as torchaudio's Kaiser-windowed sinc: the parameters torchaudio's documentation
+# gives for matching it
+KAISER_BEST = {"lowpass_filter_width": 64, "rolloff": 0.9475937167399596, "resampling_method": "sinc_interp_kaiser",
+               "beta": 14.769656459379492}
+
+
+def _resample(wave: np.ndarray, rate: int, target: int, method: str = "sinc") -> np.ndarray:
     if rate == target or wave.size == 0:
         return wave
     import torchaudio.functional as AF
 
-    return AF.resample(torch.from_numpy(wave), rate, target).numpy()
+    options = KAISER_BEST if method == "kaiser_best" else {}
+    return AF.resample(torch.from_numpy(np.ascontiguousarray(wave)), rate, target, **options).numpy()
 
 
-def read_wav(path: Path, sample_rate: int, downmix: str = "mean") -> np.ndarray:
+def read_wav(path: Path, sample_rate: int, downmix: str = "mean", resample: str = "sinc") -> np.ndarray:
     """A WAV (any soundfile format) as float32 mono at ``sample_rate`` Hz: the channel mean (``downmix`` mean or
-    pyav: soundfile has no FFmpeg mix), or channel 0 (``first``)."""
+    pyav: soundfile has no FFmpeg mix), or channel 0 (``first``), resampled by ``resample`` (sinc: torchaudio's
+    default; kaiser_best: librosa's before 0.10)."""
     path = check_file(path)
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
@@ -289,7 +297,7 @@ def read_wav(path: Path, sample_rate: int, downmix: str = "mean") -> np.ndarray:
         raise Unreadable(f"{path}: not a readable audio file ({err})") from None
     if data.shape[0] == 0:
         raise EmptyAudio(f"{path} holds no audio samples")
-    return _resample(downmix_channels(data.T, downmix), rate, sample_rate).astype(np.float32)
+    return _resample(downmix_channels(data.T, downmix), rate, sample_rate, resample).astype(np.float32)
 
 
 def check_audio(wave: np.ndarray, sample_rate: int, min_seconds: float, path: Path) -> np.ndarray:

@@ -32,7 +32,8 @@ from data_prep.cache import CacheWriter, Clip, Result
 from data_prep.errors import PrepError, UsageError
 from data_prep.parent import PARENT_ENV, exit_with_parent
 from data_prep.media import check_audio, decode_container, encode_frame, read_wav, MediaError
-from onthefly.data.cache import DOWNMIX, FRAME_TIMES, INDEX_FILE, OK, RECIPE_FILE, SPLITS, read_json, write_json
+from onthefly.data.cache import (DOWNMIX, FRAME_TIMES, INDEX_FILE, OK, RECIPE_FILE, RESAMPLE, SPLITS, read_json,
+                                 write_json)
 from onthefly.data.cache import audio_recipe as recipes_for
 
 
@@ -114,6 +115,8 @@ def parse_args(argv: Sequence[str], options_cls: type, usage: str) -> Any:
         fail(f"frame_times: must be one of {', '.join(FRAME_TIMES)}, got {opts.frame_times!r}")
     if getattr(opts, "downmix", "pyav") not in DOWNMIX:
         fail(f"downmix: must be one of {', '.join(DOWNMIX)}, got {opts.downmix!r}")
+    if getattr(opts, "resample", "sinc") not in RESAMPLE:
+        fail(f"resample: must be one of {', '.join(RESAMPLE)}, got {opts.resample!r}")
     return opts
 
 
@@ -200,10 +203,10 @@ def process_av(clip: Clip, config: dict) -> Result:
     """An audio-visual clip: the audio recipe (from ``sources['audio']`` if given, else the container's audio
     track) and the 1-fps frames of ``sources['video']`` as JPEG bytes."""
     rec = config["audio"]
-    rate, downmix = int(rec["sample_rate"]), rec.get("downmix", "pyav")
+    rate, downmix, resample = int(rec["sample_rate"]), rec.get("downmix", "pyav"), rec.get("resample", "sinc")
     times = config.get("frame_times", "centre")
     if "audio" in clip.sources:  # a separate file (CREMA-D's WAV): check it before decoding any video
-        wave = check_audio(read_wav(Path(clip.sources["audio"]), rate, downmix), rate, config["min_audio_s"],
+        wave = check_audio(read_wav(Path(clip.sources["audio"]), rate, downmix, resample), rate, config["min_audio_s"],
                            Path(clip.sources["audio"]))
         decoded = decode_container(Path(clip.sources["video"]), short_side=config["short_side"], frame_times=times)
     else:
@@ -272,7 +275,7 @@ def prep_audio_visual(dataset: str, classes: Sequence[str], options_cls: type, l
     opts = parse_args(argv, options_cls, usage)
     raw = existing_folder(opts.raw_root, "raw_root")
     clips, splits = list_clips(raw, opts)
-    rec = recipes_for(dataset, opts.audio, getattr(opts, "downmix", "pyav"))
+    rec = recipes_for(dataset, opts.audio, getattr(opts, "downmix", "pyav"), getattr(opts, "resample", "sinc"))
     recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
     out = Path(opts.out_root).expanduser() if opts.out_root else default_out(dataset)
     return run_prep(dataset=dataset, clips=clips, out_root=out, recipe=recipe, streams=["visual"],

@@ -88,7 +88,8 @@ def official_cremad(tmp_path_factory):
         media.write_wav(raw / "AudioWAV" / f"{name}.wav", 1.5, freq=media.SINE_HZ)
     lists = media.write_cvpr_cremad_lists(root / "lists", names[1:], names[:1])
     out = root / "data" / "cremad_official"
-    summary = media.prep(cremad, raw_root=raw, out_root=out, splits=lists, frame_times="second_start")
+    summary = media.prep(cremad, raw_root=raw, out_root=out, splits=lists, frame_times="second_start",
+                         resample="kaiser_best")
     return {"root": root, "raw": raw, "lists": lists, "out": out, "summary": summary, "names": names}
 
 
@@ -98,6 +99,7 @@ def test_official_lists_give_their_split_sizes(official_cremad):
     assert summary["per_split"]["test"] == {"listed": 1, "cached": 1}
     recipe = CacheReader(official_cremad["out"], "cremad").recipe
     assert recipe["splits"]["mode"] == "lists" and recipe["frames"]["times"] == "first frame of each second"
+    assert recipe["audio"]["resample"] == "kaiser_best" and "downmix" not in recipe["audio"]
 
 
 def test_second_start_frames_are_the_first_frame_of_each_second(official_cremad):
@@ -127,7 +129,7 @@ def test_the_reader_refuses_a_cache_of_other_frames_and_names_the_prep(official_
     clean = instantiate(compose(["dataset=cremad", f"dataset.root={official_cremad['out']}"]).dataset)
     with pytest.raises(CacheMismatchError, match="frames.times: cache has 'first frame of each second'") as err:
         clean.open()
-    assert "ARGS=frame_times=centre" in str(err.value) and "make prep-cremad" in str(err.value)
+    assert 'ARGS="resample=sinc frame_times=centre"' in str(err.value) and "make prep-cremad" in str(err.value)
     official = instantiate(compose(["experiment=tpami2024/cremad", "fidelity=official",
                                     f"paths.data_root={official_cremad['root'] / 'data'}"]).dataset)
     splits = official.splits()
@@ -142,11 +144,24 @@ def test_official_config_on_a_clean_cache_names_every_prep_option(official_crema
         official.open()
     text = str(err.value)
     assert "splits.mode: cache has 'random', config asks for 'lists'" in text
-    assert "SPLITS=/path/to/lists" in text and "ARGS=frame_times=second_start" in text
+    assert "audio.resample: cache has 'sinc' (the default, not recorded), config asks for 'kaiser_best'" in text
+    assert "SPLITS=/path/to/lists" in text and 'frame_times=second_start' in text and "resample=kaiser_best" in text
     missing = instantiate(compose(["experiment=cvpr2022/cremad", "fidelity=official",
                                    f"dataset.root={tmp_path / 'none'}"]).dataset)
-    with pytest.raises(Exception, match="SPLITS=/path/to/lists ARGS=frame_times=second_start"):
+    with pytest.raises(Exception, match='SPLITS=/path/to/lists ARGS="frame_times=second_start resample=kaiser_best"'):
         missing.open()  # a missing cache: the prep command already carries the official options
+
+
+def test_kaiser_best_resampling_is_librosas_filter(tmp_path):
+    from data_prep.media import _resample
+
+    wave = media.sine(1000.0, 1.0, 16000)
+    sinc, kaiser = _resample(wave, 16000, 22050), _resample(wave, 16000, 22050, "kaiser_best")
+    assert sinc.shape == kaiser.shape == (22050,)
+    t = np.arange(22050) / 22050
+    ideal = 0.5 * np.sin(2 * np.pi * 1000.0 * t).astype(np.float32)
+    middle = slice(2000, 20000)  # away from the edges
+    assert np.abs(kaiser[middle] - ideal[middle]).max() < 1e-3 and not np.allclose(kaiser, sinc, atol=1e-6)
 
 
 def _stereo_kinetics(root):

@@ -87,6 +87,12 @@ AUDIO_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 # read with soundfile has no FFmpeg mix: pyav and mean both average its channels there.
 DOWNMIX = ("pyav", "mean", "first")
 DEFAULT_DOWNMIX = "pyav"
+# How a WAV at another rate is resampled (a prep option, recorded as "resample" when it is not the default):
+# sinc = torchaudio's default windowed sinc; kaiser_best = librosa's default before 0.10 (resampy's kaiser_best,
+# which the CVPR CREMA-D loader used), as torchaudio's Kaiser-windowed sinc with its parameters.
+RESAMPLE = ("sinc", "kaiser_best")
+# the audio prep options and their defaults (a recipe records only those that differ)
+AUDIO_PREP_DEFAULTS = {"downmix": DEFAULT_DOWNMIX, "resample": "sinc"}
 # Which frames the prep caches (recipe.json "frames.times"; a prep option): `centre` = the frame on screen at the
 # centre of each second (DATA.md); `second_start` = every int(fps)-th decoded frame from the first, i.e. the first
 # frame of each second as the released extraction scripts count seconds.
@@ -108,9 +114,9 @@ class CacheMismatchError(CacheMissingError):
     """The cache exists but was made with a recipe (or split) other than the config asks for."""
 
 
-def audio_recipe(dataset: str, name: str, downmix: str = DEFAULT_DOWNMIX) -> dict[str, Any]:
-    """The recipe's parameters, with its name (and its downmix where it is not the default), as recorded in
-    ``recipe.json``."""
+def audio_recipe(dataset: str, name: str, downmix: str = DEFAULT_DOWNMIX, resample: str = "sinc") -> dict[str, Any]:
+    """The recipe's parameters, with its name (and its downmix and resampler where they are not the defaults), as
+    recorded in ``recipe.json``."""
     try:
         params = AUDIO_RECIPES[dataset][name]
     except KeyError:
@@ -118,7 +124,10 @@ def audio_recipe(dataset: str, name: str, downmix: str = DEFAULT_DOWNMIX) -> dic
         raise ValueError(f"{dataset} has no audio recipe {name!r}; known: {known}") from None
     if downmix not in DOWNMIX:
         raise ValueError(f"downmix must be one of {list(DOWNMIX)}, got {downmix!r}")
-    return {"name": name, **params, **({"downmix": downmix} if downmix != DEFAULT_DOWNMIX else {})}
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample must be one of {list(RESAMPLE)}, got {resample!r}")
+    chosen = {"downmix": downmix, "resample": resample}
+    return {"name": name, **params, **{k: v for k, v in chosen.items() if v != AUDIO_PREP_DEFAULTS[k]}}
 
 
 def prep_command(dataset: str, root: Path | str, extra: str = "") -> str:
@@ -362,8 +371,8 @@ class CacheReader:
                 have = have.get(part) if isinstance(have, dict) else None
             if isinstance(have, dict) and isinstance(want, dict) and have.get("name") != want.get("name"):
                 diffs.append((f"{key}.name", have.get("name"), want.get("name")))  # another recipe altogether
-                if have.get("downmix") != want.get("downmix"):
-                    diffs.append((f"{key}.downmix", have.get("downmix"), want.get("downmix")))
+                diffs += [(f"{key}.{k}", have.get(k), want.get(k)) for k in AUDIO_PREP_DEFAULTS
+                          if have.get(k) != want.get(k)]
             elif isinstance(have, dict) and isinstance(want, dict):
                 diffs += [(f"{key}.{k}", have.get(k), want.get(k)) for k in sorted(set(have) | set(want), key=str)
                           if _normal(have.get(k)) != _normal(want.get(k))]
@@ -415,8 +424,9 @@ class CacheReader:
 
 
 def _shown(key: str, value: Any) -> str:
-    if value is None and key.endswith(".downmix"):
-        return f"{DEFAULT_DOWNMIX!r} (the default, not recorded)"
+    option = key.rsplit(".", 1)[-1]
+    if value is None and key.startswith("audio.") and option in AUDIO_PREP_DEFAULTS:
+        return f"{AUDIO_PREP_DEFAULTS[option]!r} (the default, not recorded)"
     return repr(value)
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from onthefly.config import NonNegativeInt, PositiveInt, Range
 from onthefly.data.base import DataSplits, EmptySplitError
 from onthefly.data.audio import log_spectrogram
-from onthefly.data.cache import FRAME_TIMES, CacheReader, audio_recipe, make_args, prep_command
+from onthefly.data.cache import AUDIO_PREP_DEFAULTS, FRAME_TIMES, CacheReader, audio_recipe, make_args, prep_command
 from onthefly.data.loaders import mix_seed
 from onthefly.data.sampling import Sampling, crop_start, frame_indices
 from onthefly.data.transforms import IMAGENET_MEAN, IMAGENET_STD, FrameTransform, random_resized_crop_box
@@ -103,6 +103,11 @@ class Downmix(str, enum.Enum):
     pyav = "pyav"  # FFmpeg's mono mix (each of two channels x 0.707)
     mean = "mean"  # the channel mean (librosa)
     first = "first"  # channel 0 (torchaudio's kaldi fbank)
+
+
+class Resample(str, enum.Enum):
+    sinc = "sinc"  # torchaudio's default
+    kaiser_best = "kaiser_best"  # librosa's default before 0.10 (the CVPR CREMA-D loader)
 
 
 class AudioEvalWindow(str, enum.Enum):
@@ -323,9 +328,10 @@ class AudioClipCache(ClipCache):
 
     def recipe_checks(self) -> dict[str, tuple[Any, str]]:
         checks = {**super().recipe_checks(),
-                  "audio": (audio_recipe(self.name, self.audio_recipe, self.downmix.value), f"AUDIO={self.audio_recipe}"),
+                  "audio": (audio_recipe(self.name, self.audio_recipe, **self.audio_prep()), f"AUDIO={self.audio_recipe}"),
                   "frames.times": (FRAME_TIMES[self.frame_times.value], f"ARGS=frame_times={self.frame_times.value}")}
-        checks["audio.downmix"] = (FIX_ONLY, f"ARGS=downmix={self.downmix.value}")  # compared within "audio"
+        for option, value in self.audio_prep().items():  # compared within "audio"; named for the fix
+            checks[f"audio.{option}"] = (FIX_ONLY, f"ARGS={option}={value}")
         return checks
 
     def prep_args(self) -> list[str]:
@@ -334,9 +340,12 @@ class AudioClipCache(ClipCache):
             args.append(f"AUDIO={self.audio_recipe}")
         if self.frame_times is not FrameTimes.centre:
             args.append(f"ARGS=frame_times={self.frame_times.value}")
-        if self.downmix is not Downmix.pyav:
-            args.append(f"ARGS=downmix={self.downmix.value}")
+        args += [f"ARGS={k}={v}" for k, v in self.audio_prep().items() if v != AUDIO_PREP_DEFAULTS[k]]
         return args
+
+    def audio_prep(self) -> dict[str, str]:
+        """The prep's audio options these options ask for (``audio_recipe``'s keyword arguments)."""
+        return {"downmix": self.downmix.value}
 
     def usable_rows(self, ok: pd.DataFrame) -> pd.DataFrame:
         if self.min_frames > 1 and "visual" in self.modalities:
