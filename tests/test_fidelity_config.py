@@ -159,7 +159,7 @@ def test_fidelity_ablation_rows_pin_their_fidelity_and_compose(tmp_path):
     spec = load_spec(EXPERIMENTS_DIR / "fidelity-ablation.yaml")
     assert {c.id for c in spec.columns} == {"cremad", "kinetics_sounds"}
     assert [r.id for r in spec.rows][0] == "clean" and spec.rows[-1].fidelity == "official"
-    assert "official: official" in spec.fidelity_text
+    assert spec.fidelity_text == "clean; row official: official"
     jobs = sweep.all_jobs(sweep.plan(spec, [0], tmp_path, root=tmp_path))
     assert sweep.check_cells(spec, jobs, []) == {}
     prep = next(r for r in spec.rows if r.id == "prep")

@@ -97,7 +97,7 @@ class TableSpec:
         pinned = [r for r in self.rows if r.fidelity and r.fidelity != self.fidelity]
         if not pinned:
             return self.fidelity
-        return f"{self.fidelity} (rows {', '.join(f'{r.id}: {r.fidelity}' for r in pinned)})"
+        return f"{self.fidelity}; " + ", ".join(f"row {r.id}: {r.fidelity}" for r in pinned)
 
     @property
     def heading(self) -> str:
