@@ -183,12 +183,17 @@ class Trainer:
                 detached = {m: f.detach() for m, f in ctx.features.items()}
                 ctx.unimodal = {m: task.class_logits(z)
                                 for m, z in model.head.unimodal_logits(detached, self.estimator).items()}
+                # samples whose forward a method altered (a modality dropped inside the model) leave the scores
+                weight = None if ctx.keep is None else ctx.keep.all(dim=1)
                 ctx.scores, ctx.rho = discrepancy(ctx.unimodal, labels, self.cfg.discrepancy.reduce,
-                                                  all_reduce=self._all_reduce)
+                                                  all_reduce=self._all_reduce, weight=weight)
             ctx.log_per_modality("rho", ctx.rho)
             ctx.log_per_modality("acc", torch.stack([(z.argmax(1) == labels).float().mean() for z in ctx.unimodal.values()]))
         hooks.on_features(ctx)
         ctx.logits = model.head(ctx.features)
+        terms = getattr(model.head, "training_terms", None)
+        if terms is not None:  # a head's own loss terms (CentralNet's branch classifiers)
+            terms(ctx, task)
         hooks.after_forward(ctx)
         per_sample = task.loss(ctx.logits, labels, ctx.features)
         if ctx.sample_weight is None:

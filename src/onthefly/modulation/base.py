@@ -15,7 +15,8 @@ Per epoch:
     epoch_end(ctx)              after each epoch's validation
     train_indices(epoch)        the training samples of the coming epoch (None: the whole train split once)
 In each training step (the default step; a step strategy calls the same hooks through the trainer):
-    before_forward(ctx)   inputs, labels and sample indices are set
+    before_forward(ctx)   inputs, labels and sample indices are set; may set ctx.keep / ctx.curation, which the
+                          model's interaction module reads inside the forward (mid-fusion models)
     on_features(ctx)      encoder features, uni-modal logits, scores and ρ are set; may edit ctx.features
                           (OPM drops them), ctx.sample_weight (samples to leave out of the loss)
     after_forward(ctx)    fused logits are set; may add ctx.extra_losses and set ctx.loss_weight
@@ -61,6 +62,10 @@ class StepContext:
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
     batches: Optional[Callable[..., Iterator[tuple]]] = None
     phase: str = "train"  # the epoch's phase (EpochSchedule.phase)
+    # what a method hands the model for this step's forward (set in before_forward; model.encode reads them):
+    keep: Optional[torch.Tensor] = None  # [B, M] bool: modalities kept per sample (OPM inside a mid-fusion model);
+    #                                      samples with a dropped modality are left out of the scores and ρ
+    curation: Optional[str] = None  # the modality whose branch this step curates (Greedy; None: a regular step)
 
     def log_per_modality(self, name: str, values: torch.Tensor) -> None:
         for m, v in zip(self.modalities, values.detach().unbind(0)):
