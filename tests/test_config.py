@@ -165,6 +165,13 @@ def test_backbone_without_a_modality_fails_with_a_clear_message():
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "fusion"])
 def test_fusion_options_instantiate(option):
     cfg = _cfg(f"fusion={option}")
+    if "interaction" in cfg.fusion:  # mid-fusion: an interaction module over the encoders, then its head
+        model = build_model(cfg, ["audio", "visual"], num_classes=3)
+        assert type(model.head).__name__ == cfg.fusion.head._target_.rsplit(".", 1)[-1]
+        assert type(model.interaction).__name__ == cfg.fusion.interaction._target_.rsplit(".", 1)[-1]
+        x = {"audio": torch.randn(2, 1, 64, 32), "visual": torch.randn(2, 2, 3, 32, 32)}
+        assert model(x).shape == (2, 3)
+        return
     feats = {"audio": torch.randn(5, 8), "visual": torch.randn(5, 8)}
     if option.startswith("qa"):  # question-conditioned: the question (and 3 choices) come as context
         head = instantiate(cfg.fusion, feature_dims={"audio": 8, "visual": 8}, num_classes=3,
@@ -177,9 +184,13 @@ def test_fusion_options_instantiate(option):
     assert out.shape == (5, 3)
 
 
+# methods that only work on a particular model (they refuse others with a message; tests/test_complex_models.py)
+METHOD_NEEDS = {"greedy": ("fusion=mmtm",)}
+
+
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "modulation"])
 def test_modulation_options_instantiate_and_set_up(option):
-    cfg = _cfg(f"modulation={option}")
+    cfg = _cfg(f"modulation={option}", *METHOD_NEEDS.get(option, ()))
     method = instantiate(cfg.modulation)
     assert isinstance(method, Modulation)
     assert type(method).__name__ == cfg.modulation._target_.rsplit(".", 1)[-1]

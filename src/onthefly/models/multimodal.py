@@ -118,7 +118,13 @@ def build_model(cfg, modalities: list[str], num_classes: int, *, encoder_args: O
         runtime["context_dims"] = {k: e.out_dim for k, e in context_encoders.items()}
     head_cfg, interaction = cfg.fusion, None
     if "interaction" in cfg.fusion:  # mid-fusion: conf/fusion/<name>.yaml names an interaction module and a head
-        interaction = instantiate(cfg.fusion.interaction, encoders=encoders)
+        try:
+            interaction = instantiate(cfg.fusion.interaction, encoders=encoders)
+        except Exception as err:  # noqa: BLE001 (Hydra wraps the module's own message; give that one)
+            cause = err.__cause__ if isinstance(err.__cause__, ValueError) else None
+            if cause is None:
+                raise
+            raise ValueError(str(cause)) from err
         runtime.update(feature_dims=dict(interaction.feature_dims), **interaction.head_args)
         head_cfg = cfg.fusion.head
     try:

@@ -123,7 +123,7 @@ class OPM(Modulation):
             q = None if rho is None or ctx.epoch not in self.window else opm_drop_probs(rho, self.q_base, self.lam)
             keep = None
             if q is not None and self._execute():
-                keep = draw_keep(ctx.labels.shape[0], q)
+                keep = draw_keep(ctx.features[ctx.modalities[0]].shape[0], q)
         if q is None:
             ctx.log_per_modality("q", torch.zeros_like(ctx.rho))
             ctx.log_per_modality("drop", torch.zeros_like(ctx.rho))
