@@ -231,19 +231,21 @@ def test_ogm_scales_only_the_dominant_encoders_conv_gradients(fusion):
 
 
 def test_ogm_fusion_params_option_also_scales_mmtm_excitation():
+    """The squeeze layers (shared) are never scaled; the excitation of m with fusion_params=interaction, and
+    m's branch classifier too with all."""
     model = tiny_model("mmtm").eval()
     x, labels = tiny_inputs(batch=4, frames=2), torch.tensor([0, 1, 2, 3])
     base = _grads(model, x, labels)
-    ogm = OGM(alpha=0.5, ge=False, end=None, fusion_params=True)
-    ogm.setup(model, 5)
-    after = _grads(model, x, labels, ogm)
     k = 1 - math.tanh(0.5 * 3.0)
-    for name in base:
-        own = name.startswith("interaction.units.") and ".excite.audio." in name or name.startswith("head.branch.audio.")
-        conv = name.startswith("encoders.audio.") and base[name].dim() == 4
-        torch.testing.assert_close(after[name], (k if own or conv else 1.0) * base[name], msg=name)
-    assert not any("squeeze" in n and "excite" not in n and torch.allclose(after[n], k * base[n]) and
-                   not torch.allclose(base[n], torch.zeros_like(base[n])) for n in base)
+    for option in ("interaction", "all"):
+        ogm = OGM(alpha=0.5, ge=False, end=None, fusion_params=option)
+        ogm.setup(model, 5)
+        after = _grads(model, x, labels, ogm)
+        for name in base:
+            own = name.startswith("interaction.units.") and ".excite.audio." in name
+            own = own or (option == "all" and name.startswith("head.branch.audio."))
+            conv = name.startswith("encoders.audio.") and base[name].dim() == 4
+            torch.testing.assert_close(after[name], (k if own or conv else 1.0) * base[name], msg=f"{option} {name}")
 
 
 def test_ogm_on_shared_parameters_scales_the_feature_gradient():
@@ -368,7 +370,7 @@ def test_centralnet_estimate_passes_leave_the_running_statistics_alone():
     torch.testing.assert_close(head.blocks[0].bn.running_mean, before)
     head(feats)
     assert not torch.allclose(head.blocks[0].bn.running_mean, before)
-    head(feats := {k: v[:1] for k, v in feats.items()})  # one sample: running statistics, no error
+    head({k: v[:1] for k, v in feats.items()})  # one training sample: the running statistics, no error
 
 
 def test_rho_of_attention_fusion_masks_the_other_modality():
@@ -436,7 +438,7 @@ def test_greedy_guided_curates_the_branch_whose_bypass_learns_faster():
     g.after_backward(ctx)  # locked: speeds summed, no curation
     assert g.left == 0
     torch.testing.assert_close(ctx.metrics["greedy_d_bdr"], torch.tensor(2.0))  # log10(100) - log10(1)
-    g.epoch_start(ctx_for(None, None, None) if False else StepContext(1, 0, 0, None, MODS))
+    g.epoch_start(StepContext(epoch=1, step=0, global_step=0, model=None, modalities=MODS))  # unlocks
     g.after_backward(ctx)
     assert (g.caring, g.left) == (0, 2)
     for step in range(2):  # two curation steps of the audio branch, no speed measured
@@ -582,3 +584,15 @@ def test_debug_fast_run_per_model_and_method(train_run, fusion, method):
         assert {"train/alpha1_audio", "train/branch_loss_visual"} <= set(steps.columns)
     if method == "greedy":
         assert steps["train/greedy_curating"].sum() > 0  # epsilon 0: every regular step after unlock curates
+
+
+@pytest.mark.slow
+def test_analyses_run_on_an_attention_fusion_run(train_run):
+    """Token features ([N, T·H·W, d]) go through the probe (mean token) and the robustness test (zeroed = masked)."""
+    from onthefly.analyse import analyse
+
+    _, out = train_run("fusion=xattn", "fusion.interaction.dim=32", "modulation=opm")
+    probe = analyse("probe", out)
+    robust = analyse("robustness", out)
+    assert set(MODS) <= set(probe) and set(MODS) <= set(robust["acc"])
+    assert all(len(v) == len(robust["ratios"]) for v in robust["acc"].values())

@@ -52,14 +52,6 @@ class MultimodalModel(nn.Module):
         """True when the modalities' feature paths share parameters (a shared transformer)."""
         return bool(getattr(self.interaction, "shares_parameters", False))
 
-    def fusion_parameters(self, modality: str) -> list[nn.Parameter]:
-        """Parameters outside ``encoders[modality]`` that act on that modality alone: the interaction's (MMTM's
-        excitation, the token projection) and the head's (a per-branch classifier)."""
-        found = []
-        for module in (self.interaction, self.head):
-            found += list(getattr(module, "modality_parameters", lambda _m: [])(modality))
-        return found
-
     def encode(self, inputs: Dict[str, Any], ctx: Any = None) -> Dict[str, torch.Tensor]:
         """Features of every modality and context input, plus the passed-through entries. ``ctx``: the training
         step's context (None at evaluation), the one argument through which a method reaches inside the forward:

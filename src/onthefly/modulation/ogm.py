@@ -38,6 +38,12 @@ def select_parameters(encoder: nn.Module, scope: Scope | str) -> list[nn.Paramet
     return [p for p in encoder.parameters() if p.requires_grad and p.dim() > 1]
 
 
+class FusionParams(str, enum.Enum):
+    none = "none"  # the encoder only (the official code)
+    interaction = "interaction"  # + the interaction's parameters of m alone (MMTM excitation, token projection)
+    all = "all"  # + the head's parameters of m alone too (a per-branch classifier)
+
+
 class Level(str, enum.Enum):
     auto = "auto"  # feature where the model's modalities share parameters (a shared transformer), else parameter
     parameter = "parameter"  # scale encoder m's parameter gradients after backward (the official code)
@@ -69,7 +75,7 @@ class OGM(Modulation):
     """Scale the dominant modality's encoder gradients by k_m after backward (+ GE noise when ``ge``).
 
     On mid-fusion models (docs/method.md §10.4): ``level=parameter`` scales ``model.encoders[m]``'s parameters only
-    (the interaction's and the head's untouched unless ``fusion_params``); ``level=feature`` scales the gradient of
+    (the interaction's and the head's untouched unless ``fusion_params`` names them); ``level=feature`` scales the gradient of
     m's feature φ_m instead (a hook set in on_features), which reaches every parameter upstream of φ_m, shared or
     not; ``auto`` picks feature where the modalities share parameters."""
 
@@ -86,12 +92,12 @@ class OGM(Modulation):
         ge: bool = True,
         ge_scale: float = 1.0,
         level: Level = Level.auto,
-        fusion_params: bool = False,
+        fusion_params: FusionParams = FusionParams.none,
     ):
         self.alpha, self.coeff_form, self.scope = float(alpha), CoeffForm(coeff_form), Scope(scope)
         self.window = EpochWindow(start, end, warmup_epochs)
         self.noise = float(ge_scale) if ge else 0.0
-        self.level, self.fusion_params = Level(level), bool(fusion_params)
+        self.level, self.fusion_params = Level(level), FusionParams(fusion_params)
         self.params: dict[str, list[nn.Parameter]] = {}
         self._k: Optional[torch.Tensor] = None  # this step's k when feature hooks scaled the gradients
 
@@ -99,10 +105,15 @@ class OGM(Modulation):
         if self.level is Level.auto:
             self.level = Level.feature if getattr(model, "shares_parameters", False) else Level.parameter
         self.params = {m: select_parameters(enc, self.scope) for m, enc in model.encoders.items()}
-        if self.fusion_params:  # also the interaction's / head's parameters that act on m alone (an option)
+        if self.fusion_params is not FusionParams.none:  # parameters outside the encoder that act on m alone
+            modules = [getattr(model, "interaction", None)]
+            if self.fusion_params is FusionParams.all:
+                modules.append(model.head)
             for m in self.params:
                 own = {id(p) for p in self.params[m]}
-                self.params[m] += [p for p in model.fusion_parameters(m) if p.requires_grad and id(p) not in own]
+                extra = [p for mod in modules if mod is not None
+                         for p in getattr(mod, "modality_parameters", lambda _m: [])(m)]
+                self.params[m] += [p for p in extra if p.requires_grad and id(p) not in own]
         for m, ps in self.params.items():
             if not ps:
                 warnings.warn(
