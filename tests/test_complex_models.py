@@ -556,7 +556,12 @@ def test_mmtm_utilisation_isolates_each_stream():
 def test_fusions_compose_with_the_presets(fusion, preset):
     cfg = compose([f"experiment={preset}", f"fusion={fusion}", "modulation=opm_ogm"])
     assert cfg.backbone.name == "resnet18" and "interaction" in cfg.fusion
-    assert cfg.dataset.num_frames >= 1
+    model = build_model(cfg, MODS, 6)  # the preset's full-width encoders
+    assert model.encoders["audio"].stage_channels[-1] == 512
+    size = cfg.dataset.image_size
+    x = {"audio": torch.randn(1, 1, 257, 188), "visual": torch.randn(1, cfg.dataset.num_frames, 3, size, size)}
+    with torch.no_grad():
+        assert model.eval()(x).shape == (1, 6)
 
 
 METHODS = ["none", "ogm_ge", "opm", "opm_ogm"]
@@ -596,3 +601,23 @@ def test_analyses_run_on_an_attention_fusion_run(train_run):
     robust = analyse("robustness", out)
     assert set(MODS) <= set(probe) and set(MODS) <= set(robust["acc"])
     assert all(len(v) == len(robust["ratios"]) for v in robust["acc"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [["fusion=mmtm", "modulation=opm_ogm"],
+                                    ["fusion=mmtm", "modulation=greedy", "modulation.starting_epoch=0",
+                                     "modulation.window=2"]], ids=["mmtm-opm_ogm", "mmtm-greedy"])
+def test_a_resumed_mid_fusion_run_equals_the_uninterrupted_one(train_run, tmp_path, method):
+    """The running squeeze means and gates (model buffers), OPM's previous ρ and Greedy's sums and curation
+    state are all in the checkpoint."""
+    import shutil
+
+    from onthefly.engine import checkpoint as ckpt
+    from test_resume import _assert_same_run
+
+    _, full = train_run(*method, "trainer.checkpoint_every_n_steps=3", "trainer.keep_checkpoints=10", name="full")
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt.path_for(full, 3), part / "checkpoints")
+    _, resumed = train_run(*method, "trainer.checkpoint_every_n_steps=3", "trainer.resume=auto", name="part")
+    _assert_same_run(full, resumed)
