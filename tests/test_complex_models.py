@@ -441,7 +441,7 @@ def test_greedy_guided_curates_the_branch_whose_bypass_learns_faster():
     g.epoch_start(StepContext(epoch=1, step=0, global_step=0, model=None, modalities=MODS))  # unlocks
     g.after_backward(ctx)
     assert (g.caring, g.left) == (0, 2)
-    for step in range(2):  # two curation steps of the audio branch, no speed measured
+    for _ in range(2):  # two curation steps of the audio branch, no speed measured
         c = ctx_for(None, None, torch.zeros(1, dtype=torch.long))
         g.before_forward(c)
         assert c.curation == "audio" and float(c.metrics["greedy_curate_audio"]) == 1.0
