@@ -113,7 +113,7 @@ class OPM(Modulation):
             ctx.keep = draw_keep(ctx.labels.shape[0], self._q)
 
     def on_features(self, ctx: StepContext) -> None:
-        if self.in_forward:
+        if self.in_forward:  # the masks were drawn before the forward: apply the same ones at the head
             self.prev_rho = ctx.rho.detach().clone()
             q, keep = self._q, ctx.keep
         else:
@@ -122,24 +122,32 @@ class OPM(Modulation):
                 rho, self.prev_rho = self.prev_rho, ctx.rho.detach().clone()
             q = None if rho is None or ctx.epoch not in self.window else opm_drop_probs(rho, self.q_base, self.lam)
             keep = None
-            if q is not None and self._execute():
-                keep = draw_keep(ctx.features[ctx.modalities[0]].shape[0], q)
         if q is None:
             ctx.log_per_modality("q", torch.zeros_like(ctx.rho))
-            ctx.log_per_modality("drop", torch.zeros_like(ctx.rho))
-            ctx.metrics["opm_removed"] = torch.zeros((), device=ctx.rho.device)
+            self._log_no_drop(ctx, ctx.rho)
             return
         ctx.log_per_modality("q", q)
-        if keep is None:
-            ctx.log_per_modality("drop", torch.zeros_like(q))  # same columns every step
-            ctx.metrics["opm_removed"] = torch.zeros((), device=q.device)
-            return
-        dropped = apply_keep({m: ctx.features[m] for m in ctx.modalities}, keep, q, self.rescale)
+        feats = {m: ctx.features[m] for m in ctx.modalities}
+        if self.in_forward:
+            if keep is None:
+                self._log_no_drop(ctx, q)
+                return
+            dropped = apply_keep(feats, keep, q, self.rescale)
+        else:
+            if not self._execute():
+                self._log_no_drop(ctx, q)
+                return
+            dropped, keep = drop_features(feats, q, self.rescale)
         ctx.features = {**ctx.features, **dropped}  # context inputs, side targets and side features left alone
         ctx.log_per_modality("drop", 1 - keep.float().mean(0))
         alive = keep.any(dim=1).to(q.dtype)  # a sample with every modality dropped leaves the loss
         ctx.metrics["opm_removed"] = 1 - alive.mean()
         ctx.sample_weight = alive if ctx.sample_weight is None else ctx.sample_weight * alive
+
+    @staticmethod
+    def _log_no_drop(ctx: StepContext, like: torch.Tensor) -> None:
+        ctx.log_per_modality("drop", torch.zeros_like(like))  # same columns every step
+        ctx.metrics["opm_removed"] = torch.zeros((), device=like.device)
 
     def state_dict(self) -> dict:
         return {"prev_rho": self.prev_rho}
