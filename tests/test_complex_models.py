@@ -211,16 +211,24 @@ class _CE:
         return outputs
 
 
+K = 1 - math.tanh(0.5 * 3.0)  # OGM's k for α = 0.5 and ρ_audio = 3 (the _grads default)
+
+
+def _ogm_grads(model, **options):
+    """(gradients without OGM, gradients after OGM with ``options``) of one fixed batch, eval mode."""
+    x, labels = tiny_inputs(batch=4, frames=2), torch.tensor([0, 1, 2, 3])
+    base = _grads(model, x, labels)
+    ogm = OGM(alpha=0.5, ge=False, end=None, **options)
+    ogm.setup(model, 5)
+    return base, _grads(model, x, labels, ogm), ogm
+
+
 @pytest.mark.parametrize("fusion", ["mmtm", "centralnet", "xattn"])
 def test_ogm_scales_only_the_dominant_encoders_conv_gradients(fusion):
     model = tiny_model(fusion, *(["fusion.head.dropout=0"] if fusion == "xattn" else [])).eval()
-    x, labels = tiny_inputs(batch=4, frames=2), torch.tensor([0, 1, 2, 3])
-    base = _grads(model, x, labels)
-    ogm = OGM(alpha=0.5, ge=False, end=None)
-    ogm.setup(model, 5)
+    base, after, ogm = _ogm_grads(model)
     assert ogm.level.value == "parameter"
-    after = _grads(model, x, labels, ogm)
-    k = 1 - math.tanh(0.5 * 3.0)
+    k = K
     scaled = {id(p) for p in model.encoders["audio"].parameters() if p.dim() == 4}
     for name, p in model.named_parameters():
         if name not in base:
@@ -234,13 +242,9 @@ def test_ogm_fusion_params_option_also_scales_mmtm_excitation():
     """The squeeze layers (shared) are never scaled; the excitation of m with fusion_params=interaction, and
     m's branch classifier too with all."""
     model = tiny_model("mmtm").eval()
-    x, labels = tiny_inputs(batch=4, frames=2), torch.tensor([0, 1, 2, 3])
-    base = _grads(model, x, labels)
-    k = 1 - math.tanh(0.5 * 3.0)
+    k = K
     for option in ("interaction", "all"):
-        ogm = OGM(alpha=0.5, ge=False, end=None, fusion_params=option)
-        ogm.setup(model, 5)
-        after = _grads(model, x, labels, ogm)
+        base, after, _ = _ogm_grads(model, fusion_params=option)
         for name in base:
             own = name.startswith("interaction.units.") and ".excite.audio." in name
             own = own or (option == "all" and name.startswith("head.branch.audio."))
@@ -252,13 +256,9 @@ def test_ogm_on_shared_parameters_scales_the_feature_gradient():
     """vatt_ma shares its transformer: OGM hooks ∂L/∂z_audio, so every audio-only parameter (the whole encoder, its
     projection and CLS) gets exactly k·g while the visual path and the head are untouched."""
     model = tiny_model("vatt_ma", "fusion.interaction.dropout=0").eval()
-    x, labels = tiny_inputs(batch=4, frames=2), torch.tensor([0, 1, 2, 3])
-    base = _grads(model, x, labels)
-    ogm = OGM(alpha=0.5, ge=False, end=None)
-    ogm.setup(model, 5)
+    base, after, ogm = _ogm_grads(model)
     assert ogm.level.value == "feature"
-    after = _grads(model, x, labels, ogm)
-    k = 1 - math.tanh(0.5 * 3.0)
+    k = K
     for name in base:
         audio_only = name.startswith("encoders.audio.") or any(
             name.startswith(f"interaction.{part}") for part in ("proj.audio.", "norm.audio.", "type_embedding.audio",
