@@ -36,25 +36,37 @@ clean:  ## remove run outputs and caches (keeps .venv and data/)
 	rm -rf outputs multirun wandb .pytest_cache experiments/results
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
 
-# --- Paper tables (experiments/*.yaml) -------------------------------------------------------------------
-LAUNCHER ?= local
+# --- Paper tables (experiments/*.yaml; docs/reproducing.md) ---------------------------------------------
+# LAUNCHER: a preset of conf/hydra/launcher/: serial (default: one job after another), parallel (joblib), local
+# (submitit on this machine), slurm (one Slurm job array). Every missing job of the table goes into one multirun.
+LAUNCHER ?= serial
 SEEDS ?=
 PARTITION ?=
+ACCOUNT ?=
+RETRY_FAILED ?=
+DRY_RUN ?=
 ARGS ?=
 .PHONY: tables
 
-tables: $(STAMP)  ## list every table spec with its runs, datasets and status
+tables: $(STAMP)  ## list every table spec with its runs, datasets, job states and projected device-hours
 	$(PY) -m onthefly.tables list
 
-reproduce-table-%: $(STAMP)  ## sweep + build one table: make reproduce-table-cvpr-t1 [LAUNCHER=joblib|slurm|submitit_local] [PARTITION=gpu] [SEEDS=0,1,2]
-	$(PY) -m onthefly.tables run $* --launcher $(LAUNCHER) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PARTITION),--partition $(PARTITION)) $(ARGS)
+reproduce-table-%: $(STAMP)  ## run + build one table: make reproduce-table-cvpr-t2 [LAUNCHER=serial|parallel|local|slurm] [PARTITION=gpu] [ACCOUNT=] [SEEDS=0,1,2] [RETRY_FAILED=1] [DRY_RUN=1] [ARGS="key=value ..."]
+	$(PY) -m onthefly.tables run $* --launcher $(LAUNCHER) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(RETRY_FAILED),--retry-failed) $(if $(DRY_RUN),--dry-run) $(ARGS)
+
+build-table-%: $(STAMP)  ## build one table from the runs that finished, and say what is failed, running or missing
+	$(PY) -m onthefly.tables build $* $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
+
+report-table-%: $(STAMP)  ## a W&B report for one table (offline: writes its specification to experiments/results/<name>/)
+	$(PY) -m onthefly.tables report $* $(ARGS)
 
 # ---- Data preparation ------------------------------------------------------------------------------------------
 # Raw download -> cache under $(ONTHEFLY_DATA)/<dataset> (default data/<dataset>), or OUT=... . Resumable: run a
-# target again after an interruption, or after fixing files (git lfs pull); finished clips are skipped.
+# target again after an interruption, or after fixing files (git lfs pull); finished clips are skipped, and clips
+# whose stored data was damaged are prepared again. A prep that finds or caches nothing exits non-zero.
 # WORKERS=N processes (default: one per core); AUDIO=<recipe>; ARGS="key=value ..." passes any other option
 # (python -m data_prep.<dataset> --help lists them). Run from the repository root.
-.PHONY: prep-cremad prep-kinetics-sounds prep-vggsound prep-vggsound-merge prep-ucf101 prep-mosi prep-avqa bench-prep
+.PHONY: prep-cremad prep-kinetics-sounds prep-vggsound prep-vggsound-merge prep-ucf101 prep-mosi prep-avqa bench-prep verify-cache
 PREP_COMMON = $(if $(OUT),out_root=$(OUT)) $(if $(WORKERS),workers=$(WORKERS)) $(if $(AUDIO),audio=$(AUDIO)) $(ARGS)
 need = @test -n "$($(1))" || { echo "usage: $(2)"; exit 2; }
 
@@ -87,6 +99,10 @@ prep-mosi: $(STAMP)  ## cache CMU-MOSI from a MulT or MMSA pickle: make prep-mos
 prep-avqa: $(STAMP)  ## cache AVQA: make prep-avqa ANN=/path/to/avqa (MEDIA=/path/to/videos | VGGSOUND_CACHE=data/vggsound) [FORMAT=music]
 	$(call need,ANN,make prep-avqa ANN=/path/to/annotations (MEDIA=/path/to/videos | VGGSOUND_CACHE=/path/to/vggsound/cache) [FORMAT=yang|music] [OUT=...])
 	$(PY) -m data_prep.avqa ann=$(ANN) $(if $(MEDIA),media=$(MEDIA)) $(if $(VGGSOUND_CACHE),vggsound_cache=$(VGGSOUND_CACHE)) $(if $(FORMAT),format=$(FORMAT)) $(PREP_COMMON)
+
+verify-cache: $(STAMP)  ## decode a whole cache, naming each bad clip: make verify-cache DATASET=cremad [ROOT=path] [ARGS=mark=true]
+	$(call need,DATASET,make verify-cache DATASET=cremad|kinetics_sounds|vggsound|ucf101|mosi|avqa|avqa_music [ROOT=path] [ARGS=mark=true])
+	$(PY) -m data_prep.verify dataset=$(DATASET) $(if $(ROOT),root=$(ROOT)) $(ARGS)
 
 bench-prep: $(STAMP)  ## prep throughput (clips/s per process) and cache bytes per clip, on generated realistic clips
 	$(PY) -m data_prep.bench $(ARGS)
