@@ -564,6 +564,19 @@ def test_fusions_compose_with_the_presets(fusion, preset):
         assert model.eval()(x).shape == (1, 6)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["fusion=mmtm", "fusion.interaction.squeeze_momentum=1.5"], "fusion.interaction.squeeze_momentum=1.5: must be in"),
+    (["fusion=xattn", "fusion.head.dropout=1.0"], "fusion.head.dropout=1.0: must be in"),
+    (["fusion=centralnet", "fusion.head.beta=-1"], "fusion.head.beta=-1.0: must be >= 0"),
+    (["fusion=mmtm", "modulation=greedy", "modulation.window=0"], "modulation.window=0: must be >= 1"),
+])
+def test_mid_fusion_and_greedy_options_are_range_checked(overrides, message):
+    from onthefly.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(overrides))
+
+
 METHODS = ["none", "ogm_ge", "opm", "opm_ogm"]
 RUNS = [(f, m) for f in ["mmtm", "centralnet", "xattn"] for m in METHODS] + [("mmtm", "greedy"), ("vatt_ma", "ogm_ge")]
 
@@ -610,14 +623,9 @@ def test_analyses_run_on_an_attention_fusion_run(train_run):
 def test_a_resumed_mid_fusion_run_equals_the_uninterrupted_one(train_run, tmp_path, method):
     """The running squeeze means and gates (model buffers), OPM's previous ρ and Greedy's sums and curation
     state are all in the checkpoint."""
-    import shutil
-
-    from onthefly.engine import checkpoint as ckpt
-    from test_resume import _assert_same_run
+    from test_resume import _assert_same_run, _killed_copy
 
     _, full = train_run(*method, "trainer.checkpoint_every_n_steps=3", "trainer.keep_checkpoints=10", name="full")
-    part = tmp_path / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copy(ckpt.path_for(full, 3), part / "checkpoints")
+    _killed_copy(full, tmp_path / "part", 3)
     _, resumed = train_run(*method, "trainer.checkpoint_every_n_steps=3", "trainer.resume=auto", name="part")
     _assert_same_run(full, resumed)

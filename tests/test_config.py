@@ -94,7 +94,9 @@ def test_every_option_composes_with_its_own_values(group, option):
     for entry in defaults:
         schema = _schema_named(entry)
         if schema and schema != "backbone_schema":
-            assert base["_target_"].rsplit(".", 1)[-1] == schema[: -len("_schema")]
+            package = entry.split("@", 1)[1] if "@" in entry else "_here_"  # mid-fusion: @interaction, @head
+            node = base if package == "_here_" else _lookup(base, tuple(package.split(".")))
+            assert node["_target_"].rsplit(".", 1)[-1] == schema[: -len("_schema")]
     # the whole config resolves (interpolations, env defaults)
     OmegaConf.to_container(cfg, resolve=True)
 
@@ -418,9 +420,28 @@ def test_help_lists_no_schema_as_a_choice():
     assert [line for line in lines if "_schema" in line] == []
 
 
+def _packaged_schemas(defaults: list) -> list:
+    """(package, schema) of the entries that place a schema below the option's node (a mid-fusion option:
+    `- /MMTM_schema@interaction`, `- /LateAverageFusion_schema@head`)."""
+    return [(e.split("@", 1)[1], _schema_named(e)) for e in defaults
+            if _schema_named(e) and "@" in e and e.split("@", 1)[1] != "_here_"]
+
+
 @pytest.mark.parametrize("group,option", SETTING_FILES, ids=[f"{g}={o}" for g, o in SETTING_FILES])
 def test_every_setting_is_listed_with_a_comment_in_its_yaml(group, option):
     raw, defaults = _option_file(group, option)
+    packaged = _packaged_schemas(defaults)
+    if packaged:  # each part lists its own schema's settings, every line of a setting with a comment
+        from hydra.core.config_store import ConfigStore
+
+        for package, name in packaged:
+            settings = set(ConfigStore.instance().load(f"{name}.yaml").node) - {"_target_", "_partial_"}
+            missing = settings - set(raw.get(package) or {})
+            assert not missing, f"conf/{group}/{option}.yaml does not list {sorted(missing)} under {package}"
+        for line in (CONF_DIR / group / f"{option}.yaml").read_text().splitlines():
+            if ":" in line and not line.lstrip().startswith(("#", "-", "defaults:")):
+                assert "#" in line, f"conf/{group}/{option}.yaml: {line.strip()!r} has no comment"
+        return
     schema = _schema_node(group, defaults)
     if schema is None:
         return  # a preset: its keys are listed in the option it starts from

@@ -19,7 +19,7 @@ from typing import Dict, Mapping
 import torch
 from torch import nn
 
-from onthefly.config import configurable
+from onthefly.config import DropoutRate, PositiveInt, configurable
 from onthefly.models.encoders import init_weights
 from onthefly.models.fusion import FusionHead
 from onthefly.models.interaction import Interaction
@@ -48,7 +48,7 @@ class TokenEmbedding(Interaction):
 
     fusion_name = "xattn"
 
-    def __init__(self, encoders: Mapping[str, nn.Module], dim: int = 256, max_frames: int = 32):
+    def __init__(self, encoders: Mapping[str, nn.Module], dim: PositiveInt = 256, max_frames: PositiveInt = 32):
         super().__init__(encoders)
         self.dim, self.max_frames = int(dim), int(max_frames)
         self.proj = nn.ModuleDict({m: nn.Linear(enc.stage_channels[-1], dim) for m, enc in encoders.items()})
@@ -96,8 +96,9 @@ class CrossAttentionFusion(FusionHead):
 
     natural_estimator = "masked"
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, layers: int = 2, heads: int = 4,
-                 ff_mult: int = 4, dropout: float = 0.1, absent: Absent = Absent.mask):
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, layers: PositiveInt = 2,
+                 heads: PositiveInt = 4, ff_mult: PositiveInt = 4, dropout: DropoutRate = 0.1,
+                 absent: Absent = Absent.mask):
         super().__init__(feature_dims, num_classes)
         dims = set(feature_dims.values())
         if len(dims) != 1:
@@ -140,8 +141,9 @@ class SharedTokenTransformer(TokenEmbedding):
     fusion_name = "vatt_ma"
     shares_parameters = True
 
-    def __init__(self, encoders: Mapping[str, nn.Module], dim: int = 256, max_frames: int = 32, layers: int = 2,
-                 heads: int = 4, ff_mult: int = 4, dropout: float = 0.1):
+    def __init__(self, encoders: Mapping[str, nn.Module], dim: PositiveInt = 256, max_frames: PositiveInt = 32,
+                 layers: PositiveInt = 2, heads: PositiveInt = 4, ff_mult: PositiveInt = 4,
+                 dropout: DropoutRate = 0.1):
         super().__init__(encoders, dim, max_frames)
         self.cls = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, dim)) for m in encoders})
         for p in self.cls.values():

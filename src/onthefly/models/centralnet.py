@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, configurable
 from onthefly.models.encoders import init_weights
 from onthefly.models.fusion import FusionHead
 from onthefly.models.interaction import Interaction
@@ -90,7 +90,8 @@ class CentralNetHead(FusionHead):
 
     natural_estimator = "central"
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, tap_channels: List[int], beta: float = 1.0,
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, tap_channels: List[int],
+                 beta: NonNegativeFloat = 1.0,
                  unimodal: CentralEstimator = CentralEstimator.central, alpha_init: float = 1.0):
         super().__init__(feature_dims, num_classes)
         self.tap_channels = [int(c) for c in tap_channels]

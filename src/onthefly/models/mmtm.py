@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from onthefly.config import configurable
+from onthefly.config import PositiveFloat, PositiveInt, Probability, configurable
 from onthefly.models.interaction import Interaction
 
 
@@ -87,8 +87,8 @@ class MMTM(Interaction):
     fusion_name = "mmtm"
 
     def __init__(self, encoders: Mapping[str, nn.Module], levels: List[int] = [2, 3, 4],  # noqa: B006
-                 ratio: int = 4, gate_scale: float = 1.0, drop_squeeze: bool = True, squeeze_momentum: float = 0.99,
-                 log_gates: bool = True):
+                 ratio: PositiveInt = 4, gate_scale: PositiveFloat = 1.0, drop_squeeze: bool = True,
+                 squeeze_momentum: Probability = 0.99, log_gates: bool = True):
         super().__init__(encoders)
         bad = [lv for lv in levels if lv not in (1, 2, 3, 4)]
         if bad or not levels:

@@ -17,7 +17,7 @@ import enum
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveInt, configurable
 from onthefly.modulation.base import Modulation, StepContext
 
 
@@ -54,8 +54,8 @@ def balance_difference(main: torch.Tensor, bypass: torch.Tensor) -> tuple[torch.
 class Greedy(Modulation):
     """Guided (or random) re-balancing of an MMTM model (see the module docstring)."""
 
-    def __init__(self, variant: Variant = Variant.guided, epsilon: float = 0.01, window: int = 5,
-                 starting_epoch: int = 2, loss: BranchLoss = BranchLoss.branch_sum,
+    def __init__(self, variant: Variant = Variant.guided, epsilon: NonNegativeFloat = 0.01, window: PositiveInt = 5,
+                 starting_epoch: NonNegativeInt = 2, loss: BranchLoss = BranchLoss.branch_sum,
                  gate_average: GateAverage = GateAverage.train, gate_bug: bool = False):
         self.variant, self.epsilon, self.window = Variant(variant), float(epsilon), int(window)
         self.starting_epoch, self.loss = int(starting_epoch), BranchLoss(loss)
