@@ -140,11 +140,8 @@ class Trainer:
             )
             self.use_rho = False
 
-    def _batches(self, split: str, limit: Optional[int] = None, with_index: bool = False):
-        """(inputs, labels[, indices]) of a split for the hooks outside the step (G-Blending's loss estimates, a
-        prototype pass): ``train`` (augmented), ``train_eval`` (train with evaluation transforms, in order), ``val``
-        or ``test``. Under DDP every rank reads the whole split (not its shard), so every rank's method state
-        stays identical."""
+    def _hook_loader(self, split: str, limit: Optional[int]):
+        """(loader, batch limit) of a split for the hooks outside the step."""
         if self._hook_loaders is None:  # one process's loaders over the whole splits
             self._hook_loaders = run_loaders(self.splits, self.cfg.seed, self.local_batch, self.tc.eval_batch_size,
                                              self.loader_options)
@@ -154,11 +151,25 @@ class Trainer:
             found = self._hook_loaders[split]
         limit = limit if limit is not None else (
             self.tc.limit_train_batches if split.startswith("train") else self.tc.limit_eval_batches)
+        return found, limit
+
+    def _batches(self, split: str, limit: Optional[int] = None, with_index: bool = False):
+        """(inputs, labels[, indices]) of a split for the hooks outside the step (G-Blending's loss estimates, a
+        prototype pass): ``train`` (augmented), ``train_eval`` (train with evaluation transforms, in order), ``val``
+        or ``test``. Under DDP every rank reads the whole split (not its shard), so every rank's method state
+        stays identical."""
+        found, limit = self._hook_loader(split, limit)
         return iterate(found, self.input_keys, self.device, limit, with_index)
+
+    def _num_batches(self, split: str) -> int:
+        """How many batches ``_batches(split)`` yields (the trainer's batch limit applied)."""
+        found, limit = self._hook_loader(split, None)
+        return len(found) if limit is None else min(limit, len(found))
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
         return StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
-                           modalities=self.modalities, device=self.device, batches=self._batches, phase=self.phase)
+                           modalities=self.modalities, device=self.device, batches=self._batches,
+                           num_batches=self._num_batches, phase=self.phase)
 
     def _rng(self, phase: int):
         """Under DDP: the forward hooks draw from a stream of this rank's own (phase 1: OPM's masks differ between

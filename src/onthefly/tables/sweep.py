@@ -181,7 +181,7 @@ def job_option(job: Job) -> str:
 def job_overrides(spec: TableSpec, job: Job) -> list[str]:
     """The job as command-line overrides (what its preset holds), for dry runs and checks."""
     return [*spec.cell_overrides(job.row, job.col), f"seed={job.seed}",
-            f"name={spec.name}:{job.row.id}:{job.col.id}:s{job.seed}", f"logger.group={spec.name}",
+            f"logger.name={spec.name}:{job.row.id}:{job.col.id}:s{job.seed}", f"logger.group={spec.name}",
             f"logger.tags=[{job.row.id},{job.col.id}]", f"logger.job_type={job.row.id}"]
 
 
