@@ -16,7 +16,7 @@ from onthefly.models.centralnet import CentralNetHead
 from onthefly.models.encoders import ResNet18
 from onthefly.models.mmtm import MMTMUnit
 from onthefly.models.utilisation import conditional_utilisation, utilisation_rates
-from onthefly.modulation.base import StepContext
+from onthefly.modulation.base import Modulation, StepContext
 from onthefly.modulation.discrepancy import discrepancy
 from onthefly.modulation.greedy import Greedy, balance_difference, learning_speed
 from onthefly.modulation.ogm import OGM
@@ -183,6 +183,32 @@ def test_scores_leave_out_samples_a_method_altered():
     pa, pv = 1 / (1 + math.exp(-2)), 0.5  # sample 0 only
     torch.testing.assert_close(s, torch.tensor([pa, pv]))
     torch.testing.assert_close(rho, torch.tensor([pa / pv, pv / pa]), rtol=1e-6, atol=1e-6)
+
+
+class KeepFirstHalf(Modulation):
+    """A toy method (named by `modulation._target_`): marks the second half of each batch as altered through
+    ctx.keep and checks, in on_features, that the trainer's scores cover the first half only."""
+
+    needs_rho = True
+    checked = 0
+
+    def before_forward(self, ctx):
+        keep = torch.ones(len(ctx.labels), len(ctx.modalities), dtype=torch.bool)
+        keep[len(ctx.labels) // 2:, 0] = False
+        ctx.keep = keep
+
+    def on_features(self, ctx):
+        half = len(ctx.labels) // 2
+        expected = discrepancy({m: z[:half] for m, z in ctx.unimodal.items()}, ctx.labels[:half])[0]
+        torch.testing.assert_close(ctx.scores, expected)
+        KeepFirstHalf.checked += 1
+
+
+@pytest.mark.slow
+def test_the_trainer_leaves_samples_altered_through_keep_out_of_the_scores(train_run):
+    KeepFirstHalf.checked = 0
+    train_run(f"modulation._target_={__name__}.KeepFirstHalf", "trainer.epochs=1")
+    assert KeepFirstHalf.checked == 4  # every step of the epoch
 
 
 # --- OGM: what it scales on each model ------------------------------------------------------------------------
