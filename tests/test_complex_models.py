@@ -112,10 +112,12 @@ def test_mmtm_squeezes_each_clip_over_its_frames_and_repeats_the_gate():
 
 
 def test_staged_fusions_refuse_encoders_without_stages():
+    from onthefly.config import ConfigError
+
     cfg = compose(["fusion=mmtm", "dataset=synth_av3"])
-    with pytest.raises(ValueError, match="sensor.*MLPEncoder.*backbone=resnet18"):
+    with pytest.raises(ConfigError, match="sensor.*MLPEncoder.*backbone=resnet18"):
         build_model(cfg, ["audio", "sensor"], 4)
-    with pytest.raises(ValueError, match="only"):
+    with pytest.raises(ConfigError, match="only"):
         build_model(compose(["fusion=xattn"]), ["audio"], 4)
 
 
@@ -520,11 +522,13 @@ def test_curation_gates_the_curated_branch_with_its_average():
 
 
 def test_greedy_refuses_models_without_mmtm():
+    from onthefly.config import ConfigError  # a setting error: one line on the command line
+
     model = tiny_model("centralnet")
-    with pytest.raises(ValueError, match="fusion=mmtm"):
+    with pytest.raises(ConfigError, match="fusion=mmtm"):
         Greedy().setup(model, 5)
     model = build_model(compose(["fusion=concat"]), MODS, 5)
-    with pytest.raises(ValueError, match="no interaction module; use fusion=mmtm"):
+    with pytest.raises(ConfigError, match="no interaction module; use fusion=mmtm"):
         Greedy().setup(model, 5)
 
 

@@ -19,7 +19,7 @@ from typing import Dict, Mapping
 import torch
 from torch import nn
 
-from onthefly.config import DropoutRate, PositiveInt, configurable
+from onthefly.config import ConfigError, DropoutRate, PositiveInt, configurable
 from onthefly.models.encoders import init_weights
 from onthefly.models.fusion import FusionHead
 from onthefly.models.interaction import Interaction
@@ -36,7 +36,7 @@ def grid_positions(rows: int, cols: int, width: int, device, dtype) -> torch.Ten
 
 def encoder_layers(dim: int, layers: int, heads: int, ff_mult: int, dropout: float) -> nn.TransformerEncoder:
     if dim % heads:
-        raise ValueError(f"attention width {dim} must be divisible by heads {heads}")
+        raise ConfigError(f"attention width {dim} must be divisible by heads {heads}")
     layer = nn.TransformerEncoderLayer(dim, heads, ff_mult * dim, dropout, activation="gelu", batch_first=True,
                                        norm_first=True)
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -102,7 +102,7 @@ class CrossAttentionFusion(FusionHead):
         super().__init__(feature_dims, num_classes)
         dims = set(feature_dims.values())
         if len(dims) != 1:
-            raise ValueError(f"fusion=xattn needs tokens of one width for every modality, got {feature_dims}")
+            raise ConfigError(f"fusion=xattn needs tokens of one width for every modality, got {feature_dims}")
         dim = dims.pop()
         self.absent = Absent(absent)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onthefly.config import NonNegativeFloat, configurable
+from onthefly.config import ConfigError, NonNegativeFloat, configurable
 from onthefly.models.encoders import init_weights
 from onthefly.models.fusion import FusionHead
 from onthefly.models.interaction import Interaction
@@ -41,7 +41,7 @@ class CentralNetTaps(Interaction):
         super().__init__(encoders)
         channels = {m: tuple(enc.stage_channels) for m, enc in encoders.items()}
         if len(set(channels.values())) != 1:
-            raise ValueError(f"fusion=centralnet sums the modalities' taps level by level, so every encoder needs the "
+            raise ConfigError(f"fusion=centralnet sums the modalities' taps level by level, so every encoder needs the "
                              f"same stage widths; got {channels}. Give the encoders one backbone.width.")
         self.tap_channels = list(next(iter(channels.values())))
         self.feature_dims = {m: sum(self.tap_channels) for m in encoders}
@@ -96,7 +96,7 @@ class CentralNetHead(FusionHead):
         super().__init__(feature_dims, num_classes)
         self.tap_channels = [int(c) for c in tap_channels]
         if any(d != sum(self.tap_channels) for d in feature_dims.values()):
-            raise ValueError(f"CentralNetHead reads taps of widths {self.tap_channels}, but the features have "
+            raise ConfigError(f"CentralNetHead reads taps of widths {self.tap_channels}, but the features have "
                              f"widths {feature_dims}; build it with fusion=centralnet")
         levels, mods = len(self.tap_channels), len(self.modalities)
         self.beta, self.unimodal = float(beta), CentralEstimator(unimodal)

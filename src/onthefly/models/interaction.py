@@ -28,17 +28,19 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from onthefly.config import ConfigError
+
 
 def check_staged(encoders: Mapping[str, nn.Module], fusion: str, min_modalities: int = 2) -> None:
     """Refuse encoders without the ResNet18 stage API, or too few modalities, with a message that says what to do."""
     if len(encoders) < min_modalities:
-        raise ValueError(
+        raise ConfigError(
             f"fusion={fusion} makes {min_modalities} or more modalities interact, but the model has only "
             f"{list(encoders)}; use a late-fusion head (fusion=concat) for uni-modal runs."
         )
     for m, enc in encoders.items():
         if not all(hasattr(enc, a) for a in ("fold", "stage", "pool", "stage_channels")):
-            raise ValueError(
+            raise ConfigError(
                 f"fusion={fusion} runs the encoders stage by stage (ResNet18: stem, layer1..layer4), but the {m!r} "
                 f"encoder is {type(enc).__name__}, which has no stages; use backbone=resnet18 or resnet18_small "
                 "(or a late-fusion head such as fusion=concat for this encoder)."

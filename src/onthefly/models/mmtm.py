@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from onthefly.config import PositiveFloat, PositiveInt, Probability, configurable
+from onthefly.config import ConfigError, PositiveFloat, PositiveInt, Probability, configurable
 from onthefly.models.interaction import Interaction
 
 
@@ -92,7 +92,7 @@ class MMTM(Interaction):
         super().__init__(encoders)
         bad = [lv for lv in levels if lv not in (1, 2, 3, 4)]
         if bad or not levels:
-            raise ValueError(f"fusion.interaction.levels must name ResNet18 stages 1..4, got {list(levels)}")
+            raise ConfigError(f"fusion.interaction.levels must name ResNet18 stages 1..4, got {list(levels)}")
         channels = {m: enc.stage_channels for m, enc in encoders.items()}
         self.levels = sorted(set(int(lv) for lv in levels))
         self.units = nn.ModuleDict({

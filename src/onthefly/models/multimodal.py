@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from onthefly.config import ConfigError
 from onthefly.models.fusion import FusionHead
 
 
@@ -112,11 +113,10 @@ def build_model(cfg, modalities: list[str], num_classes: int, *, encoder_args: O
     if "interaction" in cfg.fusion:  # mid-fusion: conf/fusion/<name>.yaml names an interaction module and a head
         try:
             interaction = instantiate(cfg.fusion.interaction, encoders=encoders)
-        except Exception as err:  # noqa: BLE001 (Hydra wraps the module's own message; give that one)
-            cause = err.__cause__ if isinstance(err.__cause__, ValueError) else None
-            if cause is None:
+        except Exception as err:  # noqa: BLE001 (Hydra wraps the module's refusal of the setting; give that one)
+            if not isinstance(err.__cause__, ConfigError):
                 raise
-            raise ValueError(str(cause)) from err
+            raise ConfigError(str(err.__cause__)) from err
         runtime.update(feature_dims=dict(interaction.feature_dims), **interaction.head_args)
         head_cfg = cfg.fusion.head
     try:

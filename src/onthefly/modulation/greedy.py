@@ -17,7 +17,7 @@ import enum
 import torch
 import torch.nn.functional as F
 
-from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveInt, configurable
+from onthefly.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveInt, configurable
 from onthefly.modulation.base import Modulation, StepContext
 
 
@@ -61,7 +61,7 @@ class Greedy(Modulation):
         self.starting_epoch, self.loss = int(starting_epoch), BranchLoss(loss)
         self.gate_average, self.gate_bug = GateAverage(gate_average), bool(gate_bug)
         if self.window < 1:
-            raise ValueError(f"modulation.window must be >= 1 (curation steps per decision), got {window}")
+            raise ConfigError(f"modulation.window must be >= 1 (curation steps per decision), got {window}")
         self.modalities: list[str] = []
         self.main: list[list[torch.nn.Parameter]] = []
         self.bypass: list[list[torch.nn.Parameter]] = []
@@ -76,15 +76,15 @@ class Greedy(Modulation):
     def setup(self, model, num_classes: int) -> None:
         interaction = getattr(model, "interaction", None)
         if not getattr(interaction, "supports_curation", False):
-            raise ValueError(
+            raise ConfigError(
                 "modulation=greedy re-balances through MMTM's per-branch gates (its conditional learning speed reads "
                 "the MMTM parameters, and its curation steps replace a branch's gates), but this model has "
                 f"{'no interaction module' if interaction is None else type(interaction).__name__}; use fusion=mmtm."
             )
         if len(model.modalities) != 2:
-            raise ValueError(f"modulation=greedy balances two branches; the model has {model.modalities}")
+            raise ConfigError(f"modulation=greedy balances two branches; the model has {model.modalities}")
         if self.loss is BranchLoss.branch_sum and getattr(model.head, "natural_estimator", None) is None:
-            raise ValueError("modulation.loss=branch_sum needs the head's branch logits (fusion.head late_avg or sum)")
+            raise ConfigError("modulation.loss=branch_sum needs the head's branch logits (fusion.head late_avg or sum)")
         interaction.average_gates_in_eval = self.gate_average is GateAverage.all
         interaction.gate_average_bug = self.gate_bug
         self.modalities = list(model.modalities)
