@@ -32,7 +32,6 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -40,8 +39,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from onthefly.engine.errors import TrainingError
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from onthefly.resources import CONF_DIR  # noqa: F401  (the configs: conf/ in a checkout, packaged in a wheel)
 
 # Packages whose import registers schemas (each module decorates its classes with @configurable).
 _SCHEMA_MODULES = (

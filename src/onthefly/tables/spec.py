@@ -18,8 +18,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from onthefly.config import CONF_DIR
-
-EXPERIMENTS_DIR = CONF_DIR.parent / "experiments"
+from onthefly.resources import EXPERIMENTS_DIR
 _GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 _VALUE_KEY = re.compile(r"^(test|val|best)/[a-z0-9_]+$|^probe/acc_[a-z0-9_]+$|^robustness/acc_[a-z0-9_]+@[01](\.\d+)?$"
                         r"|^estimator/[a-z0-9_]+$|^train/[a-z0-9_]+$")

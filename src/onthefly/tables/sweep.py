@@ -17,6 +17,7 @@ again. W&B: group = table name, tags = [row, column], job_type = row.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -31,9 +32,8 @@ from typing import Callable, Optional
 from omegaconf import OmegaConf
 
 from onthefly.config import CONF_DIR, validate
+from onthefly.resources import RESULTS_DIR
 from onthefly.tables.spec import Column, Row, SpecError, TableSpec
-
-RESULTS_DIR = Path(__file__).resolve().parents[3] / "experiments" / "results"
 LAUNCHER_DIR = CONF_DIR / "hydra" / "launcher"
 # --launcher NAME -> hydra/launcher=NAME: the presets in conf/hydra/launcher/ are the one vocabulary
 LAUNCHERS = sorted(p.stem for p in LAUNCHER_DIR.glob("*.yaml"))
@@ -246,6 +246,9 @@ def launcher_overrides(launcher: str, spec: TableSpec) -> list[str]:
         raise ValueError(f"unknown launcher {launcher!r}; choose from {LAUNCHERS} (conf/hydra/launcher/)")
     out = [f"hydra/launcher={launcher}"]
     if launcher in SUBMITIT:
+        if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+            raise ValueError(f"launcher {launcher!r} needs hydra-submitit-launcher, an optional dependency: "
+                             "pip install 'onthefly[cluster]' (or use --launcher serial / parallel)")
         out.append(f"hydra.launcher.name=otf-{spec.name}")  # the job (array) name in squeue
     return out
 
