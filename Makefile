@@ -9,7 +9,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast clean
+.PHONY: help install demo test test-fast lint format clean
 
 help:  ## list every target with one line each
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-24s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +31,14 @@ test: $(STAMP)  ## run the whole test suite (what CI runs), slow end-to-end test
 
 test-fast: $(STAMP)  ## run the fast tests only (skips `slow`)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff: lint rules and formatting check (what CI runs before the tests)
+	$(PY) -m ruff check src tests data_prep
+	$(PY) -m ruff format --check src tests data_prep
+
+format: $(STAMP)  ## ruff: fix what can be fixed automatically, then format
+	$(PY) -m ruff check --fix src tests data_prep
+	$(PY) -m ruff format src tests data_prep
 
 clean:  ## remove run outputs and caches (keeps .venv and data/)
 	rm -rf outputs multirun wandb .pytest_cache experiments/results

@@ -19,7 +19,7 @@ DATASETS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
 METHODS = ["none", "ogm", "ogm_ge", "opm", "opm_ogm"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plain(*overrides: str) -> dict:
     return OmegaConf.to_container(compose(list(overrides), environment=False), resolve=True, enum_to_str=True)
 

@@ -10,7 +10,6 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from hydra.utils import instantiate
 
-import media
 from data_prep import cremad, kinetics_sounds, vggsound
 from data_prep.errors import PrepError
 from data_prep.media import decode_container
@@ -20,6 +19,8 @@ from onthefly.data.cache import CacheMismatchError, CacheReader, read_index
 from onthefly.data.clips import decode_frames
 from onthefly.data.sampling import frame_indices
 from onthefly.data.transforms import FrameTransform
+
+import media
 
 EMOS = media.EMOTIONS
 
@@ -83,7 +84,7 @@ def official_cremad(tmp_path_factory):
     root = tmp_path_factory.mktemp("official_cremad")
     raw = root / "raw"
     names = [f"{1001 + i}_IEO_{EMOS[i % 6]}_MD" for i in range(10)]
-    for i, name in enumerate(names):
+    for name in names:
         media.write_video(raw / "VideoFlash" / f"{name}.flv", 2.5, audio_rate=22050, frame_colours=True)
         media.write_wav(raw / "AudioWAV" / f"{name}.wav", 1.5, freq=media.SINE_HZ)
     lists = media.write_cvpr_cremad_lists(root / "lists", names[1:], names[:1])

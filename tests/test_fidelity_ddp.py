@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from test_ddp import GLOBAL_BATCH, WORLD, _free_port, _one_step, _rank_main
 
 

@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from onthefly.config import NonNegativeInt, PositiveInt, Range
-from onthefly.data.base import DataSplits, EmptySplitError
 from onthefly.data.audio import log_spectrogram
+from onthefly.data.base import DataSplits, EmptySplitError
 from onthefly.data.cache import AUDIO_PREP_DEFAULTS, FRAME_TIMES, CacheReader, audio_recipe, make_args, prep_command
 from onthefly.data.loaders import mix_seed
 from onthefly.data.sampling import Sampling, crop_start, frame_indices

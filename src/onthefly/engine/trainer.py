@@ -151,11 +151,8 @@ class Trainer:
             )
             self.use_rho = False
 
-    def _batches(self, split: str, limit: Optional[int] = None, with_index: bool = False):
-        """(inputs, labels[, indices]) of a split for the hooks outside the step (G-Blending's loss estimates, a
-        prototype pass): ``train`` (augmented), ``train_eval`` (train with evaluation transforms, in order), ``val``
-        or ``test``. Under DDP every rank reads the whole split (not its shard), so every rank's method state
-        stays identical."""
+    def _hook_loader(self, split: str, limit: Optional[int]):
+        """(loader, batch limit) of a split for the hooks outside the step."""
         if self._hook_loaders is None:  # one process's loaders over the whole splits
             self._hook_loaders = run_loaders(self.splits, self.cfg.seed, self.local_batch, self.tc.eval_batch_size,
                                              self.loader_options)
@@ -165,16 +162,30 @@ class Trainer:
             found = self._hook_loaders[split]
         limit = limit if limit is not None else (
             self.tc.limit_train_batches if split.startswith("train") else self.tc.limit_eval_batches)
+        return found, limit
+
+    def _batches(self, split: str, limit: Optional[int] = None, with_index: bool = False):
+        """(inputs, labels[, indices]) of a split for the hooks outside the step (G-Blending's loss estimates, a
+        prototype pass): ``train`` (augmented), ``train_eval`` (train with evaluation transforms, in order), ``val``
+        or ``test``. Under DDP every rank reads the whole split (not its shard), so every rank's method state
+        stays identical."""
+        found, limit = self._hook_loader(split, limit)
         return iterate(found, self.input_keys, self.device, limit, with_index)
+
+    def _num_batches(self, split: str) -> int:
+        """How many batches ``_batches(split)`` yields (the trainer's batch limit applied)."""
+        found, limit = self._hook_loader(split, None)
+        return len(found) if limit is None else min(limit, len(found))
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
         ctx = StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
-                          modalities=self.modalities, device=self.device, batches=self._batches, phase=self.phase,
-                          shared_rng=lambda: self._rng(3))
-        ctx.discrepancy_of = lambda feats: self.discrepancy_with_grad(feats, ctx.labels)
+                          modalities=self.modalities, device=self.device, batches=self._batches,
+                          num_batches=self._num_batches, phase=self.phase, shared_rng=lambda: self._rng(3))
+        ctx.discrepancy_of = lambda feats: self.discrepancy_with_grad(feats, ctx.labels, ctx.keep)
         return ctx
 
-    def discrepancy_with_grad(self, feats: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def discrepancy_with_grad(self, feats: dict, labels: torch.Tensor,
+                              keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_m, ρ_m) of ``feats`` as :meth:`joint_loss` computes them, but differentiable w.r.t. the features, the
         head's weights held fixed (a hook that needs the gradient of ρ, docs/method.md §9). Under DDP the value is
         the global one and the gradient this rank's share times the world size, so that DDP's mean over ranks
@@ -183,8 +194,10 @@ class Trainer:
         fixed = {f"head.{n}": p.detach() for n, p in head.named_parameters()}
         logits = torch.func.functional_call(_Unimodal(head, self.estimator), fixed, (feats,))
         idx = labels.view(-1, 1)
-        local = torch.stack([torch.softmax(self.task.class_logits(z).float(), dim=1).gather(1, idx).sum()
-                             for z in logits.values()])
+        weight = None if keep is None else keep.all(dim=1).float()  # as joint_loss: altered samples leave the scores
+        probs = [torch.softmax(self.task.class_logits(z).float(), dim=1).gather(1, idx).squeeze(1)
+                 for z in logits.values()]
+        local = torch.stack([(p if weight is None else p * weight).sum() for p in probs])
         if self._all_reduce is not None:
             world = self.dist.world_size
             local = world * local - (world - 1) * local.detach() + (self._all_reduce(local) - local).detach()
@@ -213,12 +226,17 @@ class Trainer:
                 detached = {m: f.detach() for m, f in ctx.features.items()}
                 ctx.unimodal = {m: task.class_logits(z)
                                 for m, z in model.head.unimodal_logits(detached, self.estimator).items()}
+                # samples whose forward a method altered (a modality dropped inside the model) leave the scores
+                weight = None if ctx.keep is None else ctx.keep.all(dim=1)
                 ctx.scores, ctx.rho = discrepancy(ctx.unimodal, labels, self.cfg.discrepancy.reduce,
-                                                  all_reduce=self._all_reduce)
+                                                  all_reduce=self._all_reduce, weight=weight)
             ctx.log_per_modality("rho", ctx.rho)
             ctx.log_per_modality("acc", torch.stack([(z.argmax(1) == labels).float().mean() for z in ctx.unimodal.values()]))
         hooks.on_features(ctx)
         ctx.logits = model.head(ctx.features)
+        terms = getattr(model.head, "training_terms", None)
+        if terms is not None:  # a head's own loss terms (CentralNet's branch classifiers)
+            terms(ctx, task)
         hooks.after_forward(ctx)
         per_sample = task.loss(ctx.logits, labels, ctx.features)
         if ctx.sample_weight is None:

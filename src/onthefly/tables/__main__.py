@@ -140,17 +140,19 @@ def _footer(spec, seeds, source) -> str:
 
 
 def _log_table(spec, wide, pngs, project, entity, mode, out: Path) -> None:
-    from onthefly.logging.sinks import wandb_logged_in
+    """The table and its figures as a W&B run of the table's group (job type `table`); the files are complete
+    without it, so a W&B failure only warns."""
+    from onthefly.logging.sinks import open_wandb_run
 
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run, _ = open_wandb_run(out, {"table": spec.name, "fidelity": spec.fidelity_text},
+                            {"mode": mode, "project": project, "entity": entity, "group": spec.group,
+                             "job_type": "table", "name": f"table:{spec.group}"})
+    if run is None:
+        return
     try:
         import wandb
 
-        if mode == "online" and not wandb_logged_in():
-            print("note: no W&B login; logging the table offline", file=sys.stderr)
-            mode = "offline"
-        os.environ.setdefault("WANDB_SILENT", "true")
-        run = wandb.init(project=project, entity=entity, group=spec.group, job_type="table", name=f"table:{spec.group}",
-                         dir=str(out), mode=mode, reinit="finish_previous")
         run.log({"table": wandb.Table(dataframe=wide.reset_index()),
                  **{f"plots/{p.stem}": wandb.Image(str(p)) for p in pngs}})
         run.finish()

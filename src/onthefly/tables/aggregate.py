@@ -13,9 +13,8 @@ from typing import Iterable, Optional
 
 import pandas as pd
 
+from onthefly.resources import PUBLISHED_CSV
 from onthefly.tables.spec import TableSpec
-
-PUBLISHED_CSV = Path(__file__).resolve().parents[3] / "experiments" / "published_results.csv"
 ID_COLUMNS = ["table", "row", "col", "seed"]
 
 

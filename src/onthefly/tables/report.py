@@ -16,15 +16,16 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from onthefly.logging import names
 from onthefly.tables.spec import TableSpec
 
 # The logged metric names the report plots: the one place to change when the logged keys are renamed.
 # {m} is a modality name. x: the x-axis metric of the panel ("Step": W&B's own step).
-METRICS = {
-    "rho": {"key": "train/rho_{m}", "x": "Step", "title": "ρ (discrepancy ratio), {m}"},
-    "k": {"key": "train/k_{m}", "x": "Step", "title": "k (OGM gradient coefficient), {m}"},
-    "q": {"key": "train/q_{m}", "x": "Step", "title": "q (OPM drop probability), {m}"},
-    "val_acc": {"key": "val/acc", "x": "epoch", "title": "val accuracy"},
+METRICS = {  # the logged names come from onthefly.logging.names (per-step train/*, per-epoch val/* against epoch)
+    "rho": {"key": names.TRAIN + "rho_{m}", "x": "Step", "title": "ρ (discrepancy ratio), {m}"},
+    "k": {"key": names.TRAIN + "k_{m}", "x": "Step", "title": "k (OGM gradient coefficient), {m}"},
+    "q": {"key": names.TRAIN + "q_{m}", "x": "Step", "title": "q (OPM drop probability), {m}"},
+    "val_acc": {"key": names.VAL + "acc", "x": names.EPOCH, "title": "val accuracy"},
 }
 # Table runs carry job_type = their table row (tables/sweep.py), so grouping by it gives one line per method.
 GROUP_BY = "JobType"

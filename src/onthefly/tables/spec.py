@@ -24,8 +24,8 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from onthefly.config import CONF_DIR
+from onthefly.resources import EXPERIMENTS_DIR
 
-EXPERIMENTS_DIR = CONF_DIR.parent / "experiments"
 FIDELITIES = tuple(sorted(p.stem for p in (CONF_DIR / "fidelity").glob("*.yaml")))  # clean, official
 _GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 _VALUE_KEY = re.compile(r"^(test|val|best)/[a-z0-9_]+$|^probe/acc_[a-z0-9_]+$|^robustness/acc_[a-z0-9_]+@[01](\.\d+)?$"

@@ -20,6 +20,7 @@ again. W&B: group = table name (+ ``-<fidelity>`` beyond clean), tags = [row, co
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -34,9 +35,8 @@ from typing import Callable, Optional
 from omegaconf import OmegaConf
 
 from onthefly.config import CONF_DIR, validate
+from onthefly.resources import RESULTS_DIR
 from onthefly.tables.spec import Column, Row, SpecError, TableSpec
-
-RESULTS_DIR = Path(__file__).resolve().parents[3] / "experiments" / "results"
 LAUNCHER_DIR = CONF_DIR / "hydra" / "launcher"
 # --launcher NAME -> hydra/launcher=NAME: the presets in conf/hydra/launcher/ are the one vocabulary
 LAUNCHERS = sorted(p.stem for p in LAUNCHER_DIR.glob("*.yaml"))
@@ -189,7 +189,7 @@ def job_option(job: Job) -> str:
 def job_overrides(spec: TableSpec, job: Job) -> list[str]:
     """The job as command-line overrides (what its preset holds), for dry runs and checks."""
     return [*spec.cell_overrides(job.row, job.col), f"seed={job.seed}",
-            f"name={spec.group}:{job.row.id}:{job.col.id}:s{job.seed}", f"logger.group={spec.group}",
+            f"logger.name={spec.group}:{job.row.id}:{job.col.id}:s{job.seed}", f"logger.group={spec.group}",
             f"logger.tags=[{job.row.id},{job.col.id}]", f"logger.job_type={job.row.id}"]
 
 
@@ -267,6 +267,9 @@ def launcher_overrides(launcher: str, spec: TableSpec) -> list[str]:
         raise ValueError(f"unknown launcher {launcher!r}; choose from {LAUNCHERS} (conf/hydra/launcher/)")
     out = [f"hydra/launcher={launcher}"]
     if launcher in SUBMITIT:
+        if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+            raise ValueError(f"launcher {launcher!r} needs hydra-submitit-launcher, an optional dependency: "
+                             "pip install 'onthefly[cluster]' (or use --launcher serial / parallel)")
         out.append(f"hydra.launcher.name=otf-{spec.group}")  # the job (array) name in squeue
     return out
 

@@ -1,0 +1,94 @@
+"""``make bench-prep``: clips per second per process for each dataset's recipe, and cache bytes per clip.
+
+    python -m data_prep.bench [clips=4] [workdir=/tmp/...]
+
+Generates clips of realistic length and size (CREMA-D: 2.5-s 480 x 360 / 30-fps FLV + 16-kHz WAV;
+Kinetics-Sounds and VGGSound: 10-s 340 x 256 / 25-fps MP4 with 44.1-kHz AAC), then times the prep's own
+per-clip work (decode, resample, spectrogram, 1-fps frames, JPEG) on one core, after one warm-up clip.
+Generation is not timed. Prints the figures and the projected wall time of the full CREMA-D on 16 processes
+(assuming 16 free cores and a disk that keeps up).
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from data_prep.cache import Clip
+from data_prep.pipeline import cli, parse_args, process_av
+from data_prep.synthetic import write_video, write_wav
+from onthefly.data.cache import audio_recipe
+
+FULL = {"cremad": 7442, "kinetics_sounds": 18716, "vggsound": 199176}
+
+
+@dataclass
+class Options:
+    clips: int = 4
+    workdir: Optional[str] = None
+    processes: int = 16
+
+
+def _clips(root: Path, kind: str, n: int) -> list[Clip]:
+    out = []
+    for i in range(n + 1):  # + a warm-up clip
+        if kind == "cremad":
+            video = write_video(root / "cremad" / f"{i}.flv", 2.5, size=(480, 360), fps=30, audio_rate=22050,
+                                noise=2.0, shift=i, seed=i, textured=True)
+            wav = write_wav(root / "cremad" / f"{i}.wav", 2.5, freq=440.0, rate=16000)
+            out.append(Clip(str(i), "ANG", "train", {"video": str(video), "audio": str(wav)}))
+        else:
+            video = write_video(root / "k" / f"{i}.mp4", 10.0, size=(340, 256), fps=25, audio_rate=44100, noise=2.0,
+                                shift=i, seed=i, textured=True)
+            out.append(Clip(str(i), "x", "train", {"video": str(video)}))
+    return out
+
+
+def measure(clips: list[Clip], dataset: str, recipe: str) -> dict:
+    config = {"audio": audio_recipe(dataset, recipe), "short_side": 256, "jpeg_quality": 90, "min_audio_s": 0.1}
+    process_av(clips[0], config)  # warm-up: first-call costs (FFT plans, codec set-up)
+    sizes, frame_sizes, t0 = [], [], time.perf_counter()
+    for clip in clips[1:]:
+        result = process_av(clip, config)
+        frame_sizes.append(sum(len(j) for j in result.jpegs))
+        sizes.append(result.array.nbytes + frame_sizes[-1])
+    seconds = time.perf_counter() - t0
+    n = len(clips) - 1
+    return {"dataset": dataset, "recipe": recipe, "clips_per_s": n / seconds, "ms_per_clip": 1000 * seconds / n,
+            "bytes_per_clip": sum(sizes) / n, "frame_bytes_per_clip": sum(frame_sizes) / n, "frames": result.n_frames}
+
+
+def main(argv=None) -> list[dict]:
+    opts = parse_args(sys.argv[1:] if argv is None else argv, Options, "python -m data_prep.bench [clips=4]")
+    torch.set_num_threads(1)  # one process = one core, as in the prep's pool
+    with tempfile.TemporaryDirectory(dir=opts.workdir) as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        cremad, kinetics = _clips(root, "cremad", opts.clips), _clips(root, "kinetics", opts.clips)
+        print(f"generated {2 * (opts.clips + 1)} clips in {time.perf_counter() - t0:.1f} s (not timed below)")
+        rows = [measure(cremad, "cremad", "ogm_ge"), measure(cremad, "cremad", "fbank"),
+                measure(kinetics, "kinetics_sounds", "fbank"), measure(kinetics, "kinetics_sounds", "stft"),
+                measure(kinetics, "vggsound", "ogm_ge")]
+    print(f"\nprep throughput, one process (torch threads 1), {opts.clips} clips each:")
+    print(f"  {'dataset':<16} {'recipe':<7} {'clips/s':>8} {'ms/clip':>8} {'frames':>6} {'KB/clip':>8} {'of JPEG':>8}")
+    for r in rows:
+        print(f"  {r['dataset']:<16} {r['recipe']:<7} {r['clips_per_s']:>8.2f} {r['ms_per_clip']:>8.0f} "
+              f"{r['frames']:>6} {r['bytes_per_clip'] / 1024:>8.0f} {r['frame_bytes_per_clip'] / 1024:>8.0f}")
+    p = opts.processes
+    print(f"\nprojected wall time on {p} processes (linear scaling; needs {p} free cores and a disk that keeps up):")
+    for r in rows:
+        if r["recipe"] in ("ogm_ge",) or (r["dataset"] == "kinetics_sounds" and r["recipe"] == "fbank"):
+            n = FULL[r["dataset"]]
+            wall = n / (r["clips_per_s"] * p)
+            size = n * r["bytes_per_clip"] / 2**30
+            print(f"  {r['dataset']:<16} {n:>7} clips: {wall / 60:6.1f} min, cache ~{size:.1f} GiB")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(cli(main))

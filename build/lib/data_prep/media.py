@@ -1,0 +1,266 @@
+"""Reading raw media: PyAV for video containers (flv, avi, mp4) and their audio, soundfile for WAV.
+
+Everything that can go wrong with one file raises a :class:`MediaError` whose ``status`` names the kind of
+failure (it becomes the index's status column) and whose message says what to do; the prep records it and
+moves on to the next clip.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import av
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image
+
+LFS_PREFIX = b"version https://git-lfs"
+
+av.logging.set_level(av.logging.PANIC)  # a broken file is reported by us, once, not by FFmpeg on stderr
+
+
+class MediaError(Exception):
+    status = "unreadable"
+
+
+class MissingFile(MediaError):
+    status = "missing"
+
+
+class LfsPointer(MediaError):
+    status = "lfs_pointer"
+
+
+class EmptyFile(MediaError):
+    status = "empty_file"
+
+
+class Unreadable(MediaError):
+    status = "unreadable"
+
+
+class Truncated(MediaError):
+    status = "truncated"
+
+
+class NoAudio(MediaError):
+    status = "no_audio"
+
+
+class NoVideo(MediaError):
+    status = "no_video"
+
+
+class EmptyAudio(MediaError):
+    status = "empty_audio"
+
+
+class AudioTooShort(MediaError):
+    status = "audio_too_short"
+
+
+def check_file(path: Path) -> Path:
+    """Fail early, with the right reason, on a missing file, an empty file or a git-LFS pointer."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(f"{path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise EmptyFile(f"{path} is 0 bytes")
+    if size < 1024:
+        with open(path, "rb") as f:
+            head = f.read(len(LFS_PREFIX))
+        if head == LFS_PREFIX:
+            raise LfsPointer(f"{path} is a git-LFS pointer, not media: run `git lfs pull` in the dataset's clone")
+    return path
+
+
+def second_centres(duration: float) -> list[float]:
+    """1-fps frame times: the centre of each second (k + 0.5 while inside the clip; a clip under 0.5 s: its middle)."""
+    if not duration or duration <= 0:
+        return []
+    times = [k + 0.5 for k in range(int(math.ceil(duration))) if k + 0.5 < duration]
+    return times or [duration / 2]
+
+
+def resized(width: int, height: int, short_side: Optional[int]) -> tuple[int, int]:
+    """(width, height) with the short side brought down to ``short_side`` (never up; None or 0: unchanged)."""
+    short = min(width, height)
+    if not short_side or short <= short_side:
+        return width, height
+    scale = short_side / short
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def encode_frame(image: np.ndarray | Image.Image, quality: int) -> bytes:
+    """uint8 [H, W, 3] (or [H, W], grayscale) -> JPEG bytes (Pillow, libjpeg-turbo)."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@dataclass
+class Decoded:
+    """What one pass over a container gave: 1-fps frames (uint8 [H, W, 3]), mono audio, the video's duration."""
+
+    frames: list[np.ndarray] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    next_frames: list[np.ndarray] = field(default_factory=list)  # the frame after each one (``with_next``)
+    audio: Optional[np.ndarray] = None
+    sample_rate: Optional[int] = None
+    duration: float = 0.0
+    fps: Optional[float] = None
+
+
+def _declared_duration(container, stream) -> Optional[float]:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _probe_duration(path: Path, video: bool) -> Optional[float]:
+    """Duration from packet timestamps, for containers whose header does not say (a demux pass, no decoding)."""
+    with av.open(str(path)) as container:
+        streams = container.streams.video if video else container.streams.audio
+        if not streams:
+            return None
+        stream, end = streams[0], None
+        for packet in container.demux(stream):
+            if packet.pts is None or packet.time_base is None:
+                continue
+            t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            end = t if end is None else max(end, t)
+        return end
+
+
+def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int] = None,
+                     short_side: Optional[int] = 256, min_coverage: float = 0.9, with_next: bool = False) -> Decoded:
+    """One demux pass over a container: the frames at :func:`second_centres` (resized) and/or the audio
+    resampled to mono ``audio_rate`` Hz (``audio_rate`` None: no audio wanted). ``with_next`` also keeps the
+    video frame that follows each kept one (for TSN-style RGB differences; the last frame is its own successor).
+
+    A video stream that stops before ``min_coverage`` of its declared duration is :class:`Truncated`.
+    """
+    path = check_file(path)
+    out = Decoded(sample_rate=audio_rate)
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as err:
+        raise Unreadable(f"{path}: cannot open the container ({err})") from None
+    with container:
+        vstream = container.streams.video[0] if container.streams.video else None
+        astream = container.streams.audio[0] if container.streams.audio else None
+        if video and vstream is None:
+            raise NoVideo(f"{path} has no video stream")
+        if audio_rate is not None and astream is None:
+            raise NoAudio(f"{path} has no audio stream")
+        wanted = [s for s in (vstream if video else None, astream if audio_rate else None) if s is not None]
+        for s in wanted:
+            s.codec_context.thread_count = 1  # one core per prep process; the pool supplies the parallelism
+        targets: list[float] = []
+        if video:
+            declared = _declared_duration(container, vstream)
+            if declared is None:
+                declared = _probe_duration(path, video=True)
+            out.duration = declared or 0.0
+            out.fps = float(vstream.average_rate) if vstream.average_rate else None
+            targets = second_centres(out.duration)
+            width, height = resized(vstream.codec_context.width, vstream.codec_context.height, short_side)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=audio_rate) if audio_rate else None
+        chunks: list[np.ndarray] = []
+        prev = None  # the last decoded video frame, shown until the next one starts
+        last_time = None
+        k = 0
+
+        def rgb(frame) -> np.ndarray:
+            return frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
+
+        def keep(frame, successor) -> None:
+            out.frames.append(rgb(frame))
+            if with_next:
+                out.next_frames.append(rgb(successor))
+
+        try:
+            for packet in container.demux(*wanted):
+                for frame in packet.decode():
+                    if isinstance(frame, av.AudioFrame):
+                        for res in resampler.resample(frame):
+                            chunks.append(res.to_ndarray().reshape(-1))
+                        continue
+                    t = frame.time if frame.time is not None else (0.0 if last_time is None else last_time)
+                    while k < len(targets) and t > targets[k]:
+                        keep(prev if prev is not None else frame, frame)
+                        out.times.append(targets[k])
+                        k += 1
+                    prev, last_time = frame, t
+        except (av.error.FFmpegError, EOFError) as err:
+            if (video and prev is None) or (not video and not chunks):
+                raise Unreadable(f"{path}: decoding failed ({err})") from None
+            # a broken tail: keep what decoded, the coverage check below decides
+        if resampler is not None:
+            for res in resampler.resample(None):
+                chunks.append(res.to_ndarray().reshape(-1))
+            out.audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        if video:
+            if prev is None:
+                raise NoVideo(f"{path}: the video stream has no decodable frame")
+            frame_span = 1.0 / out.fps if out.fps else 0.0
+            if out.duration and last_time + frame_span < min_coverage * out.duration:
+                raise Truncated(f"{path}: video stops at {last_time + frame_span:.2f} s of a declared "
+                                f"{out.duration:.2f} s (truncated download?)")
+            while k < len(targets):  # the last frame is still on screen at the remaining centres
+                keep(prev, prev)
+                out.times.append(targets[k])
+                k += 1
+    return out
+
+
+def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target or wave.size == 0:
+        return wave
+    import torchaudio.functional as AF
+
+    return AF.resample(torch.from_numpy(wave), rate, target).numpy()
+
+
+def read_wav(path: Path, sample_rate: int) -> np.ndarray:
+    """A WAV (any soundfile format) as float32 mono at ``sample_rate`` Hz."""
+    path = check_file(path)
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+        raise Unreadable(f"{path}: not a readable audio file ({err})") from None
+    if data.shape[0] == 0:
+        raise EmptyAudio(f"{path} holds no audio samples")
+    return _resample(data.mean(axis=1), rate, sample_rate).astype(np.float32)
+
+
+def check_audio(wave: np.ndarray, sample_rate: int, min_seconds: float, path: Path) -> np.ndarray:
+    """Refuse empty and near-empty audio (tiling 30 ms to 3 s makes a buzz, not a sample)."""
+    if wave is None or wave.size == 0:
+        raise EmptyAudio(f"{path}: the audio stream is empty")
+    if wave.size < min_seconds * sample_rate:
+        raise AudioTooShort(f"{path}: {wave.size / sample_rate:.3f} s of audio, under the minimum {min_seconds} s")
+    return wave
+
+
+def read_jpeg_file(path: Path, short_side: Optional[int], quality: int, gray: bool = False) -> bytes:
+    """A JPEG file's bytes, verified by decoding; re-encoded only if its short side must come down."""
+    path = check_file(path)
+    data = path.read_bytes()
+    try:
+        img = Image.open(io.BytesIO(data))
+        img = img.convert("L" if gray else "RGB")  # decodes the whole image: a broken file fails here
+    except (OSError, ValueError) as err:
+        raise Unreadable(f"{path}: not a readable JPEG ({err})") from None
+    size = resized(img.width, img.height, short_side)
+    if size == (img.width, img.height):
+        return data
+    return encode_frame(img.resize(size, Image.BILINEAR, reducing_gap=None), quality)

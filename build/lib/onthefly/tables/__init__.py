@@ -1,0 +1,1 @@
+"""Paper tables: specs (experiments/*.yaml) -> sweeps -> run records -> aggregated tables and plots."""
