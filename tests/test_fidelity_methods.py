@@ -204,3 +204,10 @@ def test_feature_level_film_and_gated_are_the_released_equations():
     # the logit-level heads (our default) keep their branches and parameters
     assert FiLMFusion({"audio": 8, "visual": 8}, 5).natural_estimator == "branch"
     assert set(dict(GatedFusion({"audio": 8, "visual": 8}, 5).named_children())) == {"branch", "out"}
+
+
+def test_rescale_grad_is_refused_where_masks_are_drawn_before_the_forward():
+    model = SimpleNamespace(reads_keep_masks=True)  # a mid-fusion model: q from the previous step's ρ
+    with pytest.raises(ValueError, match="needs q from this batch's scores"):
+        OPM(rescale_grad=True).setup(model, 3)
+    OPM().setup(model, 3)  # without it, such a model keeps working
