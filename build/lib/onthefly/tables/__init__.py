@@ -1,1 +1,0 @@
-"""Paper tables: specs (experiments/*.yaml) -> sweeps -> run records -> aggregated tables and plots."""
