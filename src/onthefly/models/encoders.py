@@ -88,9 +88,11 @@ class ResNet18(nn.Module):
         if x.dim() == 5:
             t = x.shape[1]
             x = x.flatten(0, 1)
-        if self.stem[0].weight.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)  # the model was moved to channels_last
-        return x, t
+        # the input in the model's memory format: NHWC when the model was moved to channels_last, else NCHW. A
+        # decoded image is HWC underneath, and an NHWC-strided input would make PyTorch run an NCHW model through
+        # NHWC convolution kernels, whose AVX-512 oneDNN backward crashes on some shapes (docs/troubleshooting)
+        nhwc = self.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format), t
 
     def stage(self, index: int, h: torch.Tensor) -> torch.Tensor:
         """Stage ``index`` on a folded batch: 0 = the stem, 1..4 = layer1..layer4 (two BasicBlocks each)."""
@@ -109,13 +111,9 @@ class ResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frames = x.dim() == 5
-        if frames:
-            b, t = x.shape[:2]
-            x = x.flatten(0, 1)
-        if self.stem[0].weight.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)  # the model was moved to channels_last
+        x, t = self.fold(x)
         h = self.layers(self.stem(x)).mean(dim=(2, 3))  # [B*T, D]
-        return h.view(b, t, -1).mean(dim=1) if frames else h
+        return h.view(-1, t, h.shape[-1]).mean(dim=1) if frames else h
 
 
 @configurable("encoder")
