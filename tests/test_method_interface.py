@@ -74,6 +74,20 @@ class SubStepToy(Modulation):
         return TwoSubSteps()
 
 
+class TaggedCopies(Modulation):
+    """Adds two tagged copies of sample 5 (5 + 64 and 5 + 128) and reports an epoch-level scalar at each epoch end."""
+
+    def train_indices(self, epoch):
+        return [*range(64), 5 + 64, 5 + 128]
+
+    def before_forward(self, ctx):
+        CALLS.setdefault("seen", []).extend(zip(ctx.indices.tolist(), ctx.labels.tolist()))
+        CALLS.setdefault("sizes", set()).add((ctx.steps_in_epoch, ctx.train_size))
+
+    def epoch_end(self, ctx):
+        ctx.metrics["twice_epoch"] = torch.tensor(2.0 * ctx.epoch)
+
+
 class LoaderProbe(Modulation):
     """Reads the hooks' loaders once before training."""
 
@@ -90,6 +104,10 @@ def _fresh_calls():
 
 def _toy(name: str) -> str:
     return f"modulation._target_={__name__}.{name}"
+
+
+# the start-up FLOP count runs one (undone) step through the hooks: off where a test counts the hooks' calls
+NO_DRY_STEP = "trainer.imbalance.cost=false"
 
 
 def test_a_schedule_phase_gets_its_own_optimizer_and_epoch_start_runs_each_epoch(train_run):
@@ -118,7 +136,7 @@ def test_resume_across_a_phase_change_equals_the_uninterrupted_run(train_run, tm
 
 
 def test_train_indices_resample_the_training_set_and_resume_exactly(train_run, tmp_path):
-    common = [_toy("HalfTheSamples"), "trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=10"]
+    common = [_toy("HalfTheSamples"), "trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=10", NO_DRY_STEP]
     _, full = train_run(*common, name="full")
     seen = CALLS["indices"]
     assert set(seen) == set(range(0, 64, 2)) and len(seen) == 2 * 34  # 34 samples an epoch, 2 epochs
@@ -132,10 +150,20 @@ def test_train_indices_resample_the_training_set_and_resume_exactly(train_run, t
 
 
 def test_a_step_strategy_replaces_the_step(train_run):
-    results, out = train_run(_toy("SubStepToy"), "trainer.epochs=1")
+    results, out = train_run(_toy("SubStepToy"), "trainer.epochs=1", NO_DRY_STEP)
     steps = pd.read_csv(out / "steps.csv")
     assert len(CALLS["substeps"]) == 4 and "train/first_loss" in steps.columns
     assert steps["train/first_loss"].notna().all() and results["status"] == "ok"
+
+
+def test_tagged_train_indices_read_their_sample_and_epoch_end_scalars_join_the_epoch_row(train_run):
+    _, out = train_run(_toy("TaggedCopies"), NO_DRY_STEP)
+    seen = dict(CALLS["seen"])  # index -> label, as the step saw them
+    assert sorted(seen) == [*range(64), 69, 133]
+    assert seen[69] == seen[133] == seen[5]
+    assert CALLS["sizes"] == {(5, 64)}  # 66 samples in batches of 16: 5 steps; the split holds 64
+    epochs = read_metrics(out)
+    assert epochs["train/twice_epoch"].tolist()[:2] == [0.0, 2.0]
 
 
 def test_the_hooks_read_train_in_order_with_indices_and_val(train_run):

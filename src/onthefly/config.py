@@ -64,6 +64,29 @@ class WandbMode(str, enum.Enum):
     disabled = "disabled"
 
 
+class MetricWhen(str, enum.Enum):
+    """When an imbalance metric is computed (docs/method.md §14)."""
+
+    off = "off"
+    test = "test"  # on the test split, at the end (the selected checkpoint)
+    every_epoch = "every_epoch"  # also on val after every epoch (a curve in metrics.csv / W&B)
+
+
+class SampleValue(str, enum.Enum):
+    scaled = "scaled"  # v_i(S) = |S| * 1[correct] (the valuation method's per-sample value)
+    correct = "correct"  # v_i(S) = 1[correct]
+
+
+@dataclass
+class ImbalanceConfig:
+    """Imbalance and cost metrics of every run (onthefly.engine.imbalance, docs/method.md §14)."""
+
+    shapley: MetricWhen = MetricWhen.every_epoch  # Shapley contribution per modality (cached features: head passes)
+    sample_value: SampleValue = SampleValue.scaled  # per-sample value function of the sample-level Shapley value
+    utilization: MetricWhen = MetricWhen.test  # conditional utilisation rate (one encoder pass over train each time)
+    cost: bool = True  # parameters and FLOPs of one training step, counted once at start-up
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 10
@@ -100,6 +123,8 @@ class TrainerConfig:
     resume: str = "never"  # never | auto (newest valid checkpoint in the run folder) | path of a checkpoint file
     checkpoint_every_n_steps: Optional[int] = 500  # plus one at every epoch end; null: epoch ends only
     keep_checkpoints: int = 1  # newest N kept under <run>/checkpoints/; 0: write none (no resume possible)
+    # --- what is measured besides the task's metrics ---
+    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
 
 
 @dataclass

@@ -32,7 +32,7 @@ MAY_CHANGE = {
     "trainer.plots", "trainer.save_checkpoint", "trainer.pin_memory", "trainer.prefetch_factor",
     "trainer.compile", "trainer.compile_backend", "name",
 }
-MAY_CHANGE_PREFIXES = ("logger.", "paths.")
+MAY_CHANGE_PREFIXES = ("logger.", "paths.", "trainer.imbalance.")  # imbalance: what is measured, not trained
 
 
 # --- RNG states (only tensors and plain values, so weights_only loading accepts them) -------------------------

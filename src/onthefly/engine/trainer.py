@@ -33,7 +33,8 @@ from onthefly.engine import checkpoint as ckpt
 from onthefly.engine import distributed as ddp
 from onthefly.engine.distributed import DistInfo
 from onthefly.engine.errors import TrainingError
-from onthefly.engine.evaluation import evaluate, iterate, metrics_from_features
+from onthefly.engine.evaluation import extract_features, iterate, metrics_from_features
+from onthefly.engine.imbalance import ImbalanceMetrics
 from onthefly.logging import RunLogger
 from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, StepContext
 from onthefly.modulation.discrepancy import discrepancy
@@ -106,6 +107,8 @@ class Trainer:
         self.schedule = modulation.schedule() or EpochSchedule()
         self.phase, self.phase_epoch = self.schedule.phase(0), 0  # the optimizer's groups were made for this epoch
         self._train_indices = None  # the sample list of the current training loader (None: the whole split)
+        self._steps_in_epoch: Optional[int] = None
+        self.imbalance = ImbalanceMetrics(self, self.tc.imbalance)  # Shapley, utilisation, cost (trainer.imbalance)
         self.forward_module: nn.Module = TrainForward(self, model, self.extra)
         if self.dist.enabled:
             self.forward_module = nn.parallel.DistributedDataParallel(
@@ -158,7 +161,8 @@ class Trainer:
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
         return StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
-                           modalities=self.modalities, device=self.device, batches=self._batches, phase=self.phase)
+                           modalities=self.modalities, device=self.device, batches=self._batches, phase=self.phase,
+                           steps_in_epoch=self._steps_in_epoch, train_size=len(self.splits["train"]))
 
     def _rng(self, phase: int):
         """Under DDP: the forward hooks draw from a stream of this rank's own (phase 1: OPM's masks differ between
@@ -269,6 +273,7 @@ class Trainer:
         batches_in_epoch = math.ceil(sampler.num_samples / self.local_batch)
         limit = self.tc.limit_train_batches
         total = batches_in_epoch if limit is None else min(limit, batches_in_epoch)
+        self._steps_in_epoch = total
         sampler.start = min(start * self.local_batch, sampler.num_samples)
         every = self.tc.checkpoint_every_n_steps
         try:
@@ -321,10 +326,10 @@ class Trainer:
         if self.dist.enabled:  # each rank encodes its shard; features gathered, padding dropped
             feats, labels = ddp.gathered_features(self.model, self.loaders[split], self.device,
                                                   self.tc.limit_eval_batches, self.dist)
-            m = metrics_from_features(self.model.head, feats, labels, self.estimator, self.task)
         else:
-            m = evaluate(self.model, self.loaders[split], self.device, self.estimator, self.tc.limit_eval_batches,
-                         self.task)
+            feats, labels = extract_features(self.model, self.loaders[split], self.device, self.tc.limit_eval_batches)
+        m = metrics_from_features(self.model.head, feats, labels, self.estimator, self.task)
+        m.update(self.imbalance.on_split(split, feats, labels))
         return {f"{split}/{k}": v for k, v in m.items()}
 
     def fit(self) -> dict:
@@ -336,6 +341,7 @@ class Trainer:
             ckpt.set_rng_state(self._resumed_rng, self.device)
         else:
             self.modulation.train_start(self._ctx(0, 0))
+        self.imbalance.measure_cost()
         t0 = time.time() - self.elapsed_before
         self._t0 = t0
         for epoch in range(self.start_epoch, self.tc.epochs):
@@ -349,7 +355,12 @@ class Trainer:
             if select == "test":
                 row.update(self.metrics_on("test"))
             self.scheduler.step()
-            self.modulation.epoch_end(self._ctx(epoch, 0))
+            end = self._ctx(epoch, 0)
+            self.modulation.epoch_end(end)
+            if end.metrics:  # the method's epoch-level quantities (one host sync)
+                values = torch.stack([torch.as_tensor(v, device=self.device).detach().float()
+                                      for v in end.metrics.values()]).tolist()
+                row.update({f"train/{k}": v for k, v in zip(end.metrics, values)})
             row["time/epoch_s"] = time.time() - te
             score = row[f"{select}/acc"]
             if self.best is None or score > self.best["score"]:
@@ -371,6 +382,7 @@ class Trainer:
             test = self.metrics_on("test")
             results["test"] = {k.split("/", 1)[1]: v for k, v in test.items()}
             self.logger.log_epoch({"epoch": self.tc.epochs, **test}, self.global_step)
+        results.update(self.imbalance.results(results))
         return results
 
     # --- checkpoints ------------------------------------------------------------------------------------------

@@ -1,0 +1,253 @@
+"""Imbalance and cost metrics of every run (docs/method.md §14): how much each modality contributes to the fused
+prediction (Shapley values), how much the model relies on each modality given the others (conditional
+utilisation), and what a training step costs (parameters, FLOPs).
+
+All of them read a split's cached encoder features, so they cost head passes, not encoder passes:
+
+* Shapley contribution. v(S) is the accuracy of the fused prediction when the features of the modalities outside
+  S are zeroed (feature level, as the zero-out estimator does); φ_m = Σ_{S ∌ m} |S|!(M-|S|-1)!/M! [v(S ∪ m) - v(S)].
+  Dataset level: v(∅) is the accuracy on all-zero features. Sample level: v_i(S) = |S|·1[correct] (``scaled``,
+  the valuation method's value) or 1[correct], with v_i(∅) = 0; reported as the mean over samples.
+* Conditional utilisation rate u(m | others) = (A_full - A_m) / A_full, where A_m is the fused accuracy with
+  modality m's features replaced by their mean over the train split. A model whose modules interact before the
+  head (MMTM) provides its own measure: a module with a ``conditional_utilization(eval_batches, train_batches,
+  task)`` method (see :func:`utilization_override`) is asked instead.
+* Cost: parameters (trainable, including what the method owns) and buffers; the FLOPs of one training step of the
+  method (forward, the method's extras, backward; no optimizer update) counted once at start-up with torch's
+  ``FlopCounterMode`` on a train batch, every state it touches restored afterwards; the FLOPs of an evaluation
+  forward per sample.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from onthefly.config import MetricWhen, SampleValue
+from onthefly.engine import checkpoint as ckpt
+from onthefly.modulation.valuation import sample_shapley, shapley_matrix, subset_correct
+
+
+# --- Shapley values (the core lives with the valuation method, which re-samples the data by it) -----------------
+def shapley_metrics(correct: torch.Tensor, modalities: Sequence[str],
+                    sample_value: SampleValue | str = SampleValue.scaled) -> Dict[str, float]:
+    """``shapley_<m>`` (dataset level, accuracy units, v(∅) = accuracy on all-zero features), ``shapley_share_<m>``
+    (φ_m / Σφ) and ``shapley_sample_<m>`` (mean per-sample φ) from :func:`subset_correct`'s table."""
+    dataset = correct.double().mean(0) @ shapley_matrix(len(modalities)).to(correct.device)
+    sample = sample_shapley(correct, sample_value).mean(0)
+    total = float(dataset.sum())
+    out = {}
+    for i, m in enumerate(modalities):
+        out[f"shapley_{m}"] = float(dataset[i])
+        out[f"shapley_share_{m}"] = float(dataset[i]) / total if total != 0 else float("nan")
+        out[f"shapley_sample_{m}"] = float(sample[i])
+    return out
+
+
+# --- conditional utilisation ------------------------------------------------------------------------------------
+@torch.no_grad()
+def mean_replacement_utilization(head: nn.Module, feats: Dict[str, torch.Tensor], labels: torch.Tensor,
+                                 means: Dict[str, torch.Tensor],
+                                 class_logits: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, float]:
+    """u(m | others) = (A_full - A_m) / A_full with modality m's features replaced by ``means[m]`` (its train-split
+    mean), for each modality; for two modalities also ``util_gap`` = u(2nd | 1st) - u(1st | 2nd)."""
+    def acc(f):
+        return float((class_logits(head(f)).argmax(1) == labels).double().mean())
+
+    full = acc(feats)
+    out = {}
+    for m in head.modalities:
+        replaced = dict(feats)
+        replaced[m] = means[m].to(feats[m].dtype).expand_as(feats[m])
+        out[f"util_{m}"] = (full - acc(replaced)) / full if full > 0 else float("nan")
+    if len(head.modalities) == 2:
+        first, second = head.modalities
+        out["util_gap"] = out[f"util_{second}"] - out[f"util_{first}"]
+    return out
+
+
+def utilization_override(model: nn.Module):
+    """The bound ``conditional_utilization`` of the first module of ``model`` (the model itself first) whose
+    class defines one, else None. Contract: ``conditional_utilization(eval_batches, train_batches, task) ->
+    {"util_<m>": u(m | others), ...}``, where both arguments are zero-argument callables giving fresh iterators of
+    (inputs, labels) on the model's device (the split evaluated, and the train split with evaluation transforms);
+    it is called with the model in eval mode and gradients off."""
+    for module in model.modules():
+        method = getattr(type(module), "conditional_utilization", None)
+        if callable(method):
+            return getattr(module, "conditional_utilization")
+    return None
+
+
+@torch.no_grad()
+def feature_means(model: nn.Module, batches: Callable[[], object]) -> Dict[str, torch.Tensor]:
+    """Mean feature of each modality over ``batches()`` (eval mode)."""
+    sums: Dict[str, torch.Tensor] = {}
+    n = 0
+    for inputs, _ in batches():
+        feats = model.encode(inputs)
+        for m in model.modalities:
+            sums[m] = sums.get(m, 0) + feats[m].double().sum(0)
+        n += len(next(iter(feats.values())))
+    return {m: (s / max(n, 1)).float() for m, s in sums.items()}
+
+
+# --- cost ------------------------------------------------------------------------------------------------------
+def parameter_counts(modules: Sequence[Optional[nn.Module]]) -> Dict[str, int]:
+    """Trainable and total parameters and buffer elements of ``modules`` (shared tensors counted once)."""
+    seen, params, trainable, buffers = set(), 0, 0, 0
+    for module in modules:
+        if module is None:
+            continue
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                params += p.numel()
+                trainable += p.numel() if p.requires_grad else 0
+        for b in module.buffers():
+            if id(b) not in seen:
+                seen.add(id(b))
+                buffers += b.numel()
+    return {"params": params, "params_trainable": trainable, "buffers": buffers}
+
+
+class _DryRun:
+    """The trainer as a step strategy sees it, except that ``update`` records the step's scalars and takes no
+    optimizer step (the FLOP count excludes the update, and the model is left as it was)."""
+
+    def __init__(self, trainer):
+        self._trainer = trainer
+
+    def __getattr__(self, name):
+        return getattr(self._trainer, name)
+
+    def update(self, ctx, loss: torch.Tensor) -> dict:
+        ctx.metrics["loss"] = loss.detach()
+        if ctx.logits is not None:
+            ctx.metrics["acc"] = (ctx.logits.detach().argmax(1) == ctx.labels).float().mean()
+        return {k: float(v) for k, v in ctx.metrics.items()}
+
+
+def flops_of(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def step_cost(trainer) -> Dict[str, float]:
+    """FLOPs of one training step (the method's step strategy on the first train batch) and of an evaluation
+    forward per sample. Everything the step touches (weights, BatchNorm statistics, gradients, the method's state,
+    the RNG streams, the GradScaler) is restored, so the run's numbers do not change."""
+    model, method = trainer.model, trainer.modulation
+    batch = next(iter(trainer._batches("train", 1, True)), None)
+    if batch is None:
+        return {}
+    inputs, labels, indices = batch
+    saved = {"model": copy.deepcopy(model.state_dict()), "method": copy.deepcopy(method.state_dict()),
+             "extra": copy.deepcopy(trainer.extra.state_dict()) if trainer.extra is not None else None,
+             "rng": ckpt.rng_state(trainer.device), "scaler": copy.deepcopy(trainer.scaler.state_dict()),
+             "training": model.training}
+    params = [p for m in (model, trainer.extra) if m is not None for p in m.parameters()]
+    try:
+        model.train()
+        ctx = trainer._ctx(trainer.start_epoch, 0)
+        ctx.inputs, ctx.labels, ctx.indices = inputs, labels, indices
+        train = flops_of(lambda: trainer.step_strategy.run(_DryRun(trainer), ctx))
+        model.eval()
+        with torch.no_grad():
+            forward = flops_of(lambda: model.head(model.encode(inputs)))
+    finally:
+        for p in params:
+            p.grad = None
+        if trainer.scaler.is_enabled():
+            trainer.scaler.update()  # close the dry step's unscale bookkeeping; the saved scale comes back below
+        model.load_state_dict(saved["model"])
+        method.load_state_dict(saved["method"])
+        if saved["extra"] is not None:
+            trainer.extra.load_state_dict(saved["extra"])
+        trainer.scaler.load_state_dict(saved["scaler"])
+        ckpt.set_rng_state(saved["rng"], trainer.device)
+        model.train(saved["training"])
+    return {"flops_per_step": train, "flops_eval_per_sample": forward / max(len(labels), 1),
+            "step_batch": len(labels)}
+
+
+# --- what the trainer calls --------------------------------------------------------------------------------------
+class ImbalanceMetrics:
+    """The run's imbalance and cost metrics, as ``trainer.imbalance`` settings ask (see the module docstring)."""
+
+    def __init__(self, trainer, settings):
+        self.trainer, self.settings = trainer, settings
+        self.cost: Dict[str, float] = {}
+        self._train_means: Optional[Dict[str, torch.Tensor]] = None
+
+    @staticmethod
+    def _wanted(when: MetricWhen, split: str) -> bool:
+        when = MetricWhen(when)
+        return when is MetricWhen.every_epoch or (when is MetricWhen.test and split == "test")
+
+    def on_split(self, split: str, feats: Dict[str, torch.Tensor], labels: torch.Tensor) -> Dict[str, float]:
+        """The metrics of a split's cached features (called by the trainer's evaluation of val and test)."""
+        trainer, s = self.trainer, self.settings
+        head, task = trainer.model.head, trainer.task
+        if len(getattr(head, "modalities", [])) < 2:
+            return {}
+        out = {}
+        if self._wanted(s.shapley, split):
+            out.update(shapley_metrics(subset_correct(head, feats, labels, task.class_logits), head.modalities,
+                                       s.sample_value))
+        if self._wanted(s.utilization, split):
+            out.update(self.utilization(split, feats, labels))
+        return out
+
+    def utilization(self, split: str, feats: Dict[str, torch.Tensor], labels: torch.Tensor) -> Dict[str, float]:
+        trainer = self.trainer
+        model = trainer.model
+        train = lambda: trainer._batches("train_eval")  # noqa: E731
+        override = utilization_override(model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                if override is not None:
+                    return dict(override(lambda: trainer._batches(split), train, trainer.task))
+                means = feature_means(model, train)
+                return mean_replacement_utilization(model.head, feats, labels, means, trainer.task.class_logits)
+        finally:
+            model.train(was_training)
+
+    def measure_cost(self) -> None:
+        """Parameters and FLOPs per step, once at start-up (``trainer.imbalance.cost``)."""
+        if not self.settings.cost:
+            return
+        trainer = self.trainer
+        self.cost = parameter_counts([trainer.model, trainer.extra])
+        self.cost.update(step_cost(trainer))
+
+    def results(self, results: dict) -> dict:
+        """The results.json entries: ``cost`` (parameters, FLOPs, time and memory per step) and ``imbalance``,
+        the test split's metrics under the table keys ``shapley/<m>``, ``shapley_share/<m>``,
+        ``shapley_sample/<m>``, ``util/<m>``, ``util/gap`` plus ``cost/<name>``."""
+        trainer, out = self.trainer, {}
+        cost = dict(self.cost)
+        if cost and trainer.global_step:
+            cost["flops_train_total"] = cost.get("flops_per_step", 0) * trainer.global_step
+            cost["time_per_step_s"] = results.get("train_time_s", float("nan")) / trainer.global_step
+        if trainer.device.type == "cuda":
+            cost["max_memory_mb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
+        if cost:
+            out["cost"] = cost
+        table = {}
+        for key, value in (results.get("test") or {}).items():
+            for prefix in ("shapley_share_", "shapley_sample_", "shapley_", "util_"):
+                if key.startswith(prefix):
+                    table[f"{prefix[:-1]}/{key[len(prefix):]}"] = value
+                    break
+        table.update({f"cost/{k}": v for k, v in cost.items()})
+        if table:
+            out["imbalance"] = table
+        return out
