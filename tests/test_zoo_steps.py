@@ -301,6 +301,9 @@ def test_reconboost_runs_its_phases_with_their_optimizers(train_run):
     assert epochs["lr"].tolist() == pytest.approx([0.02, 0.01])
     assert epochs["train/boost_weight"].tolist()[0] == pytest.approx(4.0)  # no other learner yet: w1 - w2
     assert results["status"] == "ok" and "shapley_audio" in results["test"]
+    cost = results["cost"]  # a boost step trains one encoder: cheaper than a rectify step; 4 steps in each phase
+    assert cost["flops_per_step"] == cost["flops_per_step_boost_audio"] < cost["flops_per_step_rectify"]
+    assert cost["flops_train_total"] == 4 * (cost["flops_per_step_boost_audio"] + cost["flops_per_step_rectify"])
 
 
 @pytest.mark.slow

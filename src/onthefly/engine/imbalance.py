@@ -138,10 +138,11 @@ def flops_of(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def step_cost(trainer) -> Dict[str, float]:
-    """FLOPs of one training step (the method's step strategy on the first train batch) and of an evaluation
-    forward per sample. Everything the step touches (weights, BatchNorm statistics, gradients, the method's state,
-    the RNG streams, the GradScaler) is restored, so the run's numbers do not change."""
+def step_cost(trainer, epochs: Sequence[int]) -> Dict[str, float]:
+    """FLOPs of one training step in each of ``epochs`` (the method's step strategy on the first train batch, as
+    it runs in that epoch: {"flops_step@<epoch>": n}) and of an evaluation forward per sample. Everything the step
+    touches (weights, BatchNorm statistics, gradients, the method's state, the RNG streams, the GradScaler) is
+    restored, so the run's numbers do not change."""
     model, method = trainer.model, trainer.modulation
     batch = next(iter(trainer._batches("train", 1, True)), None)
     if batch is None:
@@ -153,10 +154,13 @@ def step_cost(trainer) -> Dict[str, float]:
              "training": model.training}
     params = [p for m in (model, trainer.extra) if m is not None for p in m.parameters()]
     try:
-        model.train()
-        ctx = trainer._ctx(trainer.start_epoch, 0)
-        ctx.inputs, ctx.labels, ctx.indices = inputs, labels, indices
-        train = flops_of(lambda: trainer.step_strategy.run(_DryRun(trainer), ctx))
+        train = {}
+        for epoch in epochs:
+            model.train()
+            ctx = trainer._ctx(epoch, 0)
+            ctx.phase = trainer.schedule.phase(epoch)
+            ctx.inputs, ctx.labels, ctx.indices = inputs, labels, indices
+            train[f"flops_step@{epoch}"] = flops_of(lambda: trainer.step_strategy.run(_DryRun(trainer), ctx))
         model.eval()
         with torch.no_grad():
             forward = flops_of(lambda: model.head(model.encode(inputs)))
@@ -172,8 +176,7 @@ def step_cost(trainer) -> Dict[str, float]:
         trainer.scaler.load_state_dict(saved["scaler"])
         ckpt.set_rng_state(saved["rng"], trainer.device)
         model.train(saved["training"])
-    return {"flops_per_step": train, "flops_eval_per_sample": forward / max(len(labels), 1),
-            "step_batch": len(labels)}
+    return {**train, "flops_eval_per_sample": forward / max(len(labels), 1), "step_batch": len(labels)}
 
 
 # --- what the trainer calls --------------------------------------------------------------------------------------
@@ -183,7 +186,9 @@ class ImbalanceMetrics:
     def __init__(self, trainer, settings):
         self.trainer, self.settings = trainer, settings
         self.cost: Dict[str, float] = {}
-        self._train_means: Optional[Dict[str, torch.Tensor]] = None
+        self.phase_flops: Dict[str, int] = {}  # FLOPs of a step in each phase of the schedule
+        self.steps_by_phase: Dict[str, int] = {}  # optimizer steps taken in each phase (checkpointed)
+        self._counted_to = 0  # the global step up to which steps_by_phase counts
 
     @staticmethod
     def _wanted(when: MetricWhen, split: str) -> bool:
@@ -196,6 +201,10 @@ class ImbalanceMetrics:
         head, task = trainer.model.head, trainer.task
         if len(getattr(head, "modalities", [])) < 2:
             return {}
+        if split == "val":  # once per epoch, after its training: count the epoch's steps by phase
+            phase, steps = trainer.phase, trainer.global_step - self._counted_to
+            self.steps_by_phase[phase] = self.steps_by_phase.get(phase, 0) + steps
+            self._counted_to = trainer.global_step
         out = {}
         if self._wanted(s.shapley, split):
             out.update(shapley_metrics(subset_correct(head, feats, labels, task.class_logits), head.modalities,
@@ -226,7 +235,26 @@ class ImbalanceMetrics:
             return
         trainer = self.trainer
         self.cost = parameter_counts([trainer.model, trainer.extra])
-        self.cost.update(step_cost(trainer))
+        start = min(trainer.start_epoch, trainer.tc.epochs - 1)
+        last_of_phase = {trainer.schedule.phase(e): e for e in range(trainer.tc.epochs)}  # a phase's steady state
+        first = trainer.schedule.phase(start)
+        if len(last_of_phase) == 1:
+            last_of_phase = {first: start}
+        counted = step_cost(trainer, sorted(set(last_of_phase.values())))
+        self.phase_flops = {p: counted.pop(f"flops_step@{e}") for p, e in last_of_phase.items() if f"flops_step@{e}" in counted}
+        if not self.phase_flops:
+            return
+        self.cost["flops_per_step"] = self.phase_flops[first]
+        if len(self.phase_flops) > 1:
+            self.cost.update({f"flops_per_step_{p}": n for p, n in self.phase_flops.items()})
+        self.cost.update(counted)
+
+    def state_dict(self) -> dict:
+        return {"steps_by_phase": dict(self.steps_by_phase), "counted_to": self._counted_to}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_by_phase = dict(state.get("steps_by_phase", {}))
+        self._counted_to = int(state.get("counted_to", 0))
 
     def results(self, results: dict) -> dict:
         """The results.json entries: ``cost`` (parameters, FLOPs, time and memory per step) and ``imbalance``,
@@ -234,8 +262,9 @@ class ImbalanceMetrics:
         ``shapley_sample/<m>``, ``util/<m>``, ``util/gap`` plus ``cost/<name>``."""
         trainer, out = self.trainer, {}
         cost = dict(self.cost)
+        if self.phase_flops and self.steps_by_phase:
+            cost["flops_train_total"] = sum(self.phase_flops.get(p, 0) * n for p, n in self.steps_by_phase.items())
         if cost and trainer.global_step:
-            cost["flops_train_total"] = cost.get("flops_per_step", 0) * trainer.global_step
             cost["time_per_step_s"] = results.get("train_time_s", float("nan")) / trainer.global_step
         if trainer.device.type == "cuda":
             cost["max_memory_mb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**20

@@ -410,6 +410,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "modulation": self.modulation.state_dict(),
+            "imbalance": self.imbalance.state_dict(),
             "best": self.best,
             "best_state": self.best_state,
             "history": self.history,
@@ -434,6 +435,7 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.modulation.load_state_dict(state["modulation"])
+        self.imbalance.load_state_dict(state.get("imbalance", {}))
         self.global_step, self.nonfinite_steps = state["global_step"], state["nonfinite_steps"]
         self.overflow_steps = state.get("overflow_steps", 0)
         self.best, self.best_state, self.history = state["best"], state["best_state"], list(state["history"])
