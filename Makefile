@@ -51,10 +51,11 @@ reproduce-table-%: $(STAMP)  ## sweep + build one table: make reproduce-table-cv
 
 # ---- Data preparation ------------------------------------------------------------------------------------------
 # Raw download -> cache under $(ONTHEFLY_DATA)/<dataset> (default data/<dataset>), or OUT=... . Resumable: run a
-# target again after an interruption, or after fixing files (git lfs pull); finished clips are skipped.
+# target again after an interruption, or after fixing files (git lfs pull); finished clips are skipped, and clips
+# whose stored data was damaged are prepared again. A prep that finds or caches nothing exits non-zero.
 # WORKERS=N processes (default: one per core); AUDIO=<recipe>; ARGS="key=value ..." passes any other option
 # (python -m data_prep.<dataset> --help lists them). Run from the repository root.
-.PHONY: prep-cremad prep-kinetics-sounds prep-vggsound prep-vggsound-merge prep-ucf101 prep-mosi prep-avqa bench-prep
+.PHONY: prep-cremad prep-kinetics-sounds prep-vggsound prep-vggsound-merge prep-ucf101 prep-mosi prep-avqa bench-prep verify-cache
 PREP_COMMON = $(if $(OUT),out_root=$(OUT)) $(if $(WORKERS),workers=$(WORKERS)) $(if $(AUDIO),audio=$(AUDIO)) $(ARGS)
 need = @test -n "$($(1))" || { echo "usage: $(2)"; exit 2; }
 
@@ -87,6 +88,10 @@ prep-mosi: $(STAMP)  ## cache CMU-MOSI from a MulT or MMSA pickle: make prep-mos
 prep-avqa: $(STAMP)  ## cache AVQA: make prep-avqa ANN=/path/to/avqa (MEDIA=/path/to/videos | VGGSOUND_CACHE=data/vggsound) [FORMAT=music]
 	$(call need,ANN,make prep-avqa ANN=/path/to/annotations (MEDIA=/path/to/videos | VGGSOUND_CACHE=/path/to/vggsound/cache) [FORMAT=yang|music] [OUT=...])
 	$(PY) -m data_prep.avqa ann=$(ANN) $(if $(MEDIA),media=$(MEDIA)) $(if $(VGGSOUND_CACHE),vggsound_cache=$(VGGSOUND_CACHE)) $(if $(FORMAT),format=$(FORMAT)) $(PREP_COMMON)
+
+verify-cache: $(STAMP)  ## decode a whole cache, naming each bad clip: make verify-cache DATASET=cremad [ROOT=path] [ARGS=mark=true]
+	$(call need,DATASET,make verify-cache DATASET=cremad|kinetics_sounds|vggsound|ucf101|mosi|avqa|avqa_music [ROOT=path] [ARGS=mark=true])
+	$(PY) -m data_prep.verify dataset=$(DATASET) $(if $(ROOT),root=$(ROOT)) $(ARGS)
 
 bench-prep: $(STAMP)  ## prep throughput (clips/s per process) and cache bytes per clip, on generated realistic clips
 	$(PY) -m data_prep.bench $(ARGS)

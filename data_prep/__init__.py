@@ -4,3 +4,7 @@ Shared parts: :mod:`data_prep.media` (decoding), :mod:`data_prep.audio` (spectro
 :mod:`data_prep.cache` (the writer of the format in :mod:`onthefly.data.cache`) and :mod:`data_prep.pipeline`
 (arguments, process pool, summary). Run the modules from the repository root (the Makefile's prep targets do).
 """
+
+from data_prep.parent import watch_if_spawned
+
+watch_if_spawned()  # a spawned prep worker exits with the prep (before this package's heavy imports)

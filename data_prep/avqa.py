@@ -53,8 +53,10 @@ import numpy as np
 import pandas as pd
 
 from data_prep.cache import Clip, code_version
+from data_prep.errors import PrepError, UsageError
 from data_prep.ids import VideoFiles, parse
-from data_prep.pipeline import CommonOptions, default_out, frame_recipe, parse_args, process_av, run_prep
+from data_prep.pipeline import (CommonOptions, cli, default_out, existing_folder, frame_recipe, parse_args, process_av,
+                                run_prep)
 from onthefly.data.avqa import (DATASETS, INDEX_COLUMNS, MEDIA_AUDIO, MEDIA_DATASET, MEDIA_DIR, N_CHOICES, PAD,
                                 TOKENS_FILE, UNK, VOCAB_FILE, tokenize)
 from onthefly.data.base import CacheMissingError
@@ -63,6 +65,8 @@ from onthefly.data.cache import (FORMAT_VERSION, INDEX_FILE, OK, RECIPE_FILE, SP
 
 FILES = {"yang": {"train": "train_qa.json", "test": "val_qa.json"},
          "music": {"train": "avqa-train.json", "val": "avqa-val.json", "test": "avqa-test.json"}}
+ITEM_KEYS = {"yang": "{id, video_name, question_text, multi_choice, answer, question_type, question_relation}",
+             "music": "{video_id, question_id, type, question_content, templ_values, anser}"}
 QUESTION_CAP, CHOICE_CAP = 32, 8  # default lengths: the longest train question / choice, at most these
 CLIP_LABEL = "avqa_clip"  # the media cache's one placeholder class (clips have no label of their own)
 SLOT = re.compile(r"<[^<>\s]+>")  # MUSIC-AVQA's template slots: <Object>, <LR>, <FL>, ...
@@ -101,7 +105,7 @@ def find_file(ann: Path, name: str, fmt: str) -> Path:
     found = sorted(ann.rglob(name))
     if not found:
         other = "music" if fmt == "yang" else "yang"
-        raise SystemExit(f"format={fmt} needs {' and '.join(FILES[fmt].values())} in ann={ann}; {name} is not "
+        raise PrepError(f"format={fmt} needs {' and '.join(FILES[fmt].values())} in ann={ann}; {name} is not "
                          f"there (for the other release pass format={other})")
     return found[0]
 
@@ -110,9 +114,9 @@ def load_items(path: Path) -> list:
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise SystemExit(f"{path} is not readable JSON: {err}") from None
+        raise PrepError(f"{path} is not readable JSON: {err}") from None
     if not isinstance(items, list):
-        raise SystemExit(f"{path} should hold a JSON list of questions, not a {type(items).__name__}")
+        raise PrepError(f"{path} should hold a JSON list of questions, not a {type(items).__name__}")
     return items
 
 
@@ -208,15 +212,14 @@ def open_vggsound_cache(path: Path) -> CacheReader:
         media = CacheReader(path, MEDIA_DATASET)
         media.check({"dataset": MEDIA_DATASET, "audio": audio_recipe(MEDIA_DATASET, MEDIA_AUDIO)}, {})
     except CacheMissingError as err:
-        raise SystemExit(f"vggsound_cache={path}: {err}") from None
+        raise PrepError(f"vggsound_cache={path}: {err}") from None
     return media
 
 
 def decode_media(questions: list[Question], media: Path, out: Path, opts: Options) -> tuple[CacheReader, dict]:
     """Cache every clip a usable question names into ``out`` (a VGGSound-recipe cache); return its reader and
     the media prep's summary."""
-    if not media.is_dir():
-        raise SystemExit(f"media={media} is not a folder")
+    media = existing_folder(str(media), "media")
     files = VideoFiles([media])
     first_split: dict[str, str] = {}
     for q in questions:
@@ -234,7 +237,9 @@ def decode_media(questions: list[Question], media: Path, out: Path, opts: Option
     recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
     summary = run_prep(dataset=MEDIA_DATASET, clips=clips, out_root=out, recipe=recipe, streams=["visual"],
                        array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=[CLIP_LABEL],
-                       splits={"mode": "avqa", "media": str(media)}, work=process_av, opts=opts, raw_root=media)
+                       splits={"mode": "avqa", "media": str(media)}, work=process_av, opts=opts, raw_root=media,
+                       expected=f"the clips the questions name, as <video>.mp4 (or .mkv, .webm, ...) files anywhere "
+                                f"under media={media}")
     return CacheReader(out, MEDIA_DATASET), summary
 
 
@@ -242,25 +247,27 @@ def decode_media(questions: list[Question], media: Path, out: Path, opts: Option
 def prep(opts: Options) -> dict[str, Any]:
     t0 = time.time()
     if opts.format not in FILES:
-        raise SystemExit(f"format={opts.format!r}: use yang (AVQA of Yang et al.) or music (MUSIC-AVQA)")
+        raise UsageError(f"format={opts.format!r}: use yang (AVQA of Yang et al.) or music (MUSIC-AVQA)")
     if not opts.ann:
-        raise SystemExit("ann= is required: the folder with the annotation files")
+        raise UsageError("ann= is required: the folder with the annotation files")
     if min(opts.max_question_len, opts.max_choice_len) < 0 or opts.min_count < 1:
-        raise SystemExit("max_question_len= and max_choice_len= must be >= 0 (0: from the data), min_count= >= 1")
+        raise UsageError("max_question_len= and max_choice_len= must be >= 0 (0: from the data), min_count= >= 1")
     media_arg = opts.media or opts.raw_root
     if bool(media_arg) == bool(opts.vggsound_cache):
-        raise SystemExit("give one of media= (a folder of clips to decode) or vggsound_cache= (a VGGSound cache)")
+        raise UsageError("give one of media= (a folder of clips to decode) or vggsound_cache= (a VGGSound cache)")
     ann = Path(opts.ann).expanduser()
     ann = ann.parent if ann.is_file() else ann
-    if not ann.is_dir():
-        raise SystemExit(f"ann={ann} is not a folder")
+    ann = existing_folder(str(ann), "ann")
     dataset = DATASETS[opts.format]
     out = (Path(opts.out_root).expanduser() if opts.out_root else default_out(dataset)).resolve()
-    if (out / RECIPE_FILE).exists():
-        there = read_json(out / RECIPE_FILE).get("dataset")
-        if there != dataset and not opts.overwrite:
-            raise SystemExit(f"{out} holds a {there} cache: pick another out_root= (OUT=), or pass overwrite=true "
-                             "(ARGS=overwrite=true) to replace its question tables")
+    if (out / RECIPE_FILE).exists() and not opts.overwrite:
+        try:
+            there = read_json(out / RECIPE_FILE).get("dataset")
+        except (OSError, ValueError) as err:
+            there = f"unknown (its recipe.json is damaged: {err})"
+        if there != dataset:
+            raise PrepError(f"{out} holds a {there} cache: pick another out_root= (OUT=), or pass overwrite=true "
+                            "(ARGS=overwrite=true) to replace its question tables")
     questions, files = read_annotations(ann, opts.format)
     music = opts.format == "music"
 
@@ -271,6 +278,11 @@ def prep(opts: Options) -> dict[str, Any]:
         if q.status == OK and not words[id(q)]:
             q.status, q.reason = "empty_question", f"the question {q.text!r} has no word"
     train = [q for q in questions if q.split == "train" and q.status == OK]
+    if not train:
+        usable = sum(q.status == OK for q in questions)
+        raise PrepError(f"{dataset}: no usable train question in {files['train']} ({len(questions)} questions read "
+                        f"in all, {usable} usable): the vocabulary and the answers come from the train split. Expected "
+                        f"a JSON list of {ITEM_KEYS[opts.format]}.")
     vocab, counts = build_vocab([words[id(q)] for q in train] + [c for q in train for c in choice_words[id(q)]],
                                 opts.min_count)
     lookup = {w: i for i, w in enumerate(vocab)}
@@ -376,6 +388,10 @@ def prep(opts: Options) -> dict[str, Any]:
     os.replace(tmp, out / INDEX_FILE)
     write_json(out / RECIPE_FILE, recipe)
     print(format_summary(summary, recipe))
+    if not summary["usable"]:
+        raise PrepError(f"{dataset}: no question is usable ({', '.join(f'{k} {v}' for k, v in summary['skipped'].items())}); "
+                        f"each question's status and reason: {out / INDEX_FILE}. Expected their clips in "
+                        f"{source.get('media') or source.get('vggsound_cache')}.")
     return summary
 
 
@@ -398,11 +414,16 @@ def format_summary(s: dict[str, Any], recipe: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict[str, Any]:
+def run(argv: list[str]) -> dict[str, Any]:
+    """The prep of ``argv`` (key=value options): its summary, or a PrepError."""
     usage = ("python -m data_prep.avqa ann=/path/to/annotations (media=/path/to/videos | "
              "vggsound_cache=/path/to/vggsound/cache) [format=yang|music] [out_root=...]")
-    return prep(parse_args(sys.argv[1:] if argv is None else argv, Options, usage))
+    return prep(parse_args(argv, Options, usage))
+
+
+def main(argv=None) -> int:
+    return cli(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

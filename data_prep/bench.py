@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from data_prep.cache import Clip
-from data_prep.pipeline import parse_args, process_av
+from data_prep.pipeline import cli, parse_args, process_av
 from data_prep.synthetic import write_video, write_wav
 from onthefly.data.cache import audio_recipe
 
@@ -91,4 +91,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -6,6 +6,11 @@ files are unchanged (same size and modification time); a failed clip is tried ag
 (after ``git lfs pull``, say) or with ``retry_failed=true``. Each run appends new storage parts, so a crash
 never leaves a half-written part that a later run would append to. ``index.csv``, ``layout.json`` and the frame
 table are rebuilt from the journal at the end of every run.
+
+Damage is repaired the same way: a finished clip whose stored bytes are gone or cut (a storage file deleted, or
+truncated by a full disk or a broken copy) is forgotten when the writer opens, and so is a clip that ``make
+verify-cache ARGS=mark=true`` marked ``damaged`` (bytes that do not decode); the next run re-prepares exactly
+those clips into new parts.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import os
 import shutil
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -21,15 +27,18 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pandas as pd
 
+from data_prep.errors import PrepError
 from onthefly import __version__
 from onthefly.data.cache import (ARRAY_DIR, FORMAT_VERSION, FRAME_DIR, FRAME_TABLE_FILE, INDEX_COLUMNS, INDEX_FILE,
-                                 JOURNAL_FILE, LAYOUT_FILE, OK, RECIPE_FILE, read_json, write_json)
+                                 JOURNAL_FILE, LAYOUT_FILE, OK, RECIPE_FILE, index_counts, npy_layout, read_json,
+                                 write_json)
 
 MAX_PART_BYTES = 2 << 30  # no storage file over 2 GiB (DATA.md: no single file over a few GB)
+DAMAGED = "damaged"  # a journal status: stored bytes that do not decode (make verify-cache ARGS=mark=true)
 
 
-class CacheConflict(RuntimeError):
-    """The output folder holds a cache made with another recipe."""
+class CacheConflict(PrepError):
+    """The output folder holds a cache made with another recipe (or one whose recipe.json is unreadable)."""
 
 
 @dataclass
@@ -93,7 +102,16 @@ class CacheWriter:
         self.retry_failed, self.max_part_bytes, self.flush_every = retry_failed, max_part_bytes, flush_every
         recipe_path = self.root / RECIPE_FILE
         if recipe_path.exists():
-            old = read_json(recipe_path)
+            try:
+                old = read_json(recipe_path)
+            except (OSError, ValueError) as err:
+                if not overwrite:
+                    raise CacheConflict(
+                        f"{recipe_path} is damaged ({err}). It records what the cache in {self.root} was made with, "
+                        "so nothing there can be reused safely: pass overwrite=true (ARGS=overwrite=true) to "
+                        "rebuild it, or pick another out_root= (OUT=)."
+                    ) from None
+                old = {}
             same = (old.get("format") == FORMAT_VERSION and old.get("dataset") == dataset
                     and _features(old) == _features(recipe))
             if not same and not overwrite:
@@ -110,6 +128,7 @@ class CacheWriter:
         if not recipe_path.exists():  # written first, so an interrupted prep still tells what it was making
             write_json(recipe_path, self._recipe_doc())
         self.done = self._read_journal()
+        self.damaged = self._forget_damaged()  # ids whose stored bytes are gone: this run re-prepares them
         self._journal = open(self.root / JOURNAL_FILE, "a", encoding="utf-8")
         self._pending: list[str] = []
         self._array_part: Optional[np.ndarray] = None
@@ -131,22 +150,53 @@ class CacheWriter:
             shutil.rmtree(self.root / sub, ignore_errors=True)
 
     def _read_journal(self) -> dict[str, dict]:
-        done: dict[str, dict] = {}
-        path = self.root / JOURNAL_FILE
-        if path.exists():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a crash: that clip is simply redone
-                        continue
-                    done[entry["id"]] = entry
-        return done
+        return read_journal(self.root / JOURNAL_FILE)
+
+    def _forget_damaged(self) -> list[str]:
+        """Forget finished clips whose stored bytes are missing or cut (an array part whose size is not what
+        its header needs, a frame part shorter than the clip's byte range), and delete array parts that are
+        unusable as a whole (a cut .npy cannot be memory-mapped); return the ids forgotten."""
+        rows: dict[str, int] = {}  # array part -> rows readable (0: the part is unusable)
+        sizes: dict[str, int] = {}  # frame part -> bytes (-1: missing)
+        damaged = []
+        for clip_id, entry in self.done.items():
+            if entry["status"] != OK:
+                continue
+            bad = False
+            if "array" in entry:
+                name, row = entry["array"]
+                if name not in rows:
+                    rows[name] = self._array_rows(name)
+                bad = row >= rows[name]
+            if "frames" in entry:
+                name = entry["frame_part"]
+                if name not in sizes:
+                    sizes[name] = (self.root / name).stat().st_size if (self.root / name).exists() else -1
+                bad = bad or any(offset + length > sizes[name] for offset, length in entry["frames"])
+            if bad:
+                damaged.append(clip_id)
+        for clip_id in damaged:
+            del self.done[clip_id]
+        for name, n in rows.items():
+            if n == 0:
+                (self.root / name).unlink(missing_ok=True)
+        return damaged
+
+    def _array_rows(self, name: str) -> int:
+        """How many rows the array part ``name`` holds, or 0 if it is missing, cut or not of this recipe."""
+        try:
+            shape, dtype, need = npy_layout(self.root / name)
+            intact = (self.root / name).stat().st_size == need
+        except (OSError, ValueError):
+            return 0
+        if not intact or list(shape[1:]) != list(self.array["shape"]) or dtype != np.dtype(self.array["dtype"]):
+            return 0
+        return int(shape[0])
 
     def needs(self, clip: Clip) -> bool:
         """Whether ``clip`` must be (re)computed."""
         entry = self.done.get(clip.id)
-        if entry is None or entry.get("sig") != signature(clip.sources):
+        if entry is None or entry.get("sig") != signature(clip.sources) or entry["status"] == DAMAGED:
             return True
         return self.retry_failed and entry["status"] != OK
 
@@ -186,11 +236,11 @@ class CacheWriter:
         entry: dict[str, Any] = {"id": clip.id, "status": result.status, "reason": result.reason,
                                  "duration": round(float(result.duration), 3), "n_frames": result.n_frames,
                                  "sig": signature(clip.sources)}
-        if result.status == OK:
+        if result.status == OK:  # CRC-32s of the bytes as stored let `make verify-cache` find any later change
             if self.array is not None:
                 name, row = self._array_slot()
                 self._array_part[row] = result.array
-                entry["array"] = [name, row]
+                entry["array"], entry["array_crc"] = [name, row], zlib.crc32(self._array_part[row])
             if result.jpegs:
                 name = self._frame_part(sum(len(b) for b in result.jpegs))
                 offsets = []
@@ -199,6 +249,7 @@ class CacheWriter:
                     self._frames_file.write(data)
                     self._frames_size += len(data)
                 entry["frame_part"], entry["frames"] = name, offsets
+                entry["frame_crcs"] = [zlib.crc32(data) for data in result.jpegs]
         self.done[clip.id] = entry
         self._pending.append(json.dumps(entry))
         if len(self._pending) >= self.flush_every or time.monotonic() - self._last_flush > 10:
@@ -259,8 +310,22 @@ class CacheWriter:
         index.to_csv(tmp, index=False)
         os.replace(tmp, self.root / INDEX_FILE)
         write_json(self.root / RECIPE_FILE, self._recipe_doc(classes=list(classes), splits=splits,
-                                                             summary=summary or {}))
+                                                             summary=summary or {}, index=index_counts(index)))
         return index
+
+
+def read_journal(path: Path) -> dict[str, dict]:
+    """Each clip's last journal entry, by id ({} without a journal)."""
+    done: dict[str, dict] = {}
+    if Path(path).exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash: that clip is simply redone
+                    continue
+                done[entry["id"]] = entry
+    return done
 
 
 FEATURE_KEYS = ("audio", "frames", "flow", "rgb_diff", "min_audio_s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,12 +20,15 @@ from typing import Optional
 import numpy as np
 
 from data_prep.cache import Clip
-from data_prep.pipeline import CommonOptions, prep_audio_visual, stratified_test
+from data_prep.errors import PrepError
+from data_prep.pipeline import CommonOptions, cli, prep_audio_visual, stratified_test
 
 DATASET = "cremad"
 EMOTIONS = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]  # label index = this order
 NAME = re.compile(r"^(?P<actor>\d{4})_(?P<sentence>[A-Z]{3})_(?P<emotion>[A-Z]{3})_(?P<level>[A-Z]{1,2})$")
 PUBLISHED_TEST_SHARE = 744 / 7442
+EXPECTED = ("VideoFlash/<clip>.flv and AudioWAV/<clip>.wav files under raw_root={raw}, named "
+            "ACTOR_SENTENCE_EMOTION_LEVEL (e.g. 1001_DFA_ANG_XX)")
 
 
 @dataclass
@@ -50,7 +54,7 @@ def read_lists(folder: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
         path = _list_file(folder, split)
         if path is None:
             if split != "val":
-                raise SystemExit(f"splits={folder}: no {split}.csv (or {split}.txt) of `<clip>,<EMO>` lines there")
+                raise PrepError(f"splits={folder}: no {split}.csv (or {split}.txt) of `<clip>,<EMO>` lines there")
             continue
         files.append(str(path))
         with open(path, newline="") as f:
@@ -95,7 +99,7 @@ def list_clips(raw: Path, opts: Options) -> tuple[list[Clip], dict]:
     names = sorted({p.stem for p in (raw / "VideoFlash").glob("*.flv")}
                    | {p.stem for p in (raw / "AudioWAV").glob("*.wav")})
     if not names:
-        raise SystemExit(f"raw_root={raw}: no VideoFlash/*.flv or AudioWAV/*.wav found; is it the CREMA-D folder?")
+        raise PrepError(f"cremad: no clip found. Expected {EXPECTED.format(raw=raw)}; is it the CREMA-D folder?")
     clips = [make_clip(raw, n, None) for n in names]
     valid = [c for c in clips if c.label is not None]
     test_size = int(round(len(valid) * opts.test_share))
@@ -109,16 +113,21 @@ def list_clips(raw: Path, opts: Options) -> tuple[list[Clip], dict]:
         mask = np.array([c.id[:4] in held for c in valid])
         info = {"mode": "speaker", "seed": opts.seed, "test_actors": sorted(held)}
     else:
-        raise SystemExit(f"split={opts.split!r}: use random or speaker (or give splits=<folder of lists>)")
+        raise PrepError(f"split={opts.split!r}: use random or speaker (or give splits=<folder of lists>)")
     for clip, test in zip(valid, mask):
         clip.split = "test" if test else "train"
     return clips, info
 
 
-def main(argv=None) -> dict:
+def run(argv: list[str]) -> dict:
+    """The prep of ``argv`` (key=value options): its summary, or a PrepError."""
     usage = "python -m data_prep.cremad raw_root=/path/to/CREMA-D [out_root=...] [audio=ogm_ge|fbank] [splits=DIR]"
-    return prep_audio_visual(DATASET, EMOTIONS, Options, list_clips, usage, argv)
+    return prep_audio_visual(DATASET, EMOTIONS, Options, list_clips, usage, argv, EXPECTED)
+
+
+def main(argv=None) -> int:
+    return cli(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

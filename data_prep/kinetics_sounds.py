@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from data_prep.cache import Clip
+from data_prep.errors import PrepError
 from data_prep.ids import VideoFiles
-from data_prep.pipeline import CommonOptions, prep_audio_visual
+from data_prep.pipeline import CommonOptions, cli, prep_audio_visual
 
 DATASET = "kinetics_sounds"
 # "Look, Listen and Learn"'s 34 classes minus typing, fingerpicking and patting, in Kinetics-400 names;
@@ -53,7 +55,7 @@ def read_annotations(raw: Path) -> list[tuple[str, str, str]]:
     for source, split in (("train", "train"), ("val", "test")):
         path = raw / "annotations" / f"{source}.csv"
         if not path.exists():
-            raise SystemExit(f"{path} not found: give lists=... or the Kinetics-400 annotations folder")
+            raise PrepError(f"{path} not found: give lists=... or the Kinetics-400 annotations folder")
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 label = normal_label(row.get("label", ""))
@@ -79,7 +81,7 @@ def read_lists(path: Path) -> list[tuple[str, str, str]]:
     for split in ("train", "val", "test"):
         files = [p for p in sorted(path.glob(f"{split}*")) if p.suffix in (".txt", ".csv")]
         if not files and split != "val":
-            raise SystemExit(f"lists={path}: no {split}*.txt or {split}*.csv there")
+            raise PrepError(f"lists={path}: no {split}*.txt or {split}*.csv there")
         for file in files:
             with open(file, newline="") as f:
                 for fields in csv.reader(f):
@@ -112,10 +114,17 @@ def list_clips(raw: Path, opts: Options) -> tuple[list[Clip], dict]:
     return clips, info
 
 
-def main(argv=None) -> dict:
+def run(argv: list[str]) -> dict:
+    """The prep of ``argv`` (key=value options): its summary, or a PrepError."""
     usage = "python -m data_prep.kinetics_sounds raw_root=/path/to/kinetics400 [lists=...] [audio=fbank|stft]"
-    return prep_audio_visual(DATASET, CLASSES, Options, list_clips, usage, argv)
+    expected = ("clips of the 31 Kinetics-Sounds classes listed in annotations/{{train,val}}.csv (or lists=), as "
+                "<ytid>_<start:06d>_<end:06d>.mp4 files under raw_root={raw}")
+    return prep_audio_visual(DATASET, CLASSES, Options, list_clips, usage, argv, expected)
+
+
+def main(argv=None) -> int:
+    return cli(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

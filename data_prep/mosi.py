@@ -38,9 +38,11 @@ import numpy as np
 import pandas as pd
 
 from data_prep.cache import code_version
-from data_prep.pipeline import default_out, parse_args
+from data_prep.errors import PrepError, UsageError
+from data_prep.pipeline import cli, default_out, parse_args
 from onthefly.data.cache import INDEX_FILE, OK, RECIPE_FILE, SPLITS, read_json, write_json
-from onthefly.data.mosi import (DATASET, FORMAT_VERSION, MODALITIES, array_path, label_of, lengths_path,
+from onthefly.data.base import CacheMissingError
+from onthefly.data.mosi import (DATASET, FORMAT_VERSION, MODALITIES, MOSI, array_path, label_of, lengths_path,
                                 score_path)
 
 USAGE = "python -m data_prep.mosi pkl=/path/to/mosi_data.pkl [out_root=...] [overwrite=true]"
@@ -62,7 +64,7 @@ class Options:
 
 
 def fail(message: str) -> NoReturn:
-    raise SystemExit(f"data_prep.mosi: {message}")
+    raise PrepError(f"data_prep.mosi: {message}")
 
 
 def load_pickle(path: Path) -> Any:
@@ -298,10 +300,11 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    opts = parse_args(sys.argv[1:] if argv is None else argv, Options, USAGE)
+def run(argv: Sequence[str]) -> dict[str, Any]:
+    """The prep of ``argv`` (key=value options): its summary, or a PrepError."""
+    opts = parse_args(argv, Options, USAGE)
     if not opts.pkl:
-        fail(f"pkl= is required\nusage: {USAGE}")
+        raise UsageError(f"data_prep.mosi: pkl= is required\nusage: {USAGE}")
     path = Path(opts.pkl).expanduser()
     if not path.is_file():
         fail(f"pkl={path}: no such file")
@@ -309,12 +312,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     src = source_info(path)
     t0 = time.time()
     if (out / RECIPE_FILE).exists():
-        old = read_json(out / RECIPE_FILE)
+        try:
+            old = read_json(out / RECIPE_FILE)
+        except (OSError, ValueError) as err:
+            if not opts.overwrite:
+                fail(f"{out / RECIPE_FILE} is damaged ({err}): it records which file the cache in {out} was made "
+                     "from. Pass overwrite=true (ARGS=overwrite=true) to rebuild it, or pick another out_root= (OUT=).")
+            old = {}
         if _same_source(old, src) and not opts.overwrite:
-            print(f"{DATASET}: {out} was already prepared from {path} (same size and modification time): nothing "
-                  "to do (overwrite=true rebuilds it)")
-            return {**old.get("summary", {}), "up_to_date": True}
-        if not opts.overwrite:
+            try:
+                MOSI(root=str(out)).open()  # the open-time check: files of the sizes the recipe says
+            except CacheMissingError as err:
+                print(f"{DATASET}: {out} was prepared from {path}, but is damaged; rebuilding it\n  ({err})")
+            else:
+                print(f"{DATASET}: {out} was already prepared from {path} (same size and modification time): "
+                      "nothing to do (overwrite=true rebuilds it)")
+                return {**old.get("summary", {}), "up_to_date": True}
+        elif not opts.overwrite:
             there = old.get("source") or {}
             fail(f"{out} holds a {old.get('dataset')} cache made from another file:\n"
                  f"  there: {there.get('path')} ({there.get('size')} bytes, modified {there.get('mtime')})\n"
@@ -337,6 +351,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         dims = {s: parts[s]["features"][m].shape[2] for s in SPLITS}
         if len(set(dims.values())) > 1:
             fail(f"the splits disagree on the {SOURCE_KEYS[m]!r} feature size: {dims}")
+    usable = {s: int(np.isfinite(parts[s]["score"]).sum()) for s in SPLITS}
+    empty = [found[s][0] for s in SPLITS if usable[s] == 0]
+    if empty:  # training needs every split: nothing is written
+        fail(f"{path}: split{'s' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} of the pickle "
+             f"hold{'' if len(empty) > 1 else 's'} no segment with a finite score (usable per split: {usable}); "
+             f"expected {FORMAT_NAMES[fmt]} arrays with one score per segment.\n{FORMATS_HELP}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"  writing {out}")
     recipe = write_cache(out, fmt, src, parts, {s: n for s, (n, _) in found.items()})
@@ -349,5 +369,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     return summary
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,14 +2,22 @@
 cache writer, and the summary printed at the end (clips found, cached, skipped by reason, per split, time).
 
 A clip never crashes a run: a :class:`~data_prep.media.MediaError` becomes its status and reason, and so does
-any other exception raised while processing it (status ``error``, with the exception in the reason).
+any other exception raised while processing it (status ``error``, with the exception in the reason). A run
+that finds no clip, or caches none, is an error (:class:`~data_prep.errors.PrepError`) naming what it expected
+where; ``main()`` of each prep turns it into a message and a non-zero exit code (:func:`cli`).
+
+Worker processes end with the main process: on SIGTERM the main process stops its pool and flushes the
+journal first (what was finished is kept); if it is killed outright (SIGKILL, a crash), each worker notices
+that its parent is gone and exits (:mod:`data_prep.parent`).
 """
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 import typing
 from collections import Counter
@@ -21,8 +29,10 @@ from tqdm.auto import tqdm
 
 from data_prep import audio as recipes
 from data_prep.cache import CacheWriter, Clip, Result
+from data_prep.errors import PrepError, UsageError
+from data_prep.parent import PARENT_ENV, exit_with_parent
 from data_prep.media import check_audio, decode_container, encode_frame, read_wav, MediaError
-from onthefly.data.cache import OK, RECIPE_FILE, SPLITS, read_json, write_json
+from onthefly.data.cache import INDEX_FILE, OK, RECIPE_FILE, SPLITS, read_json, write_json
 from onthefly.data.cache import audio_recipe as recipes_for
 
 
@@ -55,15 +65,32 @@ def _convert(text: str, kind: Any) -> Any:
     return kind(text)
 
 
+def cli(run: Callable[[list[str]], Any], argv: Optional[Sequence[str]] = None) -> int:
+    """The exit code of ``run(argv)`` as a command: 0 when it returns; a :class:`PrepError` printed (without a
+    traceback) and its code (1, or 2 for a usage mistake); 143 after SIGTERM, 130 after Ctrl-C."""
+    try:
+        run(list(sys.argv[1:] if argv is None else argv))
+    except PrepError as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
+    except Terminated:
+        print("stopped by SIGTERM; finished clips are kept: run the same command again to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("interrupted; finished clips are kept: run the same command again to resume", file=sys.stderr)
+        return 128 + signal.SIGINT
+    return 0
+
+
 def parse_args(argv: Sequence[str], options_cls: type, usage: str) -> Any:
-    """``key=value`` arguments -> an ``options_cls`` instance (a dataclass); exits with a usage line on a mistake."""
+    """``key=value`` arguments -> an ``options_cls`` instance (a dataclass); a :class:`UsageError` with the usage
+    and every option's default on a mistake (and for ``--help``, with exit code 0)."""
     hints = typing.get_type_hints(options_cls)
     fields = {f.name: f for f in dataclasses.fields(options_cls)}
 
     def fail(message: str, code: int = 2):
         keys = "\n".join(f"  {name}={f.default!r}" for name, f in fields.items())
-        print(f"{message}\nusage: {usage}\noptions (defaults):\n{keys}".lstrip(), file=sys.stderr)
-        raise SystemExit(code)
+        raise UsageError(f"{message}\nusage: {usage}\noptions (defaults):\n{keys}".lstrip(), code)
 
     values = {}
     for arg in argv:
@@ -99,9 +126,17 @@ _WORK: Optional[Callable[[Clip, dict], Result]] = None
 _CONFIG: dict = {}
 
 
-def _init_worker(work: Callable, config: dict) -> None:
+class Terminated(BaseException):
+    """SIGTERM reached the prep's main process: raised there so that the pool stops and the journal is flushed
+    (a BaseException, like KeyboardInterrupt, so that no per-clip ``except Exception`` records it as a clip's
+    error)."""
+
+
+def _init_worker(work: Callable, config: dict, parent: Optional[int] = None) -> None:
     global _WORK, _CONFIG
     _WORK, _CONFIG = work, config
+    if parent is not None:  # a pool worker (not the main process running clips itself)
+        exit_with_parent(parent)
     import torch
 
     torch.set_num_threads(1)
@@ -123,8 +158,37 @@ def _results(todo: list[Clip], work: Callable, config: dict, workers: int):
         yield from map(_work, todo)
         return
     ctx = mp.get_context("spawn")  # no fork after torch has started threads
-    with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(work, config)) as pool:
-        yield from pool.imap_unordered(_work, todo, chunksize=1)
+    before = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = str(os.getpid())  # the workers watch this process from their first import on
+    try:
+        pool = ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(work, config, os.getpid()))
+    finally:
+        if before is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = before
+    with pool:
+        yield from pool.imap_unordered(_work, todo, chunksize=1)  # leaving the block terminates the workers
+
+
+class _TermAsException:
+    """While active (main thread only), SIGTERM raises :class:`Terminated` in the main process instead of ending
+    it on the spot, so ``finally`` blocks run: the pool is terminated and the journal flushed."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise Terminated()
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
 
 
 def process_av(clip: Clip, config: dict) -> Result:
@@ -147,23 +211,34 @@ def process_av(clip: Clip, config: dict) -> Result:
 # --- the run ----------------------------------------------------------------------------------------------------
 def run_prep(*, dataset: str, clips: list[Clip], out_root: Path, recipe: dict[str, Any], streams: list[str],
              array: Optional[dict[str, Any]], classes: list[str], splits: dict[str, Any], work: Callable,
-             opts: CommonOptions, raw_root: Path) -> dict[str, Any]:
-    """Process every clip that needs it, write the cache, print and return the summary."""
+             opts: CommonOptions, raw_root: Path, expected: str) -> dict[str, Any]:
+    """Process every clip that needs it, write the cache, print and return the summary. ``expected`` says
+    what the listing looked for where (``"VideoFlash/<clip>.flv ... under raw_root=..."``): a run that finds
+    no clip, or ends with none cached, raises :class:`PrepError` with it (after writing the index, whose
+    status and reason columns say why each clip failed)."""
+    if not clips:
+        raise PrepError(f"{dataset}: no clip found. Expected {expected}.")
     t0 = time.time()
     workers = opts.workers or os.cpu_count() or 1
     writer = CacheWriter(out_root, dataset, recipe, streams, array, overwrite=opts.overwrite,
                          retry_failed=opts.retry_failed)
+    if writer.damaged:
+        print(f"{dataset}: {len(writer.damaged)} finished clips have damaged or missing stored data (e.g. "
+              f"{writer.damaged[0]}): preparing them again")
     todo = [c for c in clips if c.status == OK and writer.needs(c)]
     writer.begin(len(todo))
     by_id = {c.id: c for c in todo}
     config = {**recipe, "short_side": opts.short_side or None, "jpeg_quality": opts.jpeg_quality,
               "min_audio_s": opts.min_audio_s, "audio": recipe.get("audio")}
+    results = _results(todo, work, config, workers)
     try:
-        bar = tqdm(_results(todo, work, config, workers), total=len(todo), desc=f"prep {dataset}", unit="clip",
-                   disable=not opts.progress or not todo, dynamic_ncols=True)
-        for clip_id, result in bar:
-            writer.add(by_id[clip_id], result)
+        with _TermAsException():
+            bar = tqdm(results, total=len(todo), desc=f"prep {dataset}", unit="clip",
+                       disable=not opts.progress or not todo, dynamic_ncols=True)
+            for clip_id, result in bar:
+                writer.add(by_id[clip_id], result)
     finally:
+        results.close()  # stops the pool now (not when the generator is collected)
         writer.close()
     index = writer.finalise(clips, classes, splits)
     summary = summarise(index, dataset, out_root, processed=set(by_id), seconds=time.time() - t0, workers=workers)
@@ -171,22 +246,38 @@ def run_prep(*, dataset: str, clips: list[Clip], out_root: Path, recipe: dict[st
     doc["summary"] = summary
     write_json(out_root / RECIPE_FILE, doc)
     print(format_summary(summary, raw_root))
+    if summary["cached"] == 0:
+        reasons = "; ".join(f"{k} {v}: e.g. {summary['example_reason'].get(k, '')}" for k, v in summary["skipped"].items())
+        raise PrepError(
+            f"{dataset}: none of the {summary['found']} clips found could be cached ({reasons}). Expected "
+            f"{expected}. Each clip's status and reason: {out_root / INDEX_FILE}. Fix the files and run the same "
+            "command again: it redoes the clips whose files changed (retry_failed=true redoes every failed one)."
+        )
     return summary
 
 
 def prep_audio_visual(dataset: str, classes: Sequence[str], options_cls: type, list_clips: Callable,
-                      usage: str, argv: Optional[Sequence[str]] = None) -> dict:
+                      usage: str, argv: Sequence[str], expected: str) -> dict:
     """The whole prep of a dataset whose clips are one container with an audio and a video stream (plus an
-    optional WAV): parse key=value options, list the clips, cache audio + frames with the dataset's recipe."""
-    opts = parse_args(sys.argv[1:] if argv is None else argv, options_cls, usage)
-    raw = Path(opts.raw_root).expanduser()
+    optional WAV): parse key=value options, list the clips, cache audio + frames with the dataset's recipe.
+    ``expected`` (formatted with ``raw``): what the listing looks for where."""
+    opts = parse_args(argv, options_cls, usage)
+    raw = existing_folder(opts.raw_root, "raw_root")
     clips, splits = list_clips(raw, opts)
     rec = recipes_for(dataset, opts.audio)
     recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
     out = Path(opts.out_root).expanduser() if opts.out_root else default_out(dataset)
     return run_prep(dataset=dataset, clips=clips, out_root=out, recipe=recipe, streams=["visual"],
                     array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=list(classes), splits=splits,
-                    work=process_av, opts=opts, raw_root=raw)
+                    work=process_av, opts=opts, raw_root=raw, expected=expected.format(raw=raw))
+
+
+def existing_folder(path: str, option: str) -> Path:
+    """``path`` (``~`` expanded) if it is a folder, else a :class:`PrepError` naming ``option``."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise PrepError(f"{option}={folder}: {'not a folder' if folder.exists() else 'no such folder'}")
+    return folder
 
 
 def summarise(index, dataset: str, out_root: Path, processed: set[str], seconds: float, workers: int) -> dict[str, Any]:

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.cache import Clip, Result
+from data_prep.errors import PrepError, UsageError
 from data_prep.media import MissingFile, decode_container, encode_frame, read_jpeg_file
-from data_prep.pipeline import CommonOptions, default_out, frame_recipe, parse_args, run_prep
+from data_prep.pipeline import CommonOptions, cli, default_out, existing_folder, frame_recipe, parse_args, run_prep
 
 DATASET = "ucf101"
+EXPECTED = "<Class>/v_<Class>_gXX_cYY.avi files under raw_root={raw}"
 FLOW_RECIPE = {"source": "precomputed TV-L1 JPEGs ({u,v}/v_<video>/frame%06d.jpg)",
                "time": "flow frame floor(t * fps) + 1 (1-based) at each RGB frame time t"}
 
@@ -37,14 +39,21 @@ class Options(CommonOptions):
 
 
 def read_classes(folder: Path) -> list[str]:
+    path = folder / "classInd.txt"
+    if not path.is_file():
+        raise PrepError(f"splits={folder}: no classInd.txt there. Expected the ucfTrainTestlist folder of the "
+                        "release: classInd.txt (`1 ApplyEyeMakeup` lines), trainlist01-03.txt and testlist01-03.txt")
     classes = []
-    with open(folder / "classInd.txt") as f:
-        for line in f:
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
             if line.strip():
-                number, name = line.split()
-                if int(number) != len(classes) + 1:
-                    raise SystemExit(f"{folder / 'classInd.txt'}: expected class {len(classes) + 1}, found {number}")
-                classes.append(name)
+                fields = line.split()
+                if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) != len(classes) + 1:
+                    raise PrepError(f"{path} line {number}: expected `{len(classes) + 1} <ClassName>`, found "
+                                    f"{line.strip()[:60]!r}")
+                classes.append(fields[1])
+    if not classes:
+        raise PrepError(f"{path} names no class (expected `1 ApplyEyeMakeup`, `2 ApplyLipstick`, ... lines)")
     return classes
 
 
@@ -66,14 +75,16 @@ def list_clips(raw: Path, split_dir: Path, flow_root: Path, fold: int) -> tuple[
     classes = read_classes(split_dir)
     by_lower = {c.lower(): c for c in classes}
     videos = _walk(raw, ".avi")
+    if not videos:
+        raise PrepError(f"ucf101: no clip found. Expected {EXPECTED.format(raw=raw)}")
     flow_u, flow_v = _subdirs(flow_root / "u"), _subdirs(flow_root / "v")
     if not flow_u or not flow_v:
-        raise SystemExit(f"flow={flow_root}: expected u/v_<video>/ and v/v_<video>/ folders of frame%06d.jpg")
+        raise PrepError(f"flow={flow_root}: expected u/v_<video>/ and v/v_<video>/ folders of frame%06d.jpg")
     clips, seen = [], set()
     for split, name in (("train", f"trainlist{fold:02d}.txt"), ("test", f"testlist{fold:02d}.txt")):
         path = split_dir / name
         if not path.exists():
-            raise SystemExit(f"{path} not found: fold={fold} needs trainlist{fold:02d}.txt and testlist{fold:02d}.txt")
+            raise PrepError(f"{path} not found: fold={fold} needs trainlist{fold:02d}.txt and testlist{fold:02d}.txt")
         for line in path.read_text().splitlines():
             if not line.strip():
                 continue
@@ -128,20 +139,28 @@ def process(clip: Clip, config: dict) -> Result:
     return Result(clip.id, duration=decoded.duration, n_frames=len(decoded.frames), jpegs=jpegs)
 
 
-def main(argv=None) -> dict:
+def run(argv: list[str]) -> dict:
+    """The prep of ``argv`` (key=value options): its summary, or a PrepError."""
     usage = "python -m data_prep.ucf101 raw_root=/path/to/UCF-101 splits=/path/to/ucfTrainTestlist flow=/path/to/flow"
-    opts = parse_args(sys.argv[1:] if argv is None else argv, Options, usage)
+    opts = parse_args(argv, Options, usage)
     if not opts.splits or not opts.flow:
-        raise SystemExit(f"splits= and flow= are required\nusage: {usage}")
-    raw, split_dir, flow_root = (Path(p).expanduser() for p in (opts.raw_root, opts.splits, opts.flow))
+        raise UsageError(f"splits= and flow= are required\nusage: {usage}")
+    raw, split_dir, flow_root = (existing_folder(getattr(opts, k), k) for k in ("raw_root", "splits", "flow"))
     clips, classes = list_clips(raw, split_dir, flow_root, opts.fold)
     recipe = {"frames": frame_recipe(opts), "flow": FLOW_RECIPE, **({"rgb_diff": True} if opts.rgb_diff else {})}
     streams = ["visual", "flow_u", "flow_v"] + (["visual_next"] if opts.rgb_diff else [])
     out = Path(opts.out_root).expanduser() if opts.out_root else default_out(DATASET)
     return run_prep(dataset=DATASET, clips=clips, out_root=out, recipe=recipe,
                     streams=streams, array=None, classes=classes,
-                    splits={"mode": "official", "fold": opts.fold}, work=process, opts=opts, raw_root=raw)
+                    splits={"mode": "official", "fold": opts.fold}, work=process, opts=opts, raw_root=raw,
+                    expected=f"the videos of trainlist{opts.fold:02d}.txt and testlist{opts.fold:02d}.txt in "
+                             f"splits={split_dir} as {EXPECTED.format(raw=raw)}, with flow folders "
+                             f"u/v_<video>/ and v/v_<video>/ under flow={flow_root}")
+
+
+def main(argv=None) -> int:
+    return cli(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,10 +25,13 @@ import numpy as np
 import pandas as pd
 
 from data_prep.cache import Clip, _features, code_version
+from data_prep.errors import PrepError, UsageError
 from data_prep.ids import VideoFiles
-from data_prep.pipeline import CommonOptions, default_out, frame_recipe, parse_args, process_av, run_prep
+from data_prep.pipeline import (CommonOptions, cli, default_out, existing_folder, frame_recipe, parse_args, process_av,
+                                run_prep)
+from onthefly.data.base import CacheMissingError
 from onthefly.data.cache import (FORMAT_VERSION, FRAME_TABLE_FILE, INDEX_FILE, LAYOUT_FILE, OK, RECIPE_FILE, SPLITS,
-                                 audio_recipe, read_index, read_json, write_json)
+                                 CacheReader, audio_recipe, index_counts, prep_command, read_json, write_json)
 
 DATASET = "vggsound"
 SHARDS = "shards"
@@ -44,6 +47,8 @@ class Options(CommonOptions):
 def read_csv(path: Path) -> tuple[list[tuple[str, int, str, str]], list[tuple[int, str]]]:
     """(ytid, start, label, split) rows, and (line, text) of rows that could not be read."""
     rows, bad = [], []
+    if not path.is_file():
+        raise PrepError(f"csv={path}: no such file (expected vggsound.csv: `ytid,start,label,train|test` rows)")
     with open(path, newline="", encoding="utf-8") as f:
         for line, fields in enumerate(csv.reader(f), start=1):
             if not fields:
@@ -66,9 +71,9 @@ def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise SystemExit(f"shard={text!r}: write it as i/n, e.g. 3/16") from None
+        raise UsageError(f"shard={text!r}: write it as i/n, e.g. 3/16") from None
     if not 0 <= i < n:
-        raise SystemExit(f"shard={text!r}: i must be in 0..{n - 1}")
+        raise UsageError(f"shard={text!r}: i must be in 0..{n - 1}")
     return i, n
 
 
@@ -101,8 +106,8 @@ def list_clips(raw: Path, csv_path: Path) -> tuple[list[Clip], list[str]]:
 
 def prep(opts: Options) -> dict:
     if not opts.csv:
-        raise SystemExit("csv= is required: the path of vggsound.csv")
-    raw, csv_path = Path(opts.raw_root).expanduser(), Path(opts.csv).expanduser()
+        raise UsageError("csv= is required: the path of vggsound.csv")
+    raw, csv_path = existing_folder(opts.raw_root, "raw_root"), Path(opts.csv).expanduser()
     clips, classes = list_clips(raw, csv_path)
     out = Path(opts.out_root).expanduser() if opts.out_root else default_out(DATASET)
     shard = parse_shard(opts.shard)
@@ -116,7 +121,10 @@ def prep(opts: Options) -> dict:
     recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
     summary = run_prep(dataset=DATASET, clips=clips, out_root=out, recipe=recipe, streams=["visual"],
                        array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=classes, splits=splits,
-                       work=process_av, opts=opts, raw_root=raw)
+                       work=process_av, opts=opts, raw_root=raw,
+                       expected=f"`ytid,start,label,train|test` rows in csv={csv_path}"
+                                f"{f' (shard {opts.shard})' if shard else ''}, naming <ytid>_<start:06d>.mp4 (or "
+                                f"<ytid>_<start>.mp4) files anywhere under raw_root={raw}")
     if shard:
         print(f"  shard {shard[0]}/{shard[1]} done; when all {shard[1]} are in {out.parent}, run "
               f"`make prep-vggsound-merge OUT={out.parent.parent}`")
@@ -127,28 +135,33 @@ def merge(out: Path, allow_partial: bool = False) -> dict:
     """Write ``out``'s index.csv, layout.json, frame table and recipe.json over the caches in ``out/shards``."""
     shards = sorted((out / SHARDS).glob("*-of-*"), key=lambda p: int(p.name.split("-of-")[0]))
     if not shards:
-        raise SystemExit(f"no shard caches in {out / SHARDS}: run `make prep-vggsound ... SHARD=i/n OUT={out}` first")
+        raise PrepError(f"no shard caches in {out / SHARDS}: run `make prep-vggsound ... SHARD=i/n OUT={out}` first")
     counts = {int(p.name.split("-of-")[1]) for p in shards}
     if len(counts) != 1:
-        raise SystemExit(f"{out / SHARDS} mixes shard counts {sorted(counts)}: keep one set")
+        raise PrepError(f"{out / SHARDS} mixes shard counts {sorted(counts)}: keep one set")
     n = counts.pop()
     present = {int(p.name.split("-of-")[0]) for p in shards if (p / INDEX_FILE).exists()}
     absent = sorted(set(range(n)) - present)
     if absent and not allow_partial:
-        raise SystemExit(f"shards {absent} of {n} are missing or unfinished in {out / SHARDS}: run them "
+        raise PrepError(f"shards {absent} of {n} are missing or unfinished in {out / SHARDS}: run them "
                          "(`make prep-vggsound ... SHARD=i/n`), or merge what is there with allow_partial=true")
     indexes, tables, array_parts, frame_parts = [], [], [], []
     first = None
     for p in shards:
         if int(p.name.split("-of-")[0]) not in present:
             continue
-        recipe, layout = read_json(p / RECIPE_FILE), read_json(p / LAYOUT_FILE)
+        i = int(p.name.split("-of-")[0])
+        try:  # opening checks the shard's files (a cut part is named with the command that redoes its clips)
+            shard = CacheReader(p, DATASET, command=prep_command(DATASET, out, f"SHARD={i}/{n}"))
+        except CacheMissingError as err:
+            raise PrepError(f"shard {i}/{n}: {err}") from None
+        recipe, layout = shard.recipe, shard.layout
         if first is None:
-            first = recipe
+            first, first_layout = recipe, layout
         elif _features(recipe) != _features(first) or recipe["classes"] != first["classes"]:
-            raise SystemExit(f"{p} was made with another recipe or csv than {shards[0]}: "
+            raise PrepError(f"{p} was made with another recipe or csv than {shards[0]}: "
                              "re-run it with the same options")
-        index, table = read_index(p / INDEX_FILE), np.load(p / FRAME_TABLE_FILE)
+        index, table = shard.index.copy(), shard.frame_table()
         rel = p.relative_to(out).as_posix()
         ok = index["status"] == OK
         index.loc[ok, "array_part"] += len(array_parts)
@@ -162,7 +175,7 @@ def merge(out: Path, allow_partial: bool = False) -> dict:
     index = pd.concat(indexes, ignore_index=True)
     (out / "frames").mkdir(parents=True, exist_ok=True)
     np.save(out / FRAME_TABLE_FILE, np.concatenate(tables) if tables else np.zeros((0, 3), np.int64))
-    layout = read_json(shards[0] / LAYOUT_FILE)
+    layout = dict(first_layout)
     layout["array"]["parts"], layout["frames"]["parts"] = array_parts, frame_parts
     write_json(out / LAYOUT_FILE, layout)
     index.to_csv(out / INDEX_FILE, index=False)
@@ -171,7 +184,7 @@ def merge(out: Path, allow_partial: bool = False) -> dict:
     summary = {"dataset": DATASET, "out_root": str(out), "shards": f"{len(present)} of {n}", "found": int(len(index)),
                "cached": int((index["status"] == OK).sum()),
                "skipped": index.loc[index["status"] != OK, "status"].value_counts().to_dict(), "per_split": per_split}
-    doc = dict(first, format=FORMAT_VERSION, code_version=code_version(), summary=summary)
+    doc = dict(first, format=FORMAT_VERSION, code_version=code_version(), summary=summary, index=index_counts(index))
     doc["splits"] = {k: v for k, v in doc["splits"].items() if k != "shard"}
     doc["splits"]["shards"] = n
     write_json(out / RECIPE_FILE, doc)
@@ -180,6 +193,8 @@ def merge(out: Path, allow_partial: bool = False) -> dict:
         if c["listed"]:
             share = 100 * c["cached"] / c["listed"]
             print(f"  {s:<6} {c['cached']:>7} of {c['listed']:>7} listed ({share:.1f}% coverage)")
+    if summary["cached"] == 0:
+        raise PrepError(f"vggsound merge: the shards in {out / SHARDS} hold no cached clip; see their index.csv files")
     return summary
 
 
@@ -189,8 +204,8 @@ class MergeOptions:
     allow_partial: bool = False
 
 
-def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run(argv: list[str]) -> dict:
+    """The prep (or, with ``merge`` first, the merge) of ``argv``: its summary, or a PrepError."""
     if argv and argv[0] == "merge":
         opts = parse_args(argv[1:], MergeOptions, "python -m data_prep.vggsound merge [out_root=...]")
         return merge(Path(opts.out_root).expanduser() if opts.out_root else default_out(DATASET), opts.allow_partial)
@@ -198,5 +213,9 @@ def main(argv=None) -> dict:
     return prep(parse_args(argv, Options, usage))
 
 
+def main(argv=None) -> int:
+    return cli(run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -229,9 +229,10 @@ def make_ucf101(root: Path, seconds: float = 2.0, fps: int = 10) -> dict:
 
 # --- running a prep and a training run in-process ---------------------------------------------------------------
 def prep(module, **options) -> dict:
-    """``python -m data_prep.<module> key=value ...`` in this process (one worker, no progress bar) -> its summary."""
+    """``python -m data_prep.<module> key=value ...`` in this process (one worker, no progress bar) -> its summary
+    (or the PrepError it raises)."""
     args = {"workers": 1, "progress": "false", **options}
-    return module.main([f"{k}={v}" for k, v in args.items()])
+    return module.run([f"{k}={v}" for k, v in args.items()])
 
 
 def train_once(dataset: str, root: Path, out_dir: Path, *overrides: str) -> dict:

@@ -22,8 +22,8 @@ register_configs()  # imports the schema modules once, at collection rather than
 torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # torch imports torch._dynamo on the first optimizer (~2 s)
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = ("dataset", "backbone", "fusion", "modulation", "optim", "scheduler", "trainer", "logger", "paths", "debug",
-          "experiment")
+GROUPS = ("dataset", "task", "backbone", "fusion", "modulation", "optim", "scheduler", "trainer", "logger", "paths",
+          "discrepancy", "debug", "experiment")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 TINY_DATA = ["dataset.num_train=16", "dataset.num_val=8", "dataset.num_test=8"]
 
@@ -65,6 +65,14 @@ def _error_text(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
+def _schema_named(entry) -> str | None:
+    """The schema a defaults-list entry names (`/OGM_schema@_here_` -> `OGM_schema`; `CremaD_schema` too), else None."""
+    if not isinstance(entry, str):
+        return None
+    name = entry.split("@", 1)[0].lstrip("/")
+    return name if name.endswith("_schema") else None
+
+
 def test_options_were_found():
     found = {g for g, _ in OPTIONS}
     assert found == set(GROUPS)
@@ -84,8 +92,9 @@ def test_every_option_composes_with_its_own_values(group, option):
         assert _lookup(base, key) == value, f"{group}={option}: {'.'.join(key)}"
     # an option that names a class schema builds that class
     for entry in defaults:
-        if isinstance(entry, str) and entry.endswith("_schema") and entry != "backbone_schema":
-            assert base["_target_"].rsplit(".", 1)[-1] == entry[: -len("_schema")]
+        schema = _schema_named(entry)
+        if schema and schema != "backbone_schema":
+            assert base["_target_"].rsplit(".", 1)[-1] == schema[: -len("_schema")]
     # the whole config resolves (interpolations, env defaults)
     OmegaConf.to_container(cfg, resolve=True)
 
@@ -320,6 +329,131 @@ def test_data_root_follows_the_environment(monkeypatch, tmp_path):
 def test_data_root_defaults_to_data_without_the_environment(monkeypatch):
     monkeypatch.delenv("ONTHEFLY_DATA", raising=False)
     assert compose([]).paths.data_root == "data"
+
+
+# --- every setting visible in its YAML file, one source of truth for defaults ----------------------------------
+# The option files of the groups that hold settings (conf/experiment and conf/debug are presets across groups).
+SETTING_GROUPS = ("dataset", "task", "backbone", "encoder", "fusion", "modulation", "optim", "scheduler", "trainer",
+                  "logger", "paths", "discrepancy")
+# groups typed by a field of the top-level Config rather than by a schema named in their files
+CONFIG_FIELD_GROUPS = ("trainer", "logger", "paths", "discrepancy")
+# The dataset classes and conf/dataset/*.yaml are being reworked elsewhere; until their files name their schema
+# as `- /<Class>_schema@_here_` and list every key, they are left out of the two checks that need it.
+SETTING_FILES = [(g, p.stem) for g in SETTING_GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+
+
+def _option_file(group: str, option: str) -> tuple[dict, list]:
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"), resolve=False)
+    return raw, raw.pop("defaults", [])
+
+
+def _schema_node(group: str, defaults: list):
+    """The schema an option file mirrors, as a config of its defaults; None for a preset.
+
+    A file whose defaults list starts from another option of its group (ogm_ge.yaml: `- ogm`) is a preset: it
+    sets only what differs and may override any default. Every other file mirrors a schema: the one its defaults
+    list names (`- /OGM_schema@_here_`), or, for trainer / logger / paths / discrepancy, the Config field's."""
+    from hydra.core.config_store import ConfigStore
+
+    named = [_schema_named(e) for e in defaults if _schema_named(e)]
+    starts_from = [e for e in defaults if isinstance(e, str) and e != "_self_" and not _schema_named(e)]
+    if starts_from:
+        return None
+    if named:
+        return ConfigStore.instance().load(f"{named[0]}.yaml").node
+    assert group in CONFIG_FIELD_GROUPS, f"conf/{group} file names no schema and starts from no option"
+    return ConfigStore.instance().load("config_schema.yaml").node[group]
+
+
+def _placed_by_defaults(defaults: list) -> set:
+    """Keys that a defaults entry fills with another option (`- /modulation@opm: opm` -> opm)."""
+    return {next(iter(e)).split("@", 1)[1] for e in defaults if isinstance(e, dict) and "@" in next(iter(e))}
+
+
+def test_schemas_are_not_offered_as_options():
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        offered = {g: loader.get_group_options(g) for g in SETTING_GROUPS}
+    assert all(offered.values())
+    assert {g: [o for o in opts if "schema" in o] for g, opts in offered.items()} == {g: [] for g in offered}
+    for group, schema in [("modulation", "OGM_schema"), ("optim", "SGD_schema"), ("backbone", "backbone_schema"),
+                          ("fusion", "ConcatFusion_schema"), ("task", "Classification_schema")]:
+        with pytest.raises(ConfigCompositionException, match=f"{group}/{schema}"):
+            compose([f"{group}={schema}"])
+
+
+def test_dataset_schemas_are_not_offered_as_options():
+    with pytest.raises(ConfigCompositionException):
+        compose(["dataset=CremaD_schema"])
+
+
+@pytest.mark.slow
+def test_help_lists_no_schema_as_a_choice():
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    proc = subprocess.run([sys.executable, "-m", "onthefly.train", "--help"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    groups = proc.stdout.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
+    lines = [line for line in groups.splitlines() if ": " in line]
+    assert {line.split(":", 1)[0] for line in lines} >= {"modulation", "fusion", "optim", "trainer", "discrepancy"}
+    assert [line for line in lines if "_schema" in line] == []
+
+
+@pytest.mark.parametrize("group,option", SETTING_FILES, ids=[f"{g}={o}" for g, o in SETTING_FILES])
+def test_every_setting_is_listed_with_a_comment_in_its_yaml(group, option):
+    raw, defaults = _option_file(group, option)
+    schema = _schema_node(group, defaults)
+    if schema is None:
+        return  # a preset: its keys are listed in the option it starts from
+    listed = set(raw) | _placed_by_defaults(defaults)
+    settings = set(schema) - {"_target_", "_partial_"}
+    assert sorted(settings - listed) == [], f"conf/{group}/{option}.yaml does not list these settings"
+    lines = (CONF_DIR / group / f"{option}.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        key = line.split(":", 1)[0]
+        if key in raw and not line.startswith((" ", "#")):
+            assert "#" in line or (i and lines[i - 1].startswith("#")), f"conf/{group}/{option}.yaml: {key} has no comment"
+
+
+def _drift(value, default, key: str) -> list:
+    """(key, YAML value, schema default) for each key below ``key`` whose value differs from the default (a plain
+    container, MISSING as "???"). Not compared: interpolations (`${backbone.width}` ties a value to another
+    setting), fields without a default (MISSING: the file must set them) and free-form maps (a field whose default
+    is an empty dict: backbone.encoders)."""
+    if (isinstance(value, str) and "${" in value) or default == "???":
+        return []
+    if isinstance(value, dict) and isinstance(default, dict):
+        if not default:
+            return []
+        return [d for k, v in value.items() if k in default for d in _drift(v, default[k], f"{key}.{k}")]
+    return [] if value == default else [(key, value, default)]
+
+
+@pytest.mark.parametrize("group,option", SETTING_FILES, ids=[f"{g}={o}" for g, o in SETTING_FILES])
+def test_yaml_values_equal_the_schema_defaults_unless_the_file_is_a_preset(group, option):
+    """One source of truth: a file that mirrors a schema (names it, see _schema_node) restates its defaults; a
+    different value belongs in a preset that starts from that file (ogm_ge.yaml starts from ogm.yaml)."""
+    raw, defaults = _option_file(group, option)
+    schema = _schema_node(group, defaults)
+    if schema is not None:
+        defaults = OmegaConf.to_container(schema, enum_to_str=True)
+        assert _drift(raw, defaults, group) == [], f"conf/{group}/{option}.yaml contradicts its schema's defaults"
+
+
+def test_the_drift_check_can_fail():
+    from onthefly.modulation.ogm import OGM
+
+    defaults = OmegaConf.to_container(OmegaConf.structured(OGM.Config), enum_to_str=True)
+    assert _drift({"ge": True, "alpha": 0.8, "end": "${x}", "scope": "auto"}, defaults, "modulation") == [
+        ("modulation.ge", True, False)]
 
 
 # --- packaging ---------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 
 import media
 from data_prep import avqa, vggsound
+from data_prep.errors import PrepError
 from onthefly.data.avqa import AVQA, read_questions
-from onthefly.data.base import CacheMissingError
+from onthefly.data.base import CacheDamagedError, CacheMissingError, EmptySplitError
 
 SECONDS = 2.0
 
@@ -168,6 +169,53 @@ def test_rerun_reuses_the_media_and_rewrites_the_tables(yang, tmp_path):
     assert splits.test[0]["question"]["tokens"].shape == (3,) and int(splits.test[0]["question"]["length"]) == 3
 
 
+@pytest.mark.parametrize("damage, words", [
+    (lambda c: media.truncate(c / "tokens.npz", 0.5), ["tokens.npz is damaged"]),
+    (lambda c: (c / "vocab.json").write_text('{"tokens": ["<pad>"'), ["vocab.json is damaged"]),
+    (lambda c: read_questions(c / "index.csv").iloc[1:].to_csv(c / "index.csv", index=False),
+     ["index.csv has 10 questions", "deleted or edited"]),
+    (lambda c: (c / "recipe.json").write_text("[]"), ["recipe.json is damaged", "ARGS=overwrite=true"]),
+    (lambda c: media.truncate(c / "media" / "arrays" / "part-00000.npy", 0.5),
+     ["media/arrays/part-00000.npy (spectrograms)", "Clips affected: 5 ("]),
+])
+def test_damaged_question_tables_or_media_are_named_and_the_prep_repairs_them(yang, tmp_path, damage, words):
+    out = tmp_path / "cache"
+    shutil.copytree(yang["out"], out)
+    damage(out)
+    with pytest.raises(CacheDamagedError) as err:
+        AVQA(root=str(out)).splits()
+    for word in [*words, "make prep-avqa ANN="]:
+        assert word in str(err.value), (word, str(err.value))
+    overwrite = {"overwrite": "true"} if "recipe" in words[0] else {}
+    summary = media.prep(avqa, ann=yang["root"] / "ann", media=yang["root"] / "videos", out_root=out, **overwrite)
+    assert summary["media"]["processed_now"] == (5 if "media" in words[0] else 0)
+    assert len(AVQA(root=str(out)).splits().test) == 2
+
+
+def test_verify_cache_checks_the_tables_and_the_media(yang, tmp_path, capsys):
+    from data_prep import verify
+
+    assert verify.main(["dataset=avqa", f"root={yang['out']}", "progress=false"]) == 0
+    out = tmp_path / "cache"
+    shutil.copytree(yang["out"], out)
+    arr = np.load(out / "media" / "arrays" / "part-00000.npy", mmap_mode="r+")
+    arr[2, 0, 0] = np.nan
+    arr.flush()
+    del arr
+    assert verify.main(["dataset=avqa", f"root={out}", "progress=false", "mark=true"]) == 1
+    text = capsys.readouterr()
+    assert "non-finite values in its spectrogram" in text.out and "make prep-avqa ANN=" in text.err
+    summary = media.prep(avqa, ann=yang["root"] / "ann", media=yang["root"] / "videos", out_root=out)
+    assert summary["media"]["processed_now"] == 1
+    assert verify.main(["dataset=avqa", f"root={out}", "progress=false"]) == 0
+
+
+def test_a_val_fraction_that_empties_train_names_it(yang):
+    with pytest.raises(EmptySplitError, match=r"the train split is empty: dataset.val_fraction=0.9 moved all 6 "
+                                              r"training questions of .* into val; use a value of 0.5 or less"):
+        AVQA(root=str(yang["out"]), val_fraction=0.9).splits()
+
+
 # --- an existing VGGSound cache as the media ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vgg_cache(tmp_path_factory):
@@ -273,9 +321,9 @@ def test_a_missing_cache_names_the_prep_command(tmp_path):
 
 def test_prep_refuses_unclear_inputs(tmp_path):
     (tmp_path / "ann").mkdir()
-    with pytest.raises(SystemExit, match="one of media= .* or vggsound_cache="):
-        avqa.main([f"ann={tmp_path / 'ann'}"])
-    with pytest.raises(SystemExit, match="format='vqa'"):
-        avqa.main([f"ann={tmp_path / 'ann'}", "media=x", "format=vqa"])
-    with pytest.raises(SystemExit, match=r"train_qa.json.*format=music"):
-        avqa.main([f"ann={tmp_path / 'ann'}", f"media={tmp_path}", f"out_root={tmp_path / 'out'}"])
+    with pytest.raises(PrepError, match="one of media= .* or vggsound_cache="):
+        avqa.run([f"ann={tmp_path / 'ann'}"])
+    with pytest.raises(PrepError, match="format='vqa'"):
+        avqa.run([f"ann={tmp_path / 'ann'}", "media=x", "format=vqa"])
+    with pytest.raises(PrepError, match=r"train_qa.json.*format=music"):
+        avqa.run([f"ann={tmp_path / 'ann'}", f"media={tmp_path}", f"out_root={tmp_path / 'out'}"])

@@ -14,6 +14,7 @@ from data_prep import audio as recipes
 from data_prep import media as pm
 from data_prep.cremad import EMOTIONS, PUBLISHED_TEST_SHARE
 from data_prep.ids import VideoFiles, parse
+from data_prep.errors import UsageError
 from data_prep.pipeline import CommonOptions, parse_args, stratified_test
 from data_prep.vggsound import read_csv
 from onthefly.data.cache import audio_recipe
@@ -232,9 +233,9 @@ def test_arguments_are_typed_and_mistakes_exit_with_usage(capsys):
     opts = parse_args(["raw_root=/r", "workers=3", "overwrite=true", "out_root=null"], CommonOptions, "u")
     assert (opts.raw_root, opts.workers, opts.overwrite, opts.out_root) == ("/r", 3, True, None)
     for argv in (["raw_root=/r", "wrkers=3"], ["raw_root=/r", "workers=many"], ["workers=2"], ["raw_root"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(UsageError, match="usage: u") as err:
             parse_args(argv, CommonOptions, "u")
-    assert "usage: u" in capsys.readouterr().err
+        assert err.value.exit_code == 2
 
 
 # --- load-time sampling and the joint RGB + flow transform ----------------------------------------------------

@@ -1,6 +1,7 @@
 """CMU-MOSI: tiny pickles of both releases (MulT, MMSA; aligned and not) generated here -> cache -> reader."""
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_prep import mosi as prep
-from onthefly.data.base import CacheMissingError
+from data_prep.errors import PrepError
+from media import truncate
+from onthefly.data.base import CacheDamagedError, CacheMissingError, EmptySplitError
 from onthefly.data.cache import read_json
 from onthefly.data.mosi import MOSI
 
@@ -97,7 +100,7 @@ def _dump(data, path):
 
 
 def run(pkl, out, *extra):
-    return prep.main([f"pkl={pkl}", f"out_root={out}", *extra])
+    return prep.run([f"pkl={pkl}", f"out_root={out}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +220,7 @@ def test_rerun_is_a_no_op_and_another_source_needs_overwrite(tmp_path, capsys):
     assert again["up_to_date"] and "nothing to do" in capsys.readouterr().out
     assert (out / "train" / "text.npy").stat().st_mtime_ns == stamp
     other = _dump(make_mult(False)[0], tmp_path / "b.pkl")
-    with pytest.raises(SystemExit, match="overwrite=true"):
+    with pytest.raises(PrepError, match="overwrite=true"):
         run(other, out)
     assert read_json(out / "recipe.json")["aligned"] is True  # untouched
     run(other, out, "overwrite=true")
@@ -234,7 +237,7 @@ def test_rerun_is_a_no_op_and_another_source_needs_overwrite(tmp_path, capsys):
 def test_bad_pickles_exit_with_a_message_naming_the_problem(tmp_path, break_it, words):
     data, _ = make_mmsa(True)
     break_it(data)
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(PrepError) as err:
         run(_dump(data, tmp_path / "bad.pkl"), tmp_path / "out")
     for word in words:
         assert word in str(err.value), (word, str(err.value))
@@ -242,16 +245,16 @@ def test_bad_pickles_exit_with_a_message_naming_the_problem(tmp_path, break_it, 
 
 
 def test_arguments_and_unreadable_files(tmp_path):
-    with pytest.raises(SystemExit, match="pkl= is required"):
-        prep.main([f"out_root={tmp_path}"])
-    with pytest.raises(SystemExit, match="no such file"):
-        prep.main([f"pkl={tmp_path / 'absent.pkl'}"])
+    with pytest.raises(PrepError, match="pkl= is required"):
+        prep.run([f"out_root={tmp_path}"])
+    with pytest.raises(PrepError, match="no such file"):
+        prep.run([f"pkl={tmp_path / 'absent.pkl'}"])
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
-    with pytest.raises(SystemExit, match="could not be unpickled"):
-        prep.main([f"pkl={tmp_path / 'junk.pkl'}", f"out_root={tmp_path / 'o'}"])
+    with pytest.raises(PrepError, match="could not be unpickled"):
+        prep.run([f"pkl={tmp_path / 'junk.pkl'}", f"out_root={tmp_path / 'o'}"])
     _dump([1, 2], tmp_path / "list.pkl")
-    with pytest.raises(SystemExit, match="not a dict of splits"):
-        prep.main([f"pkl={tmp_path / 'list.pkl'}", f"out_root={tmp_path / 'o'}"])
+    with pytest.raises(PrepError, match="not a dict of splits"):
+        prep.run([f"pkl={tmp_path / 'list.pkl'}", f"out_root={tmp_path / 'o'}"])
 
 
 def test_python2_byte_strings_are_read_as_latin1(tmp_path):
@@ -262,7 +265,7 @@ def test_python2_byte_strings_are_read_as_latin1(tmp_path):
 
 def test_default_out_is_under_onthefly_data(tmp_path, monkeypatch):
     monkeypatch.setenv("ONTHEFLY_DATA", str(tmp_path / "data"))
-    prep.main([f"pkl={_dump(make_mmsa(True)[0], tmp_path / 'a.pkl')}"])
+    prep.run([f"pkl={_dump(make_mmsa(True)[0], tmp_path / 'a.pkl')}"])
     assert (tmp_path / "data" / "mosi" / "recipe.json").exists()
 
 
@@ -317,3 +320,68 @@ def test_reader_refuses_unknown_modalities_and_a_missing_cache(tmp_path):
         MOSI(root=str(tmp_path), modalities=["audio", "flow"])
     with pytest.raises(CacheMissingError, match="make prep-mosi PKL="):
         MOSI(root=str(tmp_path / "nothing")).splits()
+
+
+# --- damage -------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def mosi_cache(caches, tmp_path):
+    out, _, data, _ = caches["mult_noalign"]
+    pkl = _dump(data, tmp_path / "m.pkl")
+    cache = tmp_path / "cache"
+    run(pkl, cache)
+    return pkl, cache
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda c: truncate(c / "train" / "audio.npy"), ["train/audio.npy (train audio features)", "cut"]),
+    (lambda c: (c / "val" / "score.npy").unlink(), ["val/score.npy (val scores) is missing"]),
+    (lambda c: (c / "recipe.json").write_text("{"), ["recipe.json is damaged"]),
+    (lambda c: pd.read_csv(c / "index.csv").iloc[:-1].to_csv(c / "index.csv", index=False),
+     ["index.csv has 12 segments", "deleted or edited"]),
+])
+def test_a_damaged_cache_is_named_at_open_and_the_same_prep_command_rebuilds_it(mosi_cache, damage, words, capsys):
+    pkl, cache = mosi_cache
+    damage(cache)
+    with pytest.raises(CacheDamagedError) as err:
+        MOSI(root=str(cache)).splits()
+    for word in [*words, "make prep-mosi PKL="]:
+        assert word in str(err.value), (word, str(err.value))
+    if "recipe" in words[0]:  # which file the cache came from is unknown: only overwrite=true rebuilds it
+        with pytest.raises(PrepError, match="overwrite=true"):
+            run(pkl, cache)
+        run(pkl, cache, "overwrite=true")
+    else:
+        run(pkl, cache)
+        assert "damaged; rebuilding it" in capsys.readouterr().out
+    assert len(MOSI(root=str(cache)).splits().test) == 4
+
+
+def test_verify_cache_finds_non_finite_features(mosi_cache, capsys):
+    from data_prep import verify
+
+    _, cache = mosi_cache
+    assert verify.main(["dataset=mosi", f"root={cache}", "progress=false"]) == 0
+    arr = np.load(cache / "test" / "visual.npy", mmap_mode="r+")
+    arr[1, 0, 0] = np.inf
+    arr.flush()
+    del arr
+    assert verify.main(["dataset=mosi", f"root={cache}", "progress=false"]) == 1
+    out, err = capsys.readouterr()
+    assert "test/visual: 1 non-finite feature values" in out and "ARGS=overwrite=true" in err
+
+
+def test_an_empty_split_is_named(mosi_cache):
+    _, cache = mosi_cache
+    for name in ("text", "audio", "visual"):
+        for kind in ("", "_lengths"):
+            arr = np.load(cache / "val" / f"{name}{kind}.npy")
+            np.save(cache / "val" / f"{name}{kind}.npy", arr[:0])
+    np.save(cache / "val" / "score.npy", np.load(cache / "val" / "score.npy")[:0])
+    recipe = read_json(cache / "recipe.json")
+    recipe["splits"]["val"] = 0
+    recipe["counts"]["val"] = {"listed": 0, "cached": 0, "skipped": 0}
+    (cache / "recipe.json").write_text(json.dumps(recipe))
+    index = pd.read_csv(cache / "index.csv")
+    index[index["split"] != "val"].to_csv(cache / "index.csv", index=False)
+    with pytest.raises(EmptySplitError, match="the val split is empty: the mosi cache at .* no usable segment"):
+        MOSI(root=str(cache)).splits()

@@ -7,6 +7,8 @@ import torch
 
 import media
 from data_prep import vggsound
+from data_prep.errors import PrepError
+from onthefly.data.base import CacheDamagedError
 from onthefly.data.cache import CacheReader, read_index
 from onthefly.data.vggsound import VGGSound
 
@@ -61,10 +63,10 @@ def test_shards_then_merge_equal_the_single_run(raw, built, tmp_path):
         media.prep(vggsound, raw_root=raw["raw"], csv=raw["csv"], out_root=tmp_path, shard=f"{i}/2")
     assert (tmp_path / "shards" / "0-of-2" / "index.csv").exists()
     (tmp_path / "shards" / "2-of-3").mkdir()  # a stray folder from another shard count is refused
-    with pytest.raises(SystemExit, match=r"mixes shard counts \[2, 3\]"):
-        vggsound.main(["merge", f"out_root={tmp_path}"])
+    with pytest.raises(PrepError, match=r"mixes shard counts \[2, 3\]"):
+        vggsound.run(["merge", f"out_root={tmp_path}"])
     (tmp_path / "shards" / "2-of-3").rmdir()
-    summary = vggsound.main(["merge", f"out_root={tmp_path}"])
+    summary = vggsound.run(["merge", f"out_root={tmp_path}"])
     assert summary["cached"] == 12 and summary["found"] == 15
     single, merged = CacheReader(out, "vggsound"), CacheReader(tmp_path, "vggsound")
     rows = merged.ok_rows().set_index("id")
@@ -80,9 +82,31 @@ def test_shards_then_merge_equal_the_single_run(raw, built, tmp_path):
 
 def test_merge_refuses_missing_shards(raw, tmp_path):
     media.prep(vggsound, raw_root=raw["raw"], csv=raw["csv"], out_root=tmp_path, shard="1/3")
-    with pytest.raises(SystemExit, match=r"shards \[0, 2\] of 3"):
-        vggsound.main(["merge", f"out_root={tmp_path}"])
-    assert vggsound.main(["merge", f"out_root={tmp_path}", "allow_partial=true"])["shards"] == "1 of 3"
+    with pytest.raises(PrepError, match=r"shards \[0, 2\] of 3"):
+        vggsound.run(["merge", f"out_root={tmp_path}"])
+    assert vggsound.run(["merge", f"out_root={tmp_path}", "allow_partial=true"])["shards"] == "1 of 3"
+
+
+def test_a_cut_part_of_a_merged_cache_names_its_shard_and_the_shard_prep_then_merge_repairs_it(raw, tmp_path):
+    for i in range(2):
+        media.prep(vggsound, raw_root=raw["raw"], csv=raw["csv"], out_root=tmp_path, shard=f"{i}/2")
+    vggsound.run(["merge", f"out_root={tmp_path}"])
+    media.truncate(tmp_path / "shards" / "1-of-2" / "frames" / "part-00000.bin", 0.5)
+    with pytest.raises(CacheDamagedError) as err:
+        VGGSound(root=str(tmp_path)).splits()
+    text = str(err.value)
+    assert "shards/1-of-2/frames/part-00000.bin" in text and "Clips affected" in text
+    assert f"make prep-vggsound RAW=/path/to/vggsound CSV=/path/to/vggsound.csv OUT={tmp_path} SHARD=1/2" in text
+    assert f"make prep-vggsound-merge OUT={tmp_path}" in text
+    with pytest.raises(PrepError, match=r"shard 1/2: .*part-00000.bin"):  # the merge checks its shards too
+        vggsound.run(["merge", f"out_root={tmp_path}"])
+    redone = media.prep(vggsound, raw_root=raw["raw"], csv=raw["csv"], out_root=tmp_path, shard="1/2")
+    assert 0 < redone["processed_now"] < redone["cached"]
+    vggsound.run(["merge", f"out_root={tmp_path}"])
+    assert len(VGGSound(root=str(tmp_path)).splits().test) == 3
+    (tmp_path / "index.csv").write_text("id\n")  # the merged index: the merge alone rewrites it
+    with pytest.raises(CacheDamagedError, match=f"Run `make prep-vggsound-merge OUT={tmp_path}` again"):
+        VGGSound(root=str(tmp_path)).splits()
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -81,3 +82,48 @@ def test_flow_encoder_keeps_the_backbone_typed():
         compose(["dataset=ucf101", "backbone.widht=4"])
     with pytest.raises(ConfigCompositionException):
         compose(["dataset=ucf101", "dataset.fold=x"])
+
+
+@pytest.mark.parametrize("path", sorted((CONF_DIR / "dataset").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_dataset_key_is_in_its_yaml_with_a_comment(path):
+    """Every key a user may set is visible where they look: conf/dataset/<name>.yaml lists each field of the
+    dataset's schema (a file extending another lists what it changes), each with a comment."""
+    text = path.read_text()
+    own = OmegaConf.load(path)
+    parent = [d for d in own.defaults if isinstance(d, str) and "_schema" not in d]
+    keys = [k for k in own if k != "defaults"]
+    if not parent:  # a dataset's own file: every schema field is there
+        schema = compose([f"dataset={path.stem}"]).dataset
+        assert sorted(keys) == sorted(k for k in schema if k != "_target_"), path.name
+    for key in keys:
+        line = next(line for line in text.splitlines() if line.startswith(f"{key}:"))
+        assert "  # " in line, (path.name, line)
+
+
+def test_dataset_keys_keep_their_types_and_old_command_lines_still_compose():
+    cfg = compose(["dataset=cremad", "dataset.val_fraction=0", "dataset.image_size=112", "dataset.num_frames=3",
+                   "dataset.root=/somewhere", "dataset.audio_recipe=fbank", "dataset.split=speaker",
+                   "dataset.crop_scale=[0.25,1.0]", "dataset.sampling=spread"])
+    from hydra.utils import instantiate
+
+    built = instantiate(cfg.dataset)
+    assert (built.val_fraction, built.image_size, built.num_frames, str(built.root)) == (0.0, 112, 3, "/somewhere")
+    assert built.crop_scale == [0.25, 1.0] and built.sampling.value == "spread" and built.modalities == ["audio", "visual"]
+    for bad in ("dataset.val_fration=0.2", "dataset.image_size=big", "dataset.sampling=randomly"):
+        with pytest.raises(ConfigCompositionException):
+            compose(["dataset=cremad", bad])
+    with pytest.raises(ConfigCompositionException):
+        compose(["dataset=ucf101", "dataset.audio_recipe=ogm_ge"])  # UCF-101 has no audio option
+
+
+@pytest.mark.parametrize("dataset, override, message", [
+    ("cremad", "dataset.val_fraction=1.5", "dataset.val_fraction=1.5: must be in [0, 1)"),
+    ("cremad", "dataset.num_frames=0", "dataset.num_frames=0: must be >= 1"),
+    ("vggsound", "dataset.audio_crop=0", "dataset.audio_crop=0: must be >= 1"),
+    ("ucf101", "dataset.fold=4", "dataset.fold=4: must be in [1, 3]"),
+])
+def test_dataset_values_out_of_range_fail_at_compose_time(dataset, override, message):
+    from onthefly.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose([f"dataset={dataset}", override])

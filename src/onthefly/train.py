@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from onthefly.config import CONF_DIR, register_configs
+from onthefly.config import CONF_DIR, register_configs, validate
 
 register_configs()
 log = logging.getLogger("onthefly")
@@ -33,6 +33,7 @@ def main(cfg: DictConfig) -> float:
             cfg.name = default_name(cfg)
     out_dir = HydraConfig.get().runtime.output_dir
     try:
+        validate(cfg)  # a value out of range (or trainer.device=cuda without CUDA): one line, before any work
         results = run(cfg, out_dir)
     except TrainingError as err:
         log.error("%s", err)

@@ -14,24 +14,23 @@ so no clip is in both. MUSIC-AVQA's train / val / test are its own.
 Tokens: lower-case, words are runs of letters and digits, an apostrophe inside a word kept ("what's");
 ids 0 = ``<pad>``, 1 = ``<unk>``, then the train split's words by count (ties alphabetical).
 """
-from __future__ import annotations
-
 import logging
 import re
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Annotated, Any, ClassVar, Optional
 
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from onthefly.config import configurable
-from onthefly.data.base import CacheMissingError, DataSplits
-from onthefly.data.cache import (FORMAT_VERSION, INDEX_FILE, OK, RECIPE_FILE, CacheMismatchError, CacheReader,
-                                 audio_recipe, prep_command, read_json)
-from onthefly.data.clips import CachedClips, CachedDataset, split_positions, stratified_holdout
-from onthefly.data.sampling import Sampling
+from onthefly.config import Range, configurable
+from onthefly.data.base import CacheDamagedError, CacheMissingError, DataSplits
+from onthefly.data.cache import (FORMAT_VERSION, INDEX_FILE, OK, RECIPE_FILE, SPLITS, CacheMismatchError, CacheReader,
+                                 audio_recipe, index_counts, load_json, prep_command)
+from onthefly.data.clips import CachedClips, ClipCache, split_positions, stratified_holdout
 
 log = logging.getLogger("onthefly")
 
@@ -95,31 +94,19 @@ class AVQAQuestions(Dataset):
 
 
 @configurable("dataset")
-class AVQA(CachedDataset):
+@dataclass(eq=False)
+class AVQA(ClipCache):
     """Four-way multiple-choice AVQA (Yang et al.), or MUSIC-AVQA's open answers classified over the train
     split's answer vocabulary; which one comes from the cache's recipe.json. Audio and visual are the balanced
     modalities; the question is context (``DataSplits.context``) and question type and relation are extra
-    targets for per-type accuracy.
+    targets for per-type accuracy. ``audio_crop``: frames of the media cache's 10-s spectrogram each sample takes.
     """
 
-    name = "avqa"
-    all_modalities = ("audio", "visual")
+    name: ClassVar[str] = "avqa"
+    all_modalities: ClassVar[tuple[str, ...]] = ("audio", "visual")
 
-    def __init__(
-        self,
-        root: str = "data/avqa",
-        modalities: List[str] = ["audio", "visual"],  # noqa: B006
-        audio_crop: int = 626,
-        num_frames: int = 3,
-        image_size: int = 224,
-        crop_scale: List[float] = [0.08, 1.0],  # noqa: B006
-        sampling: Sampling = Sampling.segments,
-        frame_short_side: int = 256,
-        val_fraction: float = 0.1,
-        val_seed: int = 0,
-    ):
-        self._setup(root, modalities, None, num_frames, image_size, crop_scale, sampling, frame_short_side,
-                    val_fraction, val_seed, audio_crop=audio_crop)
+    root: str = "data/avqa"
+    audio_crop: Annotated[int, Range(ge=1)] = 626
 
     # --- opening ----------------------------------------------------------------------------------------------
     def _command(self, recipe: Optional[dict] = None, out: Optional[str] = None) -> str:
@@ -135,7 +122,7 @@ class AVQA(CachedDataset):
             raise CacheMissingError(
                 f"No AVQA cache at {self.root}. Build it with `{command}`{other}, or point paths.data_root (env "
                 "ONTHEFLY_DATA) or dataset.root at the folder that holds it.")
-        recipe = read_json(self.root / RECIPE_FILE)
+        recipe = load_json(self.root / RECIPE_FILE, self._rewrite(None, overwrite=True))
         if recipe.get("dataset") not in DATASETS.values():
             raise CacheMismatchError(f"{self.root} holds a {recipe.get('dataset')} cache, not an AVQA one: set "
                                      f"dataset.root to an AVQA cache, or build one with `{self._command()}`.")
@@ -147,6 +134,50 @@ class AVQA(CachedDataset):
             raise CacheMissingError(f"The AVQA cache at {self.root} is incomplete ({', '.join(missing)} missing). "
                                     f"Run `{self._command(recipe)}` again.")
         return recipe
+
+    def _rewrite(self, recipe: Optional[dict], overwrite: bool = False) -> str:
+        """The sentence that says how to repair the question tables: the prep rewrites all of them (and reuses
+        its media cache)."""
+        return (f"Run `{self._command(recipe)}{' ARGS=overwrite=true' if overwrite else ''}` again: it rewrites the "
+                "question tables (recipe.json, index.csv, vocab.json, tokens.npz) and reuses the media cache.")
+
+    def _read_tables(self, recipe: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+        """index.csv and tokens.npz, checked against each other and against what recipe.json recorded (rows,
+        usable questions per split, vocabulary size): a damaged or edited table names itself and the fix."""
+        fix = self._rewrite(recipe)
+        try:
+            index = read_questions(self.root / INDEX_FILE)
+            missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+            if missing:
+                raise ValueError(f"no column {missing}")
+            index["label"] = index["label"].astype(np.int64)
+        except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise CacheDamagedError(f"{self.root / INDEX_FILE} is damaged ({err}). {fix}") from None
+        have = index_counts(index)
+        usable = {s: (recipe.get("splits") or {}).get("usable", {}).get(s, 0) for s in SPLITS}
+        rows = (recipe.get("summary") or {}).get("questions", have["rows"])
+        if have["ok"] != usable or have["rows"] != rows:
+            raise CacheDamagedError(
+                f"{self.root / INDEX_FILE} has {have['rows']} questions, usable per split {have['ok']}, where the "
+                f"prep wrote {rows}, usable {usable} (recipe.json): rows were deleted or edited, and training would "
+                f"silently use other questions. {fix}")
+        try:
+            with np.load(self.root / TOKENS_FILE) as npz:
+                tokens = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise CacheDamagedError(f"{self.root / TOKENS_FILE} is damaged ({type(err).__name__}: {err}). {fix}") from None
+        if "question" not in tokens or any(len(v) != len(index) for v in tokens.values()):
+            raise CacheDamagedError(f"{self.root / TOKENS_FILE} does not hold a token row per question of "
+                                    f"{INDEX_FILE} ({len(index)}; a prep was interrupted?). {fix}")
+        vocab = load_json(self.root / VOCAB_FILE, fix) if (self.root / VOCAB_FILE).exists() else None
+        size = int(recipe["vocab_size"])
+        if vocab is not None and len(vocab.get("tokens", [])) != size:
+            raise CacheDamagedError(f"{self.root / VOCAB_FILE} holds {len(vocab.get('tokens', []))} words where "
+                                    f"recipe.json says {size}. {fix}")
+        if len(tokens["question"]) and (tokens["question"].min() < 0 or tokens["question"].max() >= size):
+            raise CacheDamagedError(f"{self.root / TOKENS_FILE} holds token ids outside the vocabulary of {size} "
+                                    f"words. {fix}")
+        return index, tokens
 
     def open(self) -> CacheReader:
         return self.open_media(self._read_recipe())
@@ -160,7 +191,8 @@ class AVQA(CachedDataset):
                 f"there (moved or deleted). Run `{self._command(recipe)}` again: with MEDIA= (media=) it rebuilds "
                 "its own media cache; with VGGSOUND_CACHE= (vggsound_cache=) naming where your VGGSound cache is "
                 "now, only the question tables are rewritten.")
-        media = CacheReader(path, MEDIA_DATASET)
+        own = (recipe.get("media_cache") or {}).get("relative")  # built by the AVQA prep (else a VGGSound cache)
+        media = CacheReader(path, MEDIA_DATASET, command=self._command(recipe) if own else None)
         expected = {"dataset": MEDIA_DATASET, "audio": audio_recipe(MEDIA_DATASET, MEDIA_AUDIO),
                     "frames.short_side": self.frame_short_side}
         try:
@@ -177,27 +209,19 @@ class AVQA(CachedDataset):
     def _split_positions(self, ok: pd.DataFrame) -> dict[str, np.ndarray]:
         """Question positions of train / val / test; val = a held-out share of the train videos when the cache
         has no val split."""
-        def by_video(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def by_video(train: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
             """All questions of a held-out share of the train videos (no clip in both train and val)."""
             videos, of = np.unique(ok["video"].to_numpy()[train], return_inverse=True)
-            _, held = stratified_holdout(np.arange(len(videos)), np.zeros(len(videos)), self.val_fraction,
-                                         self.val_seed)
+            _, held = stratified_holdout(np.arange(len(videos)), np.zeros(len(videos)), fraction, self.val_seed)
             in_val = np.isin(of, held)
-            if in_val.all():
-                raise ValueError(f"dataset.val_fraction={self.val_fraction} leaves no train video")
             return train[~in_val], train[in_val]
 
-        return split_positions(ok["split"].to_numpy(), "AVQA", self.root, "question", self.val_fraction, by_video)
+        return split_positions(ok["split"].to_numpy(), self.root, "question", self.val_fraction, by_video)
 
     def splits(self) -> DataSplits:
         recipe = self._read_recipe()
+        index, tokens = self._read_tables(recipe)
         media = self.open_media(recipe)
-        index = read_questions(self.root / INDEX_FILE)
-        with np.load(self.root / TOKENS_FILE) as npz:
-            tokens = {k: npz[k] for k in npz.files}
-        if len(tokens["question"]) != len(index):
-            raise CacheMissingError(f"The AVQA cache at {self.root} is inconsistent ({TOKENS_FILE} and {INDEX_FILE} "
-                                    f"differ in length; a prep was interrupted?). Run `{self._command(recipe)}` again.")
         clips = media.ok_rows().reset_index(drop=True)
         clip_pos = pd.Series(np.arange(len(clips)), index=clips["id"].to_numpy())
         usable = (index["status"] == OK).to_numpy()
@@ -221,9 +245,7 @@ class AVQA(CachedDataset):
         def make(split: str, train: bool) -> AVQAQuestions:
             idx = parts[split]
             unique, clip_of = np.unique(clip_rows[idx], return_inverse=True)
-            split_clips = CachedClips(media, clips.iloc[unique], np.zeros(len(unique), np.int64), self.modalities,
-                                      train, self.num_frames, self.sampling, self.image_size, self.crop_scale,
-                                      self.audio_crop)
+            split_clips = CachedClips(media, clips.iloc[unique], np.zeros(len(unique), np.int64), self, train)
             return AVQAQuestions(split_clips, clip_of, ok.iloc[idx], labels[idx], qtypes[idx], relations[idx],
                                  {k: v[idx] for k, v in tokens.items()})
 

@@ -8,8 +8,22 @@ from typing import Any, Optional
 from torch.utils.data import Dataset
 
 
-class CacheMissingError(FileNotFoundError):
+class DataError(Exception):
+    """Data that cannot be used as asked; the message names the file or setting and what to do about it."""
+
+
+class CacheMissingError(DataError, FileNotFoundError):
     """A dataset cache is absent or stale; the message names the command that makes it."""
+
+
+class CacheDamagedError(CacheMissingError):
+    """A cache whose files do not hold what its index says (cut, garbled or edited); the message names the file,
+    the clips it holds and the command that repairs it."""
+
+
+class EmptySplitError(DataError, ValueError):
+    """A train / val / test split that ends up with no sample; the message names the split and the setting (or
+    the cache) that emptied it."""
 
 
 def require_cache(path: Path, prep_command: str) -> Path:

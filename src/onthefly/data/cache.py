@@ -12,6 +12,11 @@ A cache is a folder (``$ONTHEFLY_DATA/<dataset>`` by default)::
     frames/table.npy     int64 [frames, 3]: (part, byte offset, byte length) per JPEG
     journal.jsonl        the writer's progress log (what makes a prep resumable; readers ignore it)
 
+Opening a cache checks it without decoding anything (:meth:`CacheReader.check_files`): every storage file must
+be as long as its header and the frame table say, every usable row must point inside them, and index.csv must
+hold the clip counts recipe.json recorded. A damaged cache stops there with the file, the clips and the command
+that repairs it (:class:`~onthefly.data.base.CacheDamagedError`); ``make verify-cache`` decodes everything.
+
 A clip's JPEGs sit in the table at rows ``frame_start + t * len(streams) + s`` for time ``t`` and image stream
 ``s`` (``["visual"]``, or ``["visual", "flow_u", "flow_v"]`` for UCF-101). Paths in ``layout.json`` are relative
 to the cache folder, so a merged sharded cache (VGGSound) simply lists its shards' files.
@@ -20,13 +25,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from onthefly.data.base import CacheMissingError
+from onthefly.data.base import CacheDamagedError, CacheMissingError
 
 FORMAT_VERSION = 1
 RECIPE_FILE = "recipe.json"
@@ -116,38 +122,200 @@ def read_index(path: Path) -> pd.DataFrame:
                                     "source": str}, keep_default_na=False)
 
 
+def index_counts(index: pd.DataFrame) -> dict[str, Any]:
+    """What recipe.json records of an index (``"index"``), so that a reader can tell an edited index: its
+    rows, and its usable rows per split."""
+    ok = index["status"] == OK
+    return {"rows": int(len(index)), "ok": {s: int((ok & (index["split"] == s)).sum()) for s in SPLITS}}
+
+
+def load_json(path: Path, damaged: str) -> dict:
+    """``path`` as a dict, or a :class:`CacheDamagedError` that names it and ends with ``damaged`` (the fix)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CacheDamagedError(f"{path} is damaged (not readable JSON: {err}). {damaged}") from None
+    if not isinstance(data, dict):
+        raise CacheDamagedError(f"{path} is damaged (a JSON {type(data).__name__}, not an object). {damaged}")
+    return data
+
+
+def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, the file size they need) from an .npy file's header, reading nothing else; ValueError if
+    the header is unreadable."""
+    with open(path, "rb") as f:
+        try:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        except EOFError as err:
+            raise ValueError(str(err)) from None
+        return tuple(shape), dtype, f.tell() + int(np.prod(shape)) * dtype.itemsize
+
+
+def check_npy(path: Path, what: str, shape: Optional[tuple] = None, dtype: Optional[str] = None) -> tuple[int, ...]:
+    """The shape of the .npy file ``path``; a :class:`CacheDamagedError` (sentence naming the file and ``what``
+    it holds, without the fix) if it is missing, cut, padded, or of another shape or dtype than asked (``None``
+    in ``shape``: any size on that axis)."""
+    problem = None
+    try:
+        have, have_dtype, need = npy_layout(path)
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        problem = "is missing"
+    except (OSError, ValueError) as err:
+        problem = f"has no readable .npy header ({err})"
+    else:
+        if size != need:
+            problem = f"is {size:,} bytes long where its header needs {need:,} ({'cut' if size < need else 'padded'})"
+        elif shape is not None and (len(have) != len(shape) or any(w is not None and w != h for w, h in zip(shape, have))):
+            problem = f"holds an array of shape {list(have)}, not {['*' if w is None else w for w in shape]}"
+        elif dtype is not None and have_dtype != np.dtype(dtype):
+            problem = f"holds {have_dtype}, not {np.dtype(dtype)}"
+    if problem:
+        raise CacheDamagedError(f"{path} ({what}) {problem}.")
+    return have
+
+
 class CacheReader:
     """Random access to one cache: its recipe, index, fixed-size arrays (memory-mapped) and JPEG bytes.
 
-    Files are opened lazily in each process, so a reader can be handed to DataLoader workers (fork or spawn).
+    Opening checks the files against the index (no decoding; see :meth:`check_files`). Files are opened lazily
+    in each process, so a reader can be handed to DataLoader workers (fork or spawn). ``command``: the prep
+    command that makes this cache, when it is not the dataset's own (AVQA's media cache).
     """
 
-    def __init__(self, root: Path | str, dataset: str):
+    def __init__(self, root: Path | str, dataset: str, command: Optional[str] = None):
         self.root = Path(root)
         self.dataset = dataset
-        command = prep_command(dataset, self.root)
+        self.command = command or prep_command(dataset, self.root)
         if not (self.root / RECIPE_FILE).exists():
             raise CacheMissingError(
-                f"No {dataset} cache at {self.root}. Build it with `{command}`, or point paths.data_root "
+                f"No {dataset} cache at {self.root}. Build it with `{self.command}`, or point paths.data_root "
                 f"(env ONTHEFLY_DATA) or dataset.root at the folder that holds it."
             )
         if not (self.root / INDEX_FILE).exists():
             raise CacheMissingError(
-                f"The {dataset} cache at {self.root} is incomplete (its prep did not finish). Run `{command}` "
+                f"The {dataset} cache at {self.root} is incomplete (its prep did not finish). Run `{self.command}` "
                 "again: it resumes where it stopped."
             )
-        self.recipe = read_json(self.root / RECIPE_FILE)
+        self.recipe = load_json(self.root / RECIPE_FILE, f"It records how the cache was made, so nothing in "
+                                f"{self.root} can be trusted: rebuild it with `{self.command} ARGS=overwrite=true`.")
         if self.recipe.get("format") != FORMAT_VERSION:
             raise CacheMismatchError(
                 f"The cache at {self.root} has format {self.recipe.get('format')}; this code reads format "
-                f"{FORMAT_VERSION}. Rebuild it with `{command} ARGS=overwrite=true`."
+                f"{FORMAT_VERSION}. Rebuild it with `{self.command} ARGS=overwrite=true`."
             )
-        self.layout = read_json(self.root / LAYOUT_FILE)
-        self.index = read_index(self.root / INDEX_FILE)
+        self.layout = load_json(self.root / LAYOUT_FILE, self.repair(LAYOUT_FILE))
+        try:
+            self.index = read_index(self.root / INDEX_FILE)
+            missing = [c for c in INDEX_COLUMNS if c not in self.index.columns]
+            if missing:
+                raise ValueError(f"no column {missing}")
+            self.index[["n_frames", "array_part", "array_row", "frame_start"]].astype(np.int64)
+        except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise CacheDamagedError(f"{self.root / INDEX_FILE} is damaged ({err}). {self.repair(INDEX_FILE)}") from None
         self.streams: list[str] = list(self.layout["frames"]["streams"])
         self._arrays: dict[int, np.ndarray] = {}
         self._frame_files: dict[int, Any] = {}
         self._table: Optional[np.ndarray] = None
+        self.check_files()
+
+    # --- the open-time check ------------------------------------------------------------------------------
+    def repair(self, path: str = "") -> str:
+        """The sentence that says how to repair damage in ``path`` (relative to the cache folder): run the prep
+        again (it resumes, re-prepares only clips whose stored data is damaged, and rewrites index.csv,
+        layout.json and the frame table from its journal); for a merged VGGSound cache, that shard's prep and
+        the merge."""
+        shard = re.match(r"shards/(\d+)-of-(\d+)/", path)
+        merge = f"make prep-vggsound-merge OUT={self.root}"
+        if shard:
+            return (f"Run that shard's prep again (`{prep_command(self.dataset, self.root, f'SHARD={shard[1]}/{shard[2]}')}`"
+                    f"): it re-prepares only the damaged clips; then `{merge}`.")
+        if (self.recipe.get("splits") or {}).get("shards"):
+            return f"Run `{merge}` again: it rewrites index.csv, layout.json and frames/table.npy from the shards."
+        return (f"Run `{self.command}` again: it resumes, re-prepares only the clips whose stored data is damaged, "
+                "and rewrites index.csv, layout.json and frames/table.npy from its journal.")
+
+    def _damaged(self, problem: str, path: str, ids: Sequence[str]) -> CacheDamagedError:
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        held = f" Clips affected: {len(ids)} ({shown})." if len(ids) else ""
+        return CacheDamagedError(f"The {self.dataset} cache at {self.root} is damaged: {problem}{held} "
+                                 f"{self.repair(path)}")
+
+    def check_files(self) -> None:
+        """Check, without decoding anything, that index.csv holds what recipe.json says the prep cached and that
+        every usable row points inside storage files of the right size (a cut or missing .npy or .bin, a frame
+        table that does not fit, rows deleted from the index). Costs a file-size look-up per storage file and a
+        few vector operations over the index."""
+        ok = self.index[self.index["status"] == OK]
+        ids = ok["id"].to_numpy()
+        recorded = self.recipe.get("index")
+        if recorded is None and self.recipe.get("summary", {}).get("per_split"):  # caches from before "index"
+            summary = self.recipe["summary"]
+            recorded = {"rows": summary.get("found"),
+                        "ok": {s: summary["per_split"].get(s, {}).get("cached", 0) for s in SPLITS}}
+        if recorded is not None:
+            have = index_counts(self.index)
+            wrong = [f"{have['ok'][s]} usable {s} clips where the prep cached {recorded['ok'].get(s, 0)}"
+                     for s in SPLITS if have["ok"][s] != recorded["ok"].get(s, 0)]
+            if recorded.get("rows") is not None and have["rows"] != recorded["rows"]:
+                wrong.append(f"{have['rows']} rows where the prep wrote {recorded['rows']}")
+            if wrong:
+                raise self._damaged(f"{INDEX_FILE} has {'; '.join(wrong)} (recipe.json's record): rows were deleted "
+                                   "or edited, and training would silently use other clips.", INDEX_FILE, [])
+        array = self.layout.get("array")
+        if array:
+            parts = list(array["parts"])
+            part, row = ok["array_part"].to_numpy(np.int64), ok["array_row"].to_numpy(np.int64)
+            outside = (part < 0) | (part >= len(parts))
+            if outside.any():
+                raise self._damaged(f"{INDEX_FILE} points usable rows at array parts that {LAYOUT_FILE} does not "
+                                   "list.", INDEX_FILE, list(ids[outside]))
+            for p, name in enumerate(parts):
+                mine = part == p
+                try:
+                    shape = check_npy(self.root / name, "spectrograms", (None, *array["shape"]), array["dtype"])
+                except CacheDamagedError as err:
+                    raise self._damaged(str(err), name, list(ids[mine])) from None
+                beyond = mine & (row >= shape[0])
+                if beyond.any():
+                    raise self._damaged(f"{name} has {shape[0]} rows, but {INDEX_FILE} points usable clips at rows "
+                                        "past its end.", name, list(ids[beyond]))
+        if self.streams:
+            self._check_frames(ok, ids)
+
+    def _check_frames(self, ok: pd.DataFrame, ids: np.ndarray) -> None:
+        table_path = self.layout["frames"].get("table", FRAME_TABLE_FILE)
+        try:
+            shape = check_npy(self.root / table_path, "the frame table", (None, 3), "int64")
+            table = self._table = np.load(self.root / table_path)
+        except (CacheDamagedError, OSError, ValueError) as err:
+            raise self._damaged(str(err), table_path, []) from None
+        parts = list(self.layout["frames"]["parts"])
+        start = ok["frame_start"].to_numpy(np.int64)
+        end = start + ok["n_frames"].to_numpy(np.int64) * len(self.streams)
+        outside = (start < 0) | (end <= start) | (end > shape[0])
+        if outside.any():
+            raise self._damaged(f"{INDEX_FILE} points usable clips at frames outside {table_path} ({shape[0]} "
+                                "entries).", table_path, list(ids[outside]))
+        if len(table) and (table[:, 0].min() < 0 or table[:, 0].max() >= len(parts) or (table[:, 1:] < 0).any()):
+            raise self._damaged(f"{table_path} names frame parts or byte ranges that {LAYOUT_FILE} does not hold.",
+                                table_path, [])
+        stop = table[:, 1] + table[:, 2]
+        order = np.argsort(start, kind="stable")
+        for p, name in enumerate(parts):
+            try:
+                size = os.stat(self.root / name).st_size
+            except OSError as err:
+                size, problem = -1, f"{self.root / name} (JPEG frames) is missing or unreadable ({err.strerror})."
+            else:
+                problem = f"{self.root / name} (JPEG frames) is {size:,} bytes long, cut short of the frames stored in it."
+            cut = np.flatnonzero((table[:, 0] == p) & (stop > size))
+            if len(cut):  # the clips whose frame range holds a cut frame
+                clip = order[np.searchsorted(start[order], cut, side="right") - 1]
+                clip = np.unique(clip[(cut >= start[clip]) & (cut < end[clip])])
+                raise self._damaged(problem, name, list(ids[clip]))
 
     # --- metadata ---------------------------------------------------------------------------------------
     @property

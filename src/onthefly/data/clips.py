@@ -1,16 +1,16 @@
-"""Datasets over a prepared cache (the readers of `cremad`, `kinetics_sounds`, `vggsound`, `ucf101`).
+"""Datasets over a prepared clip cache (`cremad`, `kinetics_sounds`, `vggsound`, `ucf101`, and AVQA's media).
 
-Every sample is read from the cache with no video decoding: a memory-mapped spectrogram row (cropped at load
+:class:`ClipCache` holds the options these datasets share and builds their splits; each split is a
+:class:`CachedClips` dataset. Every sample is read from the cache with no video decoding: a memory-mapped spectrogram row (cropped at load
 time where the recipe says so) and T JPEG frames chosen by :mod:`onthefly.data.sampling`, decoded and put
 through the train or evaluation frame transform. UCF-101's RGB and optical flow share one crop and one flip
 (the flip negates the horizontal flow u).
 """
-from __future__ import annotations
-
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Annotated, Any, Callable, ClassVar, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from onthefly.data.base import DataSplits
-from onthefly.data.cache import OK, CacheReader, audio_recipe
+from onthefly.config import NonNegativeInt, PositiveInt, Range
+from onthefly.data.base import DataSplits, EmptySplitError
+from onthefly.data.cache import CacheReader, audio_recipe
 from onthefly.data.sampling import Sampling, crop_start, frame_indices
 from onthefly.data.transforms import IMAGENET_MEAN, IMAGENET_STD, FrameTransform, random_resized_crop_box
 
@@ -81,26 +82,28 @@ class RGBFlowTransform:
 class CachedClips(Dataset):
     """One split of a cache: items {modality: tensor, "label": int, "index": int}.
 
-    audio: float32 [1, *shape] (a time crop of ``audio_crop`` frames along the last axis, if set);
-    visual: [T, 3, S, S]; flow: [T, 2, S, S]; rgb_diff: [T, 3, S, S].
+    audio: float32 [1, *shape] (a time crop of ``audio_crop`` frames along the last axis, if the dataset sets
+    one); visual: [T, 3, S, S]; flow: [T, 2, S, S]; rgb_diff: [T, 3, S, S]. ``options`` (the dataset's
+    :class:`ClipCache`) gives the modalities, T (``num_frames``), the frame ``sampling``, S (``image_size``)
+    and the crop scale.
     """
 
-    def __init__(self, reader: CacheReader, rows: pd.DataFrame, labels: np.ndarray, modalities: Sequence[str],
-                 train: bool, num_frames: int, sampling: Sampling, image_size: int, crop_scale: Sequence[float],
-                 audio_crop: Optional[int] = None):
+    def __init__(self, reader: CacheReader, rows: pd.DataFrame, labels: np.ndarray, options: "ClipCache",
+                 train: bool):
         self.reader = reader
         self.rows = rows.reset_index(drop=True)
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.modalities = list(modalities)
-        self.train, self.num_frames, self.sampling = train, num_frames, Sampling(sampling)
-        self.audio_crop = audio_crop
+        self.modalities = list(options.modalities)
+        self.train, self.num_frames, self.sampling = train, options.num_frames, Sampling(options.sampling)
+        self.audio_crop = getattr(options, "audio_crop", None)  # only datasets with audio have this option
         self.streams = reader.streams
         # UCF-101's streams are decoded together for one shared crop and flip
         self.joint = bool({"flow", "rgb_diff"} & set(self.modalities))
+        scale = tuple(options.crop_scale)
         if self.joint:
-            self.transform = RGBFlowTransform(train, image_size, tuple(crop_scale))
+            self.transform = RGBFlowTransform(train, options.image_size, scale)
         else:
-            self.transform = FrameTransform(train, image_size, tuple(crop_scale))
+            self.transform = FrameTransform(train, options.image_size, scale)
         # plain arrays: a DataLoader worker reads them without touching pandas
         self._parts = self.rows["array_part"].to_numpy()
         self._array_rows = self.rows["array_row"].to_numpy()
@@ -149,75 +152,72 @@ class CachedClips(Dataset):
         return item
 
 
-class CachedDataset:
-    """What the four real-dataset builders share: open the cache, refuse a mismatch, build the splits.
+@dataclass(eq=False)
+class ClipCache:
+    """The options every dataset over a clip cache shares, and what is done with them: open the cache (which
+    checks its files, see :class:`CacheReader`), refuse one prepared differently from what the options ask,
+    and build the train / val / test splits (:meth:`splits`, each a :class:`CachedClips`).
 
-    Subclasses set ``name`` and ``all_modalities`` and call :meth:`_setup` from their (configurable) ``__init__``.
+    A dataset is a dataclass subclass decorated with ``@configurable("dataset")``: it sets ``name`` and
+    ``all_modalities``, its own defaults and its own options, and its fields are its typed Hydra schema, one flat
+    key each under ``dataset.`` (``conf/dataset/<name>.yaml`` lists every one of them with a comment).
     """
 
-    name: str = ""
-    all_modalities: tuple[str, ...] = ("audio", "visual")
+    name: ClassVar[str] = ""
+    all_modalities: ClassVar[tuple[str, ...]] = ("audio", "visual")
 
-    def _setup(self, root: str, modalities: Sequence[str], audio_recipe_name: Optional[str], num_frames: int,
-               image_size: int, crop_scale: Sequence[float], sampling: Sampling | str, frame_short_side: int,
-               val_fraction: float, val_seed: int, audio_crop: Optional[int] = None,
-               split_checks: Optional[dict[str, Any]] = None) -> None:
-        unknown = set(modalities) - set(self.all_modalities)
-        if unknown or not modalities:
-            raise ValueError(f"{self.name} has modalities {list(self.all_modalities)}; got {list(modalities)}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.root = Path(root)
-        self.modalities = list(modalities)
-        self.audio_recipe_name = audio_recipe_name
-        self.num_frames, self.image_size, self.crop_scale = num_frames, image_size, tuple(crop_scale)
-        self.sampling = Sampling(sampling)
-        self.frame_short_side = frame_short_side
-        self.val_fraction, self.val_seed = val_fraction, val_seed
-        self.audio_crop = audio_crop
-        self.split_checks = dict(split_checks or {})
-        if audio_recipe_name is not None:
-            audio_recipe(self.name, audio_recipe_name)  # an unknown recipe name fails here, before any file is read
+    root: str
+    # list options take tuple defaults (a dataclass default must be immutable); __post_init__ makes them lists
+    modalities: List[str] = ("audio", "visual")
+    num_frames: PositiveInt = 3
+    image_size: PositiveInt = 224
+    crop_scale: List[float] = (0.08, 1.0)
+    sampling: Sampling = Sampling.segments
+    frame_short_side: NonNegativeInt = 256
+    val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    val_seed: NonNegativeInt = 0
 
-    def _expected(self) -> tuple[dict[str, Any], dict[str, str]]:
-        expected: dict[str, Any] = {"dataset": self.name, "frames.short_side": self.frame_short_side}
-        fix = {"frames.short_side": f"ARGS=short_side={self.frame_short_side}"}
-        if self.audio_recipe_name is not None and "audio" in self.all_modalities:
-            expected["audio"] = audio_recipe(self.name, self.audio_recipe_name)
-            fix["audio"] = f"AUDIO={self.audio_recipe_name}"
-        for key, (value, arg) in self.split_checks.items():
-            if value is not None:
-                expected[key] = value
-                fix[key] = arg
-        return expected, fix
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.modalities = list(self.modalities)
+        self.crop_scale = [float(x) for x in self.crop_scale]
+        self.sampling = Sampling(self.sampling)
+        unknown = set(self.modalities) - set(self.all_modalities)
+        if unknown or not self.modalities:
+            raise ValueError(f"{self.name} has modalities {list(self.all_modalities)}; got {self.modalities}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"dataset.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    def recipe_checks(self) -> dict[str, tuple[Any, str]]:
+        """What the cache's recipe.json must hold for these options: {dotted key: (value, the prep argument
+        that makes such a cache)}. Subclasses add theirs."""
+        return {"dataset": (self.name, ""),
+                "frames.short_side": (self.frame_short_side, f"ARGS=short_side={self.frame_short_side}")}
 
     def open(self) -> CacheReader:
         reader = CacheReader(self.root, self.name)
-        reader.check(*self._expected())
+        checks = self.recipe_checks()
+        reader.check({key: value for key, (value, _) in checks.items()},
+                     {key: arg for key, (_, arg) in checks.items() if arg})
         return reader
-
-    def _split_rows(self, ok: pd.DataFrame, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """Row positions of train / val / test; val carved from train (stratified) when the cache has none."""
-        return split_positions(ok["split"].to_numpy(), self.name, self.root, "clip", self.val_fraction,
-                               lambda train: stratified_holdout(train, labels[train], self.val_fraction, self.val_seed))
 
     def splits(self) -> DataSplits:
         reader = self.open()
-        ok = reader.index[reader.index["status"] == OK].reset_index(drop=True)
+        ok = reader.ok_rows().reset_index(drop=True)
         classes = reader.classes
         lookup = {c: i for i, c in enumerate(classes)}
         unknown = sorted(set(ok["label"]) - set(lookup))
         if unknown:
             raise ValueError(f"index.csv of {reader.root} names labels not in recipe.json's classes: {unknown[:5]}")
         labels = ok["label"].map(lookup).to_numpy()
-        parts = self._split_rows(ok, labels)
+        parts = split_positions(ok["split"].to_numpy(), self.root, "clip", self.val_fraction,
+                                lambda train, fraction: stratified_holdout(train, labels[train], fraction, self.val_seed))
         log.info("%s cache %s: %s clips (train/val/test), splits from %s", self.name, reader.root,
                  "/".join(str(len(parts[s])) for s in ("train", "val", "test")), reader.recipe.get("splits"))
 
         def make(split: str, train: bool) -> CachedClips:
             idx = parts[split]
-            return CachedClips(reader, ok.iloc[idx], labels[idx], self.modalities, train, self.num_frames,
-                               self.sampling, self.image_size, self.crop_scale, self.audio_crop)
+            return CachedClips(reader, ok.iloc[idx], labels[idx], self, train)
 
         return DataSplits(
             train=make("train", True), val=make("val", False), test=make("test", False),
@@ -226,22 +226,55 @@ class CachedDataset:
         )
 
 
-def split_positions(split: np.ndarray, name: str, root: Path, unit: str, val_fraction: float,
-                    hold_out: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Positions of train / val / test in a cache's usable rows (``split``: each row's split name). Train and
-    test must be non-empty; a cache without val gets ``hold_out(train positions) -> (train, val)`` when
-    ``val_fraction`` > 0, else val = test (with a warning: choosing a checkpoint on val then chooses it on test)."""
+@dataclass(eq=False)
+class AudioClipCache(ClipCache):
+    """A clip cache with a spectrogram per clip, computed by the prep with the named ``audio_recipe`` (the
+    cache must hold that one); each sample takes ``audio_crop`` frames of its time axis (null: all of them)."""
+
+    audio_recipe: str = ""
+    audio_crop: Annotated[Optional[int], Range(ge=1)] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        audio_recipe(self.name, self.audio_recipe)  # an unknown recipe name fails here, before any file is read
+        if self.audio_crop is not None and self.audio_crop < 1:
+            raise ValueError(f"dataset.audio_crop must be at least 1 (or null: the whole spectrogram), got "
+                             f"{self.audio_crop}")
+
+    def recipe_checks(self) -> dict[str, tuple[Any, str]]:
+        return {**super().recipe_checks(),
+                "audio": (audio_recipe(self.name, self.audio_recipe), f"AUDIO={self.audio_recipe}")}
+
+
+def split_positions(split: np.ndarray, root: Path, unit: str, val_fraction: float,
+                    hold_out: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Positions of train / val / test in a cache's usable rows (``split``: each row's split name). A cache
+    without val gets ``hold_out(train positions, val_fraction) -> (train, val)`` when ``val_fraction`` > 0,
+    else val = test (with a warning: choosing a checkpoint on val then chooses it on test). A split that ends
+    up empty is an :class:`EmptySplitError` naming the cache or the setting that emptied it."""
     out = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     for s in ("train", "test"):
         if len(out[s]) == 0:
-            raise ValueError(f"the {name} cache at {root} has no usable {unit} in split '{s}'; see the status and "
-                             "reason columns of its index.csv")
+            raise EmptySplitError(f"the {s} split is empty: the cache at {root} has no usable {unit} in split "
+                                  f"'{s}'; see the status and reason columns of its index.csv")
     if len(out["val"]) == 0:
         if val_fraction > 0:
-            out["train"], out["val"] = hold_out(out["train"])
+            train = out["train"]
+            out["train"], out["val"] = hold_out(train, val_fraction)
+            if len(out["train"]) == 0:
+                usable = [f for f in (0.5, 0.25, 0.1, 0.05) if f < val_fraction
+                          and all(len(part) for part in hold_out(train, f))]
+                advice = (f"use a value of {usable[0]} or less" if usable else
+                          "it holds too few to hold any out: use dataset.val_fraction=0 (val = test)")
+                raise EmptySplitError(f"the train split is empty: dataset.val_fraction={val_fraction} moved all "
+                                      f"{len(train)} training {unit}s of {root} into val; {advice}")
+            if len(out["val"]) == 0:
+                raise EmptySplitError(f"the val split is empty: dataset.val_fraction={val_fraction} held out none "
+                                      f"of the {len(train)} training {unit}s of {root}; use a larger value, or 0 "
+                                      "to use the test split as val")
         else:
             log.warning("%s has no val split and dataset.val_fraction=0: val is the TEST split, so choosing a "
-                        "checkpoint on val chooses it on test", name)
+                        "checkpoint on val chooses it on test", root)
             out["val"] = out["test"]
     return out
 

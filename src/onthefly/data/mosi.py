@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
 from onthefly.config import configurable
-from onthefly.data.base import DataSplits, require_cache
-from onthefly.data.cache import INDEX_FILE, RECIPE_FILE, SPLITS, CacheMismatchError, prep_command, read_json
+from onthefly.data.base import CacheDamagedError, DataSplits, EmptySplitError, require_cache
+from onthefly.data.cache import (INDEX_FILE, RECIPE_FILE, SPLITS, CacheMismatchError, check_npy, index_counts,
+                                 load_json, prep_command)
 
 log = logging.getLogger("onthefly")
 
@@ -129,9 +131,13 @@ class MOSI:
         self.normalise = normalise
 
     def open(self) -> dict[str, Any]:
-        """The cache's recipe; a missing, unfinished or foreign cache fails with the prep command to run."""
+        """The cache's recipe; a missing, unfinished, foreign or damaged cache fails with the prep command to run.
+        Checks, without reading the arrays, that each one has the shape and file size recorded in recipe.json
+        and that index.csv holds the segments the prep wrote."""
         command = prep_command(DATASET, self.root)
-        recipe = read_json(require_cache(self.root / RECIPE_FILE, command))
+        rerun = (f"Run `{command}` again: it rebuilds a damaged cache from the pickle (or add ARGS=overwrite=true "
+                 "to rebuild it whatever its state).")
+        recipe = load_json(require_cache(self.root / RECIPE_FILE, command), rerun)
         if recipe.get("dataset") != DATASET or recipe.get("format_version") != FORMAT_VERSION:
             raise CacheMismatchError(
                 f"{self.root} holds a {recipe.get('dataset')} cache of format {recipe.get('format_version')}; this "
@@ -141,6 +147,28 @@ class MOSI:
             for m in self.modalities:
                 require_cache(array_path(self.root, split, m), f"{command} ARGS=overwrite=true")
         require_cache(self.root / INDEX_FILE, f"{command} ARGS=overwrite=true")
+        try:
+            for split in SPLITS:
+                n = int(recipe["splits"][split])
+                for m in self.modalities:
+                    check_npy(array_path(self.root, split, m), f"{split} {m} features",
+                              (n, int(recipe["max_len"][m]), int(recipe["dims"][m])), "float32")
+                    check_npy(lengths_path(self.root, split, m), f"{split} {m} lengths", (n,), "int64")
+                check_npy(score_path(self.root, split), f"{split} scores", (n,), "float32")
+        except CacheDamagedError as err:
+            raise CacheDamagedError(f"The {DATASET} cache at {self.root} is damaged: {err} {rerun}") from None
+        try:
+            index = pd.read_csv(self.root / INDEX_FILE, dtype={"id": str, "split": str, "status": str},
+                                keep_default_na=False)
+            have = index_counts(index)
+        except (ValueError, KeyError, pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise CacheDamagedError(f"{self.root / INDEX_FILE} is damaged ({err}). {rerun}") from None
+        listed = sum(int(c["listed"]) for c in recipe["counts"].values())
+        cached = {s: int(recipe["splits"][s]) for s in SPLITS}
+        if have["rows"] != listed or have["ok"] != cached:
+            raise CacheDamagedError(
+                f"{self.root / INDEX_FILE} has {have['rows']} segments, usable per split {have['ok']}, where the prep "
+                f"wrote {listed}, usable {cached} (recipe.json): rows were deleted or edited. {rerun}")
         return recipe
 
     def _stats(self, train: MOSISplit) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -168,10 +196,10 @@ class MOSI:
     def splits(self) -> DataSplits:
         recipe = self.open()
         parts = {s: MOSISplit(self.root, s, self.modalities, self.max_len) for s in SPLITS}
-        for s in ("train", "test"):
+        for s in SPLITS:
             if len(parts[s]) == 0:
-                raise ValueError(f"the {DATASET} cache at {self.root} has no usable segment in split '{s}'; "
-                                 "see the status and reason columns of its index.csv")
+                raise EmptySplitError(f"the {s} split is empty: the {DATASET} cache at {self.root} has no usable "
+                                      f"segment in split '{s}'; see the status and reason columns of its index.csv")
         dims = {}
         for m in self.modalities:
             dims[m] = int(parts["train"].array(m).shape[2])

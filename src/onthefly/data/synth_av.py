@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from onthefly.config import configurable
 from onthefly.data.audio import log_spectrogram
-from onthefly.data.base import DataSplits
+from onthefly.data.base import DataSplits, EmptySplitError
 from onthefly.data.transforms import frame_transform
 
 _SPLITS = ("train", "val", "test")
@@ -95,6 +95,7 @@ class SynthAV:
         self.modalities = list(modalities)
         self.num_classes = num_classes
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+
         self.seed = seed
         self.sample_rate, self.duration, self.n_fft, self.hop_length = sample_rate, duration, n_fft, hop_length
         self.audio_informative, self.audio_noise = audio_informative, audio_noise
@@ -176,6 +177,10 @@ class SynthAV:
 
     def splits(self) -> DataSplits:
         """The three splits (memoised per process: a sweep or the demo regenerates nothing it already has)."""
+        for split, n in self.sizes.items():
+            if n < 1:
+                raise EmptySplitError(f"the {split} split is empty: dataset.num_{split}={n}; use at least 1 (a few "
+                                      f"per class: dataset.num_classes={self.num_classes})")
         key = repr(sorted(vars(self).items()))
         if key not in _MEMO:
             _MEMO.clear()  # keep one dataset in memory

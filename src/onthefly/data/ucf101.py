@@ -1,15 +1,14 @@
 """UCF-101 (RGB + optical flow, 101 classes) from its prepared cache (`make prep-ucf101`)."""
-from __future__ import annotations
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, List
 
-from typing import List
-
-from onthefly.config import configurable
-from onthefly.data.clips import CachedDataset
-from onthefly.data.sampling import Sampling
+from onthefly.config import Range, configurable
+from onthefly.data.clips import ClipCache
 
 
 @configurable("dataset")
-class UCF101(CachedDataset):
+@dataclass(eq=False)
+class UCF101(ClipCache):
     """UCF-101: modalities ``visual`` (RGB frames, 3 channels) and ``flow`` (TV-L1 u, v: 2 channels), sampled at
     the same times from 3 segments, with one shared crop and flip (u negated on a flip).
 
@@ -21,24 +20,15 @@ class UCF101(CachedDataset):
     (no clip is decoded again). UCF-101 has no val split: ``val_fraction`` of train is held out.
     """
 
-    name = "ucf101"
-    all_modalities = ("visual", "flow", "rgb_diff")
+    name: ClassVar[str] = "ucf101"
+    all_modalities: ClassVar[tuple[str, ...]] = ("visual", "flow", "rgb_diff")
 
-    def __init__(
-        self,
-        root: str = "data/ucf101",
-        modalities: List[str] = ["visual", "flow"],  # noqa: B006
-        fold: int = 1,
-        num_frames: int = 3,
-        image_size: int = 224,
-        crop_scale: List[float] = [0.08, 1.0],  # noqa: B006
-        sampling: Sampling = Sampling.segments,
-        frame_short_side: int = 256,
-        val_fraction: float = 0.1,
-        val_seed: int = 0,
-    ):
-        checks = {"splits.fold": (fold, f"FOLD={fold}")}
-        if "rgb_diff" in modalities:  # the cache must hold each frame's successor
+    root: str = "data/ucf101"
+    modalities: List[str] = ("visual", "flow")
+    fold: Annotated[int, Range(ge=1, le=3)] = 1
+
+    def recipe_checks(self) -> dict[str, tuple[Any, str]]:
+        checks = {**super().recipe_checks(), "splits.fold": (self.fold, f"FOLD={self.fold}")}
+        if "rgb_diff" in self.modalities:  # the cache must hold each frame's successor
             checks["rgb_diff"] = (True, "ARGS=rgb_diff=true")
-        self._setup(root, modalities, None, num_frames, image_size, crop_scale, sampling, frame_short_side,
-                    val_fraction, val_seed, split_checks=checks)
+        return checks

@@ -65,29 +65,11 @@ class Parts:
     task: Task
 
 
-def registered_targets() -> set[str]:
-    """Every ``_target_`` the project registers (its configurable classes and optimizer / scheduler schemas)."""
-    from hydra.core.config_store import ConfigStore
-
-    from onthefly.config import register_configs
-
-    register_configs()
-
-    def walk(node):
-        for value in node.values():
-            if isinstance(value, dict):
-                yield from walk(value)
-            else:
-                target = getattr(value.node, "get", lambda _k: None)("_target_")
-                if isinstance(target, str):
-                    yield target
-
-    return set(walk(ConfigStore.instance().repo))
-
-
 def check_targets(cfg, source: str) -> None:
     """Refuse a config (read from a file a user handed us) that would build anything but the project's own
     registered classes: ``_target_`` is how Hydra picks what to call, so a planted one could run any code."""
+    from onthefly.config import registered_targets
+
     allowed = registered_targets()
 
     def walk(node, path: str):

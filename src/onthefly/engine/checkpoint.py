@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from onthefly.config import may_change_on_resume
 from onthefly.engine.errors import CheckpointError
 
 FORMAT = "onthefly-checkpoint"
@@ -25,14 +26,6 @@ VERSION = 1
 SUBDIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
-# Settings that may differ between a run and its resume (how it runs, not what it computes).
-MAY_CHANGE = {
-    "trainer.resume", "trainer.progress", "trainer.num_workers", "trainer.device", "trainer.threads",
-    "trainer.checkpoint_every_n_steps", "trainer.keep_checkpoints", "trainer.epochs", "trainer.eval_test",
-    "trainer.plots", "trainer.save_checkpoint", "trainer.pin_memory", "trainer.prefetch_factor",
-    "trainer.compile", "trainer.compile_backend", "name",
-}
-MAY_CHANGE_PREFIXES = ("logger.", "paths.", "trainer.imbalance.")  # imbalance: what is measured, not trained
 
 
 # --- RNG states (only tensors and plain values, so weights_only loading accepts them) -------------------------
@@ -160,8 +153,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys (dotted) whose values differ between a checkpoint's config and this run's, ignoring MAY_CHANGE."""
+    """Keys (dotted) whose values differ between a checkpoint's config and this run's, leaving out the settings
+    that may differ on resume (how a run runs, not what it computes: their schema fields carry
+    ``onthefly.config.MAY_CHANGE_ON_RESUME``)."""
     a, b = _flatten(saved), _flatten(current)
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys
-            if k not in MAY_CHANGE and not k.startswith(MAY_CHANGE_PREFIXES) and a.get(k, "<unset>") != b.get(k, "<unset>")]
+    free = may_change_on_resume(saved, current)
+    return [k for k in sorted(set(a) | set(b)) if k not in free and a.get(k, "<unset>") != b.get(k, "<unset>")]

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from onthefly.config import validate
 from onthefly.engine import checkpoint as ckpt
 from onthefly.engine import distributed as ddp
 from onthefly.engine.build import build
@@ -58,6 +59,7 @@ def train(cfg: DictConfig, out_dir: Path | str):
     unless logger.mode=disabled, a W&B run under out_dir/wandb. Under torchrun every rank calls this; rank 0
     alone writes. Returns (results, model at its best epoch, splits).
     """
+    validate(cfg)  # every way into a run checks its settings first (compose() and the CLI do too)
     tc = cfg.trainer
     info, device = ddp.setup(tc.device)
     try:

@@ -1,10 +1,12 @@
 """Per-modality encoders. Each exposes ``out_dim`` (its feature width)."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
-from onthefly.config import configurable
+from onthefly.config import Choice, PositiveInt, configurable
 
 
 class BasicBlock(nn.Module):
@@ -49,7 +51,8 @@ class ResNet18(nn.Module):
     ``stem="small"`` a 3x3/1 conv for tiny inputs.
     """
 
-    def __init__(self, in_channels: int = 3, width: int = 64, stem: str = "imagenet"):
+    def __init__(self, in_channels: PositiveInt = 3, width: PositiveInt = 64,
+                 stem: Annotated[str, Choice("imagenet", "small")] = "imagenet"):
         super().__init__()
         if stem == "imagenet":
             self.stem = nn.Sequential(
@@ -84,7 +87,7 @@ class ResNet18(nn.Module):
 class MLPEncoder(nn.Module):
     """Two-layer MLP over a feature vector (the synthetic `sensor` modality)."""
 
-    def __init__(self, in_dim: int = 32, hidden: int = 64, out_dim: int = 64):
+    def __init__(self, in_dim: PositiveInt = 32, hidden: PositiveInt = 64, out_dim: PositiveInt = 64):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim), nn.ReLU(inplace=True))
         self.out_dim = out_dim

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from onthefly.config import Estimator, configurable
+from onthefly.config import DropoutRate, Estimator, PositiveInt, configurable
 from onthefly.models.encoders import init_weights
 
 
@@ -150,7 +150,8 @@ class MLPFusion(FusionHead):
 
     natural_estimator = None
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, hidden: int = 128, dropout: float = 0.0):
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, hidden: PositiveInt = 128,
+                 dropout: DropoutRate = 0.0):
         super().__init__(feature_dims, num_classes)
         self.net = nn.Sequential(
             nn.Linear(sum(feature_dims.values()), hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
@@ -181,8 +182,8 @@ class QuestionConditionedFusion(FusionHead):
     """
 
     def __init__(self, feature_dims: Dict[str, int], num_classes: int, context_dims: Dict[str, int],
-                 answer: AnswerForm = AnswerForm.choices, hidden: int = 256, question: str = "question",
-                 dropout: float = 0.1):
+                 answer: AnswerForm = AnswerForm.choices, hidden: PositiveInt = 256, question: str = "question",
+                 dropout: DropoutRate = 0.1):
         super().__init__(feature_dims, num_classes)
         if question not in context_dims:
             raise ValueError(f"fusion=qa reads the context input {question!r}; the dataset gives {list(context_dims)}")

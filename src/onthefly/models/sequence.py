@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from onthefly.config import configurable
+from onthefly.config import DropoutRate, PositiveInt, configurable
 from onthefly.models.encoders import init_weights
 
 
@@ -45,8 +45,8 @@ class TransformerSequenceEncoder(nn.Module):
     """Linear projection to ``width`` + sine positions + a pre-norm transformer encoder; the valid steps are
     averaged into one ``width`` vector."""
 
-    def __init__(self, in_dim: int, width: int = 64, layers: int = 2, heads: int = 4, ff_mult: int = 2,
-                 dropout: float = 0.1):
+    def __init__(self, in_dim: int, width: PositiveInt = 64, layers: PositiveInt = 2, heads: PositiveInt = 4,
+                 ff_mult: PositiveInt = 2, dropout: DropoutRate = 0.1):
         super().__init__()
         if width % heads:
             raise ValueError(f"transformer width {width} must be divisible by heads {heads}")
@@ -72,8 +72,8 @@ class LSTMSequenceEncoder(nn.Module):
     """An LSTM over the valid steps (packed, so padding is never read); the last layer's final hidden states
     (both directions when bidirectional) form one ``width`` vector."""
 
-    def __init__(self, in_dim: int, width: int = 64, layers: int = 1, bidirectional: bool = True,
-                 dropout: float = 0.0):
+    def __init__(self, in_dim: int, width: PositiveInt = 64, layers: PositiveInt = 1, bidirectional: bool = True,
+                 dropout: DropoutRate = 0.0):
         super().__init__()
         if bidirectional and width % 2:
             raise ValueError(f"a bidirectional LSTM needs an even width, got {width}")
@@ -103,8 +103,9 @@ class QuestionEncoder(nn.Module):
     by the same network).
     """
 
-    def __init__(self, vocab_size: int, width: int = 128, embed_dim: int = 128,
-                 kind: TextEncoderKind = TextEncoderKind.lstm, layers: int = 1, heads: int = 4, dropout: float = 0.1):
+    def __init__(self, vocab_size: int, width: PositiveInt = 128, embed_dim: PositiveInt = 128,
+                 kind: TextEncoderKind = TextEncoderKind.lstm, layers: PositiveInt = 1, heads: PositiveInt = 4,
+                 dropout: DropoutRate = 0.1):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         nn.init.normal_(self.embed.weight, std=embed_dim**-0.5)

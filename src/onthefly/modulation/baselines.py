@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onthefly.config import configurable
+from onthefly.config import PositiveInt, Probability, configurable
 from onthefly.modulation.base import Modulation, StepContext
 from onthefly.modulation.helpers import UnimodalHeads
 
@@ -21,7 +21,7 @@ class ModalityDropout(Modulation):
 
     ``modality`` None drops the model's first modality (audio for audio-visual data, rgb for UCF-101)."""
 
-    def __init__(self, modality: Optional[str] = None, p: float = 0.5, rescale: bool = False):
+    def __init__(self, modality: Optional[str] = None, p: Probability = 0.5, rescale: bool = False):
         self.modality, self.p, self.rescale = modality, float(p), rescale
 
     def setup(self, model, num_classes: int) -> None:
@@ -48,7 +48,7 @@ class GradientBlending(Modulation):
     the overfitting gap (val − train loss); weights are normalised to sum to 1 (uniform at the start).
     """
 
-    def __init__(self, super_epoch: int = 1, max_batches: Optional[int] = 20):
+    def __init__(self, super_epoch: PositiveInt = 1, max_batches: Optional[PositiveInt] = 20):
         self.super_epoch, self.max_batches = super_epoch, max_batches
         self.aux: Optional[nn.ModuleDict] = None
         self.weights: Optional[torch.Tensor] = None

@@ -12,13 +12,13 @@ predict the same way.
 from __future__ import annotations
 
 import enum
-from typing import Dict, List, Optional, Sequence
+from typing import Annotated, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onthefly.config import configurable
+from onthefly.config import PositiveInt, Range, configurable
 from onthefly.models.encoders import init_weights
 from onthefly.models.fusion import FusionHead
 from onthefly.modulation.base import Modulation, StepContext, StepStrategy
@@ -158,8 +158,9 @@ class MLA(Modulation):
     """Alternating uni-modal sub-steps through a shared head, with head-gradient projection and entropy-weighted
     fusion at evaluation (docs/method.md §10)."""
 
-    def __init__(self, variant: Variant = Variant.paper, projection: Projection = Projection.owm, alpha: float = 0.1,
-                 fusion: Fusion = Fusion.dynamic, fixed_weights: Optional[List[float]] = None, fusion_batch: int = 64):
+    def __init__(self, variant: Variant = Variant.paper, projection: Projection = Projection.owm,
+                 alpha: Annotated[float, Range(gt=0, le=1)] = 0.1, fusion: Fusion = Fusion.dynamic,
+                 fixed_weights: Optional[List[float]] = None, fusion_batch: PositiveInt = 64):
         self.variant, self.projection = Variant(variant), Projection(projection)
         self.alpha, self.fusion, self.fusion_batch = float(alpha), Fusion(fusion), int(fusion_batch)
         self.fixed_weights = None if fixed_weights is None else [float(w) for w in fixed_weights]

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, NonNegativeInt, configurable
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 
 
@@ -61,14 +61,14 @@ class OGM(Modulation):
 
     def __init__(
         self,
-        alpha: float = 0.8,
+        alpha: NonNegativeFloat = 0.8,
         coeff_form: CoeffForm = CoeffForm.paper,
-        start: int = 0,
-        end: Optional[int] = 50,
-        warmup_epochs: int = 0,
+        start: NonNegativeInt = 0,
+        end: Optional[NonNegativeInt] = 50,
+        warmup_epochs: NonNegativeInt = 0,
         scope: Scope = Scope.auto,
-        ge: bool = True,
-        ge_scale: float = 1.0,
+        ge: bool = False,
+        ge_scale: NonNegativeFloat = 1.0,
     ):
         self.alpha, self.coeff_form, self.scope = float(alpha), CoeffForm(coeff_form), Scope(scope)
         self.window = EpochWindow(start, end, warmup_epochs)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, NonNegativeInt, Probability, configurable
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
 
 
@@ -67,14 +67,14 @@ class OPM(Modulation):
 
     def __init__(
         self,
-        q_base: float = 0.5,
-        lam: float = 0.5,
-        p_exe: float = 0.7,
+        q_base: Probability = 0.5,
+        lam: NonNegativeFloat = 0.5,
+        p_exe: Probability = 0.7,
         rescale: Rescale = Rescale.global_,
         q_source: QSource = QSource.current,
-        start: int = 0,
-        end: Optional[int] = None,
-        warmup_epochs: int = 0,
+        start: NonNegativeInt = 0,
+        end: Optional[NonNegativeInt] = None,
+        warmup_epochs: NonNegativeInt = 0,
     ):
         self.q_base, self.lam, self.p_exe = float(q_base), float(lam), float(p_exe)
         self.rescale, self.q_source = Rescale(rescale), QSource(q_source)

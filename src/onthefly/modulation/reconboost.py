@@ -15,13 +15,13 @@ E holds the modalities boosted so far (each learner is the latest version of its
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, configurable
 from onthefly.models.fusion import FusionHead
 from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, StepContext, StepStrategy
 
@@ -134,13 +134,12 @@ class BoostStep(StepStrategy):
 class ReconBoost(Modulation):
     """Alternating boosting of one modality's learner and reconcilement of the ensemble (docs/method.md §11)."""
 
-    def __init__(self, variant: Variant = Variant.paper, boost_epochs: int = 4, rectify_epochs: int = 4,
-                 w1: float = 5.0, w2: float = 1.0, ga_weight: float = 0.5, boost_rate: float = 1.0, hidden: int = 256,
-                 boost_lr: float = 0.01, rectify_lr: float = 0.01, weight_decay: Optional[float] = 5e-4,
-                 lr_decay: float = 0.1, lr_decay_every: Optional[int] = 30):
-        if boost_epochs < 1 or rectify_epochs < 0:
-            raise ValueError(f"modulation.boost_epochs={boost_epochs} must be >= 1 and rectify_epochs="
-                             f"{rectify_epochs} >= 0")
+    def __init__(self, variant: Variant = Variant.paper, boost_epochs: PositiveInt = 4,
+                 rectify_epochs: NonNegativeInt = 4, w1: float = 5.0, w2: float = 1.0,
+                 ga_weight: NonNegativeFloat = 0.5, boost_rate: float = 1.0, hidden: PositiveInt = 256,
+                 boost_lr: PositiveFloat = 0.01, rectify_lr: PositiveFloat = 0.01,
+                 weight_decay: Optional[NonNegativeFloat] = 5e-4, lr_decay: Annotated[float, Range(gt=0, le=1)] = 0.1,
+                 lr_decay_every: Optional[PositiveInt] = 30):
         self.variant = Variant(variant)
         self.boost_epochs, self.rectify_epochs = int(boost_epochs), int(rectify_epochs)
         self.w1, self.w2, self.ga_weight = float(w1), float(w2), float(ga_weight)

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-from onthefly.config import configurable
+from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveInt, configurable
 from onthefly.modulation.base import Modulation, StepContext
 
 
@@ -100,10 +100,9 @@ class Relearning(Modulation):
     """Diagnosing & Re-learning: k-means purity of each encoder's features on train vs val every ``every`` epochs
     (at most ``times`` times), then a soft re-initialisation of each encoder (docs/method.md §12)."""
 
-    def __init__(self, lam: float = 3.0, every: int = 20, times: int = 3, train_views: TrainViews = TrainViews.eval,
-                 max_batches: Optional[int] = None, n_init: int = 10, max_iter: int = 300, seed: int = 0):
-        if every < 1:
-            raise ValueError(f"modulation.every={every}: re-learning needs a period of at least one epoch")
+    def __init__(self, lam: NonNegativeFloat = 3.0, every: PositiveInt = 20, times: NonNegativeInt = 3,
+                 train_views: TrainViews = TrainViews.eval, max_batches: Optional[PositiveInt] = None,
+                 n_init: PositiveInt = 10, max_iter: PositiveInt = 300, seed: NonNegativeInt = 0):
         self.lam, self.every, self.times = float(lam), int(every), int(times)
         self.train_views, self.max_batches = TrainViews(train_views), max_batches
         self.n_init, self.max_iter, self.seed = int(n_init), int(max_iter), int(seed)

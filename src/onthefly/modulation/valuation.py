@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Callable, Dict, Optional, Sequence
+from typing import Annotated, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
-from onthefly.config import SampleValue, configurable
+from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Range, SampleValue, configurable
 from onthefly.modulation.base import Modulation, StepContext
 
 
@@ -140,9 +140,10 @@ def kept_modality(tagged: torch.Tensor, n: int, m_count: int) -> torch.Tensor:
 class Valuation(Modulation):
     """Sample- or modality-level valuation with epoch-end re-sampling of the training set (docs/method.md §13)."""
 
-    def __init__(self, level: Level = Level.sample, warmup: int = 5, alpha: float = 1.0, part_ratio: float = 0.2,
-                 growth: Growth = Growth.linear, sample_value: SampleValue = SampleValue.scaled,
-                 train_views: TrainViews = TrainViews.eval, max_batches: Optional[int] = None, seed: int = 0):
+    def __init__(self, level: Level = Level.sample, warmup: NonNegativeInt = 5, alpha: NonNegativeFloat = 1.0,
+                 part_ratio: Annotated[float, Range(gt=0, le=1)] = 0.2, growth: Growth = Growth.linear,
+                 sample_value: SampleValue = SampleValue.scaled, train_views: TrainViews = TrainViews.eval,
+                 max_batches: Optional[PositiveInt] = None, seed: NonNegativeInt = 0):
         self.level, self.warmup, self.alpha = Level(level), int(warmup), float(alpha)
         self.part_ratio, self.growth, self.sample_value = float(part_ratio), Growth(growth), SampleValue(sample_value)
         self.train_views, self.max_batches, self.seed = TrainViews(train_views), max_batches, int(seed)
