@@ -51,6 +51,7 @@ def test_three_modality_sample_shapley_and_dataset_metrics_against_brute_force()
     dataset = brute_force_shapley(lambda s: float(accuracy[s]), 3)  # v(∅) = accuracy with every feature zeroed
     assert [out[f"shapley_{m}"] for m in "avs"] == pytest.approx(dataset)
     assert sum(out[f"shapley_share_{m}"] for m in "avs") == pytest.approx(1.0)
+    assert "shapley_share_a" not in shapley_metrics(torch.zeros(4, 8, dtype=torch.bool), ["a", "v", "s"])
     plain = sample_shapley(correct, "correct").mean(0).tolist()
     assert [out[f"shapley_sample_{m}"] for m in "avs"] == pytest.approx(plain)
 

@@ -39,9 +39,10 @@ def shapley_metrics(correct: torch.Tensor, modalities: Sequence[str],
     sample = sample_shapley(correct, sample_value).mean(0)
     total = float(dataset.sum())
     out = {}
-    for i, m in enumerate(modalities):
+    for i, m in enumerate(modalities):  # the share is left out when the contributions sum to 0 (undefined)
         out[f"shapley_{m}"] = float(dataset[i])
-        out[f"shapley_share_{m}"] = float(dataset[i]) / total if total != 0 else float("nan")
+        if total != 0:
+            out[f"shapley_share_{m}"] = float(dataset[i]) / total
         out[f"shapley_sample_{m}"] = float(sample[i])
     return out
 
@@ -52,16 +53,19 @@ def mean_replacement_utilization(head: nn.Module, feats: Dict[str, torch.Tensor]
                                  means: Dict[str, torch.Tensor],
                                  class_logits: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, float]:
     """u(m | others) = (A_full - A_m) / A_full with modality m's features replaced by ``means[m]`` (its train-split
-    mean), for each modality; for two modalities also ``util_gap`` = u(2nd | 1st) - u(1st | 2nd)."""
+    mean), for each modality; for two modalities also ``util_gap`` = u(2nd | 1st) - u(1st | 2nd). Empty when
+    A_full = 0 (undefined)."""
     def acc(f):
         return float((class_logits(head(f)).argmax(1) == labels).double().mean())
 
     full = acc(feats)
+    if full == 0:  # undefined: nothing to lose
+        return {}
     out = {}
     for m in head.modalities:
         replaced = dict(feats)
         replaced[m] = means[m].to(feats[m].dtype).expand_as(feats[m])
-        out[f"util_{m}"] = (full - acc(replaced)) / full if full > 0 else float("nan")
+        out[f"util_{m}"] = (full - acc(replaced)) / full
     if len(head.modalities) == 2:
         first, second = head.modalities
         out["util_gap"] = out[f"util_{second}"] - out[f"util_{first}"]
