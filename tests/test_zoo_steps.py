@@ -327,3 +327,30 @@ def test_valuation_resamples_the_next_epoch(train_run, level):
     steps = pd.read_csv(out / "steps.csv")
     assert (steps["epoch"] == 1).sum() == math.ceil(size / 16) - (size % 16 == 1)
     assert results["status"] == "ok" and read_results(out)["status"] == "ok"
+
+
+@pytest.mark.parametrize("method", ["mla", "reconboost", "relearning", "valuation"])
+@pytest.mark.parametrize("preset", ["tpami2024/cremad", "tpami2024/kinetics_sounds", "cvpr2022/cremad"])
+def test_each_method_composes_with_the_real_dataset_presets(method, preset):
+    """The presets' full-width ResNet18s (no data needed): the config validates and the method sets up its model."""
+    from hydra.utils import instantiate
+
+    from onthefly.config import compose, validate
+    from onthefly.models.multimodal import build_model
+
+    cfg = compose([f"experiment={preset}", f"modulation={method}", "optim=sgd"])
+    validate(cfg)
+    model = build_model(cfg, ["audio", "visual"], 6)
+    instantiate(cfg.modulation).setup(model, 6)
+    assert model.head.num_classes == 6
+
+
+@pytest.mark.slow
+def test_mla_under_fp16_and_its_start_up_flop_count_changes_no_number(train_run):
+    """M sub-steps per batch, each with the GradScaler's unscale and update; the start-up FLOP count runs them once
+    more and must leave the scaler (and everything else) as it found them."""
+    common = ["modulation=mla", "trainer.precision=fp16", "trainer.epochs=1"]
+    counted, out = train_run(*common, name="counted")
+    _, plain = train_run(*common, "trainer.imbalance.cost=false", name="plain")
+    assert counted["cost"]["flops_per_step"] > 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "steps.csv"), pd.read_csv(plain / "steps.csv"), check_exact=True)

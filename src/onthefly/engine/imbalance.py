@@ -20,6 +20,7 @@ All of them read a split's cached encoder features, so they cost head passes, no
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -128,6 +129,8 @@ class _DryRun:
         return getattr(self._trainer, name)
 
     def update(self, ctx, loss: torch.Tensor) -> dict:
+        if self._trainer.scaler.is_enabled():
+            self._trainer.scaler.update()  # close the sub-step's unscale bookkeeping (the scale is restored after)
         ctx.metrics["loss"] = loss.detach()
         if ctx.logits is not None:
             ctx.metrics["acc"] = (ctx.logits.detach().argmax(1) == ctx.labels).float().mean()
@@ -171,13 +174,13 @@ def step_cost(trainer, epochs: Sequence[int]) -> Dict[str, float]:
     finally:
         for p in params:
             p.grad = None
-        if trainer.scaler.is_enabled():
-            trainer.scaler.update()  # close the dry step's unscale bookkeeping; the saved scale comes back below
         model.load_state_dict(saved["model"])
         method.load_state_dict(saved["method"])
         if saved["extra"] is not None:
             trainer.extra.load_state_dict(saved["extra"])
-        trainer.scaler.load_state_dict(saved["scaler"])
+        scaler = torch.amp.GradScaler(trainer.device.type, enabled=trainer.scaler.is_enabled())
+        scaler.load_state_dict(saved["scaler"])
+        trainer.scaler = scaler  # a fresh one with the saved scale: no bookkeeping of the dry step is left
         ckpt.set_rng_state(saved["rng"], trainer.device)
         model.train(saved["training"])
     return {**train, "flops_eval_per_sample": forward / max(len(labels), 1), "step_batch": len(labels)}
@@ -239,6 +242,15 @@ class ImbalanceMetrics:
             return
         trainer = self.trainer
         self.cost = parameter_counts([trainer.model, trainer.extra])
+        try:
+            self._count_flops()
+        except Exception as err:  # noqa: BLE001 (a measurement must not cost the run)
+            warnings.warn(f"trainer.imbalance.cost: the FLOPs of a step could not be counted ({type(err).__name__}: "
+                          f"{err}); the run goes on without them (trainer.imbalance.cost=false silences this)",
+                          stacklevel=2)
+
+    def _count_flops(self) -> None:
+        trainer = self.trainer
         start = min(trainer.start_epoch, trainer.tc.epochs - 1)
         last_of_phase = {trainer.schedule.phase(e): e for e in range(trainer.tc.epochs)}  # a phase's steady state
         first = trainer.schedule.phase(start)
