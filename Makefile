@@ -36,18 +36,29 @@ clean:  ## remove run outputs and caches (keeps .venv and data/)
 	rm -rf outputs multirun wandb .pytest_cache experiments/results
 	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
 
-# --- Paper tables (experiments/*.yaml) -------------------------------------------------------------------
-LAUNCHER ?= local
+# --- Paper tables (experiments/*.yaml; docs/reproducing.md) ---------------------------------------------
+# LAUNCHER: a preset of conf/hydra/launcher/: serial (default: one job after another), parallel (joblib), local
+# (submitit on this machine), slurm (one Slurm job array). Every missing job of the table goes into one multirun.
+LAUNCHER ?= serial
 SEEDS ?=
 PARTITION ?=
+ACCOUNT ?=
+RETRY_FAILED ?=
+DRY_RUN ?=
 ARGS ?=
 .PHONY: tables
 
-tables: $(STAMP)  ## list every table spec with its runs, datasets and status
+tables: $(STAMP)  ## list every table spec with its runs, datasets, job states and projected device-hours
 	$(PY) -m onthefly.tables list
 
-reproduce-table-%: $(STAMP)  ## sweep + build one table: make reproduce-table-cvpr-t1 [LAUNCHER=joblib|slurm|submitit_local] [PARTITION=gpu] [SEEDS=0,1,2]
-	$(PY) -m onthefly.tables run $* --launcher $(LAUNCHER) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PARTITION),--partition $(PARTITION)) $(ARGS)
+reproduce-table-%: $(STAMP)  ## run + build one table: make reproduce-table-cvpr-t2 [LAUNCHER=serial|parallel|local|slurm] [PARTITION=gpu] [ACCOUNT=] [SEEDS=0,1,2] [RETRY_FAILED=1] [DRY_RUN=1] [ARGS="key=value ..."]
+	$(PY) -m onthefly.tables run $* --launcher $(LAUNCHER) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(RETRY_FAILED),--retry-failed) $(if $(DRY_RUN),--dry-run) $(ARGS)
+
+build-table-%: $(STAMP)  ## build one table from the runs that finished, and say what is failed, running or missing
+	$(PY) -m onthefly.tables build $* $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
+
+report-table-%: $(STAMP)  ## a W&B report for one table (offline: writes its specification to experiments/results/<name>/)
+	$(PY) -m onthefly.tables report $* $(ARGS)
 
 # ---- Data preparation ------------------------------------------------------------------------------------------
 # Raw download -> cache under $(ONTHEFLY_DATA)/<dataset> (default data/<dataset>), or OUT=... . Resumable: run a

@@ -30,7 +30,7 @@ def test_train_cli_single_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = read_results(run_dir)
     assert saved["status"] == "ok" and 0 <= saved["test"]["acc"] <= 1
-    assert saved["config"]["name"] == "synth_av-concat-ogm_ge-s0"  # the default name from the group choices
+    assert saved["config"]["logger"]["name"] == "synth_av-concat-ogm_ge-s0"  # the default name from the group choices
     assert (run_dir / "metrics.csv").is_file() and (run_dir / "config.yaml").is_file()
     assert (run_dir / ".hydra" / "overrides.yaml").is_file()
     assert "test/acc" in (proc.stdout + proc.stderr)
@@ -69,6 +69,45 @@ def test_train_cli_multirun_makes_one_folder_per_job(tmp_path):
     assert fusions == ["ConcatFusion", "SumFusion"]
     assert all(json.loads(p.read_text())["status"] == "ok" for p in results)
     assert {p.parent.name.split("_", 1)[0] for p in results} == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_train_cli_multirun_a_failing_job_fails_alone(tmp_path):
+    """The middle job names a modality the dataset lacks (an error while building): the jobs after it still run,
+    its folder holds results.json with status failed and the error, and the multirun exits non-zero with the
+    one-line reason (no traceback)."""
+    sweep = tmp_path / "sweep"
+    proc = _python("-m", "onthefly.train", "-m", "trainer.modalities=[audio],[foo],[visual]", *TINY,
+                   f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path, timeout=400)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    results = {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+    assert sorted(results) == [0, 1, 2]
+    assert results[0]["status"] == "ok" and results[2]["status"] == "ok"
+    assert results[1]["status"] == "failed"
+    assert results[1]["error"] == ("TrainingError: trainer.modalities names ['foo'], but the dataset has "
+                                   "['audio', 'visual']")
+    assert results[1]["config"]["trainer"]["modalities"] == ["foo"]
+    assert "trainer.modalities names ['foo']" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_record_failure_replaces_a_stale_record_and_keeps_the_runs_own(tmp_path):
+    import os
+    import time
+
+    from onthefly.config import compose
+    from onthefly.train import record_failure
+
+    cfg = compose([*TINY])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"status": "ok", "test": {"acc": 0.9}}))  # left by an earlier attempt
+    os.utime(path, (time.time() - 100, time.time() - 100))
+    record_failure(tmp_path, cfg, ValueError("bad value"), since=time.time() - 10)
+    saved = json.loads(path.read_text())
+    assert saved["status"] == "failed" and saved["error"] == "ValueError: bad value" and saved["epochs_done"] == 0
+    assert saved["config"]["trainer"]["epochs"] == 2
+    path.write_text(json.dumps({"status": "failed", "error": "TrainingError: loss was NaN", "epochs_done": 3}))
+    record_failure(tmp_path, cfg, ValueError("other"), since=time.time() - 10)  # the run wrote it just now: kept
+    assert json.loads(path.read_text())["epochs_done"] == 3
 
 
 # --- python -m onthefly.analyse -------------------------------------------------------------------------------

@@ -171,6 +171,24 @@ def test_torchrun_two_process_training_run(tmp_path):
     # rank 0 alone wrote: one results file, one checkpoint set
     assert json.loads((run_dir / "results.json").read_text())["world_size"] == WORLD
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000000008.pt"]
+    # the logged test numbers are best.pt's: every rank evaluated with rank 0's BatchNorm statistics (on CPU each
+    # rank's own differ), so one process scoring best.pt on the whole test split finds the same numbers
+    alone = _best_pt_on_test_in_one_process(run_dir)
+    assert {k: alone[k] for k in ("acc", "acc_audio", "acc_visual")} == \
+        {k: saved["test"][k] for k in ("acc", "acc_audio", "acc_visual")}
+    assert alone["loss"] == pytest.approx(saved["test"]["loss"], rel=1e-5)
+    assert alone["map"] == pytest.approx(saved["test"]["map"], rel=1e-5)
+
+
+def _best_pt_on_test_in_one_process(run_dir: Path) -> dict:
+    from onthefly.data.loaders import make_loader
+    from onthefly.engine.analysis import load_run
+    from onthefly.engine.evaluation import evaluate
+    from onthefly.tasks import build_task
+
+    cfg, model, splits, device = load_run(run_dir, "cpu")
+    loader = make_loader(splits["test"], cfg.trainer.eval_batch_size, False, 0, 0, device)
+    return evaluate(model, loader, device, cfg.discrepancy.estimator, task=build_task(cfg, splits))
 
 
 @pytest.mark.slow
@@ -188,9 +206,11 @@ def test_torchrun_resume_mid_epoch_matches_the_uninterrupted_ddp_run(tmp_path):
     mid = ckpt.load(ckpt.path_for(full, 3))
     assert (mid["step_in_epoch"], mid["world_size"], len(mid["rng"])) == (3, WORLD, WORLD)
 
-    part = tmp_path / "part"
+    part = tmp_path / "part"  # as a kill after step 3's checkpoint leaves it: the logs ran on (streamed)
     (part / "checkpoints").mkdir(parents=True)
     shutil.copy(ckpt.path_for(full, 3), part / "checkpoints")
+    for name in ("steps.csv", "metrics.csv"):
+        shutil.copy(full / name, part / name)
     proc = _torchrun(tmp_path, *common, "trainer.resume=auto", f"hydra.run.dir={part}")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     for name in ("metrics.csv", "steps.csv"):

@@ -1,4 +1,4 @@
-"""Hydra launchers: submitit (local, run here; Slurm, composed and rendered to its sbatch script) and joblib."""
+"""Hydra launcher presets (conf/hydra/launcher/): serial (basic), parallel (joblib), local (submitit, run here) and\nslurm (submitit, composed and rendered to its sbatch script)."""
 from __future__ import annotations
 
 import json
@@ -53,6 +53,11 @@ def test_slurm_preset_composes_and_renders_a_requeueable_gpu_job(tmp_path, monke
                  "#SBATCH --time=1440", "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --array=0-1%2",
                  "#SBATCH --job-name=otf"):
         assert line in script, f"{line!r} not in the sbatch script:\n{script}"
+
+
+def test_serial_preset_is_hydras_basic_launcher():
+    cfg = _hydra_cfg("hydra/launcher=serial")
+    assert cfg.hydra.launcher._target_ == "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
 def test_joblib_preset_composes():

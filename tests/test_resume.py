@@ -1,6 +1,9 @@
 """Checkpoints and `trainer.resume`: exact continuation (also after SIGKILL), atomic files, clear refusals."""
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import os
 import re
 import shutil
@@ -43,12 +46,21 @@ def test_resume_from_a_mid_epoch_checkpoint_gives_the_uninterrupted_numbers(trai
     mid = ckpt.load(ckpt.path_for(full, 3))
     assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (0, 3, 3)
 
-    # a run folder that holds only what the run had written up to step 3
-    part = tmp_path / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copy(ckpt.path_for(full, 3), part / "checkpoints")
+    # a run folder killed after step 3's checkpoint, whose logs ran on past it (steps.csv is streamed)
+    part = _killed_copy(full, tmp_path / "part", 3)
+    assert len(pd.read_csv(part / "steps.csv")) == 8, "the copy should hold rows past the checkpoint"
     _, resumed = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.resume=auto", name="part")
     _assert_same_run(full, resumed)
+
+
+def _killed_copy(full: Path, part: Path, step: int) -> Path:
+    """A copy of run folder ``full`` as a kill after the checkpoint at ``step`` could leave it: that checkpoint,
+    and the logs as far as they had got (here: all of them; resume must cut them back to the checkpoint)."""
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt.path_for(full, step), part / "checkpoints")
+    for name in ("steps.csv", "metrics.csv"):
+        shutil.copy(full / name, part / name)
+    return part
 
 
 def test_resume_of_a_finished_run_only_evaluates_again(train_run):
@@ -210,9 +222,72 @@ def test_loader_workers_change_no_number_even_across_a_resume(train_run, tmp_pat
     """Augmentation draws from a seed fixed by (seed, epoch, sample): two workers give the numbers of none, also
     when the run resumes mid-epoch."""
     _, inline = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.keep_checkpoints=10", name="inline")
-    part = tmp_path / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copy(ckpt.path_for(inline, 3), part / "checkpoints")
+    _killed_copy(inline, tmp_path / "part", 3)
     _, resumed = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.num_workers=2",
                            "trainer.resume=auto", name="part")
     _assert_same_run(inline, resumed)
+
+
+# --- a full disk while writing: said so, the older files stay valid -------------------------------------------
+class _FullDisk(io.FileIO):
+    """A file on a disk with ``room`` bytes left: the write past it fails with ENOSPC, as a full disk does."""
+
+    room = 0
+
+    def write(self, data):
+        if self.tell() + len(memoryview(data).cast("B")) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def _disk_fills_at_write(monkeypatch, n: int, room: int = 100_000) -> list:
+    """From the n-th file checkpoint.py writes on, the disk has ``room`` bytes left."""
+    opened = []
+
+    def open_(path, mode="r", *args, **kwargs):
+        opened.append(Path(path))
+        if len(opened) < n:
+            return builtins.open(path, mode, *args, **kwargs)
+        raw = _FullDisk(path, "wb")
+        raw.room = room
+        return io.BufferedWriter(raw)
+
+    monkeypatch.setattr(ckpt, "open", open_, raising=False)
+    return opened
+
+
+def test_disk_full_during_a_checkpoint_says_so_and_keeps_the_previous_one(train_run, tmp_path, monkeypatch):
+    common = ["trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=10"]
+    _disk_fills_at_write(monkeypatch, 2)  # step 2's checkpoint is written, step 4's (epoch end) hits the full disk
+    with pytest.raises(CheckpointError) as info:
+        train_run(*common)
+    out = tmp_path / "run"
+    message = str(info.value)
+    assert message.startswith(f"disk full while writing {ckpt.path_for(out, 4)} (No space left on device): "
+                              f"{out / 'checkpoints'} has "), message
+    assert re.search(r"the file needs about \d+\.\d MB", message), message
+    assert f"the previous checkpoint {ckpt.path_for(out, 2)} is intact" in message
+    assert "unexpected pos" not in message
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000000002.pt"], "a partial file was left"
+    assert ckpt.load(ckpt.path_for(out, 2))["global_step"] == 2
+    saved = read_results(out)
+    assert saved["status"] == "failed" and saved["error"].startswith("CheckpointError: disk full while writing")
+    assert list(pd.read_csv(out / "steps.csv")["step"]) == [1, 2, 3, 4]  # every step done before the failure
+
+    # space freed: the same command with trainer.resume=auto ends where an uninterrupted run ends
+    monkeypatch.undo()
+    train_run(*common, "trainer.resume=auto")
+    _, reference = train_run(*common, name="reference")
+    _assert_same_run(reference, out)
+
+
+def test_disk_full_while_replacing_a_file_leaves_the_old_one(tmp_path, monkeypatch):
+    best = tmp_path / "best.pt"
+    ckpt.write_atomic({"model": {"w": torch.ones(3)}, "epoch": 1}, best)
+    _disk_fills_at_write(monkeypatch, 1, room=0)
+    with pytest.raises(CheckpointError, match=rf"disk full while writing {re.escape(str(best))} .*"
+                                              rf"then run the command again \({re.escape(str(best))} was not changed\)"):
+        ckpt.write_atomic({"model": {"w": torch.zeros(10_000)}, "epoch": 2}, best)
+    kept = torch.load(best, weights_only=True)
+    assert kept["epoch"] == 1 and torch.equal(kept["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]

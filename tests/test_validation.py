@@ -5,6 +5,7 @@ The ranges are carried by the schemas' types (``Annotated[float, Range(ge=0)]`` 
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -219,7 +220,10 @@ def _assert_refused_before_any_work(proc: subprocess.CompletedProcess, run_dir: 
     assert message in output, output[-3000:]
     assert "Traceback" not in output, "a bad value should be one line, not a traceback"
     made = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
-    assert not {"config.yaml", "metrics.csv", "steps.csv", "results.json", "best.pt"} & set(made), made
+    assert not {"config.yaml", "metrics.csv", "steps.csv", "best.pt"} & set(made), made
+    if "results.json" in made:  # a refused job says so in its folder (a sweep reports it as failed)
+        record = json.loads((run_dir / "results.json").read_text())
+        assert record["status"] == "failed" and message in record["error"] and record["epochs_done"] == 0
 
 
 @pytest.mark.slow

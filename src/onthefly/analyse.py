@@ -34,25 +34,42 @@ def _parse(argv):
     return args.command, Path(opts["run_dir"]), opts["device"], int(opts["seed"])
 
 
-def _log_to_wandb(run_dir: Path, payload: dict, images: dict) -> None:
-    """Attach results to the run's own W&B run (resumed offline) when it has one; never fails the command."""
+def _log_to_wandb(run_dir: Path, kind: str, payload: dict, images: dict) -> None:
+    """Log an analysis to a W&B run of its own: job_type ``analysis``, the training run's project, entity and
+    group, named ``<training run name>:<kind>``, with ``analysed_run`` (the training run's id) in its config. The
+    training run is finished and is never reopened: several offline folders with one run id would replace, not
+    append, each other when synced. Offline unless the training run was online (WANDB_MODE wins over both).
+    Never fails the command: results.json / <kind>.json are the record."""
+    import os
+
+    from onthefly.logging.sinks import open_wandb_run
+
     results = run_dir / "results.json"
     info = json.loads(results.read_text()).get("wandb") if results.exists() else None
     if not info:
         return
+    mode = os.environ.get("WANDB_MODE") or info.get("mode") or "offline"
+    config = {"analysis": kind, "analysed_run": info["id"], "analysed_run_dir": str(run_dir.resolve()),
+              "choices": json.loads(results.read_text()).get("choices") or {}}
+    options = {"mode": mode, "project": info.get("project"), "entity": info.get("entity"), "group": info.get("group"),
+               "job_type": "analysis", "name": f"{info.get('name') or info['id']}:{kind}", "tags": [kind]}
+    run, _ = open_wandb_run(run_dir, config, options)
+    if run is None:
+        return
     try:
         import wandb
 
-        run = wandb.init(id=info["id"], project=info["project"], dir=str(run_dir), mode="offline", resume="allow")
+        if images:
+            run.log({k: wandb.Image(str(v)) for k, v in images.items()})
         run.summary.update(payload)
-        run.log({k: wandb.Image(str(v)) for k, v in images.items()})
         run.finish()
     except Exception as err:  # noqa: BLE001
-        print(f"note: could not add results to the W&B run ({err}); they are in {run_dir}", file=sys.stderr)
+        print(f"note: could not log the {kind} analysis to W&B ({err}); it is in {run_dir}", file=sys.stderr)
 
 
 def analyse(kind: str, run_dir: Path, device: str = "auto", seed: int = 0) -> dict:
-    """Run one analysis of a finished run, write <kind>.json (and plots) into it, add it to the run's W&B run."""
+    """Run one analysis of a finished run, write <kind>.json (and plots) into it, and log it to W&B as a run of
+    its own beside the training run (same group, job_type analysis)."""
     from onthefly.engine import analysis
     from onthefly.tasks import build_task
 
@@ -76,7 +93,7 @@ def analyse(kind: str, run_dir: Path, device: str = "auto", seed: int = 0) -> di
     else:
         raise ValueError(f"unknown analysis {kind!r}; choose probe, robustness or estimator")
     (run_dir / f"{kind}.json").write_text(json.dumps(result, indent=2))
-    _log_to_wandb(run_dir, payload, images)
+    _log_to_wandb(run_dir, kind, payload, images)
     return result
 
 

@@ -336,7 +336,7 @@ class Config:
     paths: Annotated[PathsConfig, _Resumable] = field(default_factory=PathsConfig)
     discrepancy: DiscrepancyConfig = field(default_factory=DiscrepancyConfig)
     seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0  # numpy's seed range
-    name: Annotated[Optional[str], _Resumable] = None
+    name: Annotated[Optional[str], _Resumable] = None  # deprecated alias of logger.name (warns); goes in a release
 
 
 # --- optimizer / scheduler schemas (torch classes, so written out here) -------------------------------------

@@ -40,7 +40,7 @@ def run_job(label: str, overrides: list[str], seed: int, out_root: str) -> dict:
     from onthefly.engine.analysis import probe
     from onthefly.engine.run import train
 
-    cfg = compose([*overrides, f"seed={seed}", f"name=demo-{_slug(label)}-s{seed}"])
+    cfg = compose([*overrides, f"seed={seed}", f"logger.name=demo-{_slug(label)}-s{seed}"])
     run_dir = Path(out_root) / _slug(label) / f"seed{seed}"
     t0 = time.time()
     results, model, splits = train(cfg, run_dir)

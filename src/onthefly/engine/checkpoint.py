@@ -8,9 +8,11 @@ checkpoint can hold tensors and plain Python values only.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -55,21 +57,39 @@ def checkpoint_dir(run_dir: Path | str) -> Path:
     return Path(run_dir) / SUBDIR
 
 
+def run_dir_of(checkpoint: Path | str) -> Optional[Path]:
+    """The run folder a checkpoint file was written in (None for a file outside a ``checkpoints/`` folder)."""
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent.parent if checkpoint.parent.name == SUBDIR else None
+
+
 def path_for(run_dir: Path | str, global_step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step-{global_step:09d}.pt"
 
 
 def save(state: dict, path: Path) -> Path:
-    """Write ``state`` atomically: a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write a training checkpoint atomically (see :func:`write_atomic`)."""
+    return write_atomic({"format": FORMAT, "version": VERSION, **state}, path)
+
+
+def write_atomic(obj: dict, path: Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically: a temporary file in the same folder, fsync, then a rename
+    over ``path``. If the write fails, ``path`` (and every older file) is left as it was; a full disk raises
+    :class:`CheckpointError` saying so, where, and how much the file needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        full = _disk_full(err)
+        if full is None:
+            raise
+        raise CheckpointError(_disk_full_message(path, obj, full)) from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -82,6 +102,51 @@ def save(state: dict, path: Path) -> Path:
     except OSError:
         pass
     return path
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _disk_full(err: BaseException) -> Optional[OSError]:
+    """The out-of-space OSError behind ``err``, if any (torch.save reports a failed write of its file object as
+    a RuntimeError 'unexpected pos ...' whose context is the OSError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _disk_full_message(path: Path, obj: dict, err: OSError) -> str:
+    try:
+        free = f"{_size(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = "free space unknown"
+    older = [p for p in list_checkpoints(path.parent.parent) if p != path] if path.parent.name == SUBDIR else []
+    then = (f"then add trainer.resume=auto to the same command: the previous checkpoint {older[0]} is intact" if older
+            else f"then run the command again ({path} was not changed)")
+    return (f"disk full while writing {path} ({os.strerror(err.errno)}): {path.parent} has {free}, the file needs "
+            f"about {_size(_nbytes(obj))}. Free space there (or point the run at a larger disk), {then}.")
 
 
 def load(path: Path | str) -> dict:

@@ -114,6 +114,18 @@ def gather_objects(obj: Any, info: DistInfo) -> list:
     return out
 
 
+@torch.no_grad()
+def broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, in place. The weights are identical on
+    every rank already (DDP averages the gradients); the running statistics are not where each rank normalises
+    its own samples (CPU runs, or sync_batchnorm=false), so evaluation would score each shard with another model
+    than the one rank 0 saves."""
+    if not info.enabled:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

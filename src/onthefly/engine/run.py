@@ -20,22 +20,23 @@ from onthefly.engine import distributed as ddp
 from onthefly.engine.build import build
 from onthefly.engine.distributed import DistInfo
 from onthefly.engine.errors import CheckpointError
+from onthefly.engine.identity import RunIdentity, identify
 from onthefly.engine.trainer import Trainer, config_dict
 from onthefly.logging import RunLogger
 
 log = logging.getLogger("onthefly")
 
 
-def _resume_state(out_dir: Path, config: dict, tc, info: DistInfo) -> Optional[dict]:
+def _resume_state(out_dir: Path, config: dict, tc, info: DistInfo) -> tuple[Optional[dict], Optional[Path]]:
     """The checkpoint this run continues from (rank 0 chooses the file, every rank reads it), checked against
-    this run's settings; None for a fresh start."""
+    this run's settings, and its file; (None, None) for a fresh start."""
     chosen = None
     if info.is_main:
         found = ckpt.find_resume(out_dir, tc.resume)
         chosen = str(found[0]) if found else None
     chosen = ddp.broadcast_object(chosen, info)
     if chosen is None:
-        return None
+        return None, None
     state = ckpt.load(chosen)
     differ = ckpt.config_differences(state["config"], config)
     if differ:
@@ -49,27 +50,30 @@ def _resume_state(out_dir: Path, config: dict, tc, info: DistInfo) -> Optional[d
                               f"the same number of ranks (this run has {info.world_size}), or from an epoch-end checkpoint")
     log.info("resuming from %s (epoch %d, step %d of it, global step %d)", chosen, state["epoch"],
              state["step_in_epoch"], state["global_step"])
-    return state
+    return state, Path(chosen)
 
 
-def train(cfg: DictConfig, out_dir: Path | str):
+def train(cfg: DictConfig, out_dir: Path | str, identity: Optional[RunIdentity] = None):
     """Train and evaluate one configuration; everything the run makes goes under ``out_dir``.
 
     Writes config.yaml, metrics.csv (per epoch), steps.csv (per step), results.json, best.pt, checkpoints/ and,
-    unless logger.mode=disabled, a W&B run under out_dir/wandb. Under torchrun every rank calls this; rank 0
-    alone writes. Returns (results, model at its best epoch, splits).
+    unless logger.mode=disabled, a W&B run under out_dir/wandb (names: `onthefly.logging.names`). ``identity``:
+    the run's W&B name, group, job type and Hydra choices (`onthefly.engine.identity`; the Hydra job's when
+    None). Under torchrun every rank calls this; rank 0 alone writes. Returns (results, model at its best
+    epoch, splits).
     """
     validate(cfg)  # every way into a run checks its settings first (compose() and the CLI do too)
     tc = cfg.trainer
     info, device = ddp.setup(tc.device)
     try:
-        return _train(cfg, Path(ddp.broadcast_object(str(out_dir), info)), info, device)
+        return _train(cfg, Path(ddp.broadcast_object(str(out_dir), info)), info, device, identity or identify(cfg))
     finally:
         ddp.teardown(info)
 
 
-def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device):
+def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device, identity: RunIdentity):
     tc = cfg.trainer
+    identity.apply(cfg)  # config.yaml and results.json record the name, group and job type
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
@@ -77,32 +81,30 @@ def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device)
     model, splits, modalities = parts.model, parts.splits, parts.modalities
 
     config = config_dict(cfg)
-    resume_state = _resume_state(out_dir, config, tc, info)
+    resume_state, resume_path = _resume_state(out_dir, config, tc, info)
     lc = cfg.logger
-    wandb_options = {
-        "mode": lc.mode.value, "project": lc.project, "entity": lc.entity, "group": lc.group,
-        "job_type": lc.job_type or cfg.modulation._target_.rsplit(".", 1)[-1], "name": lc.name or cfg.name,
-        "tags": list(lc.tags),
-    }
-    logger = RunLogger(out_dir, config, wandb_options, log_steps=lc.log_steps, enabled=info.is_main,
-                       resume=resume_state["logger"] if resume_state else None)
+    logged_config = {**config, "choices": identity.choices} if identity.choices else config
+    logger = RunLogger(out_dir, logged_config, identity.wandb_options(lc), log_steps=lc.log_steps,
+                       enabled=info.is_main, resume=resume_state["logger"] if resume_state else None,
+                       resume_from=ckpt.run_dir_of(resume_path) if resume_path else None)
     failed = True
     try:
         trainer = Trainer.from_parts(cfg, parts, logger, device, dist=info, out_dir=out_dir,
                                      resume_state=resume_state)
         results = trainer.fit()
         results.update(status="ok", modalities=modalities, num_classes=splits.num_classes,
-                       device=str(device), config=config)
+                       device=str(device), config=config, choices=identity.choices)
         if info.enabled:
             results["world_size"] = info.world_size
         if tc.save_checkpoint and info.is_main:
-            torch.save({"model": model.state_dict(), "epoch": results["best"]["epoch"] if results["best"] else None},
-                       out_dir / "best.pt")
+            best_epoch = results["best"]["epoch"] if results["best"] else None
+            ckpt.write_atomic({"model": model.state_dict(), "epoch": best_epoch}, out_dir / "best.pt")
+            logger.log_model(out_dir / "best.pt", {"epoch": best_epoch, **{f"test/{k}": v for k, v in
+                                                                            results.get("test", {}).items()}})
         if tc.plots and info.is_main:
             from onthefly.plots import run_plots
 
-            for path in run_plots(out_dir):
-                logger.log_image(f"plots/{path.stem}", path)
+            logger.log_images({f"plots/{path.stem}": path for path in run_plots(out_dir)})
         logger.finish(results)
         failed = False
         return results, model, splits
@@ -114,6 +116,6 @@ def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device)
         logger.close(failed=failed)
 
 
-def run(cfg: DictConfig, out_dir: Path | str) -> dict:
+def run(cfg: DictConfig, out_dir: Path | str, identity: Optional[RunIdentity] = None) -> dict:
     """:func:`train`, returning only the results dict (what results.json holds)."""
-    return train(cfg, out_dir)[0]
+    return train(cfg, out_dir, identity)[0]

@@ -263,10 +263,11 @@ class Trainer:
     # --- epochs ---------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
-        start, sums, count, step_rows = 0, {}, 0, []
+        start, sums, count = 0, {}, 0
         if self._pending is not None and self._pending["epoch"] == epoch:  # resuming inside this epoch
             start, acc = self._pending["step_in_epoch"], self._pending["acc"]
-            sums, count, step_rows = dict(acc["sums"]), acc["count"], [dict(r) for r in acc["step_rows"]]
+            sums, count = dict(acc["sums"]), acc["count"]
+            self.logger.write_missing_steps(acc.get("step_rows", []))  # checkpoints that kept the rows themselves
         self._pending = None
         sampler = self.train_sampler
         sampler.set_epoch(epoch)
@@ -286,16 +287,13 @@ class Trainer:
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-                if self.global_step % self.tc.log_every_n_steps == 0:
-                    row = {f"train/{k}": v for k, v in values.items()}
-                    self.logger.log_step(row, self.global_step)
-                    step_rows.append({"step": self.global_step, "epoch": epoch, **row})
+                if self.global_step % self.tc.log_every_n_steps == 0:  # steps.csv is written as the rows come
+                    self.logger.log_step({f"train/{k}": v for k, v in values.items()}, self.global_step, epoch)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['acc']:.2f}")
                 if every and self.global_step % every == 0 and step + 1 < total:
-                    self.save_checkpoint(epoch, step + 1, {"sums": sums, "count": count, "step_rows": step_rows})
+                    self.save_checkpoint(epoch, step + 1, {"sums": sums, "count": count})
         finally:
             sampler.start = 0
-        self.logger.write_steps(step_rows)
         return {f"train/{k}": v / max(count, 1) for k, v in sums.items()}
 
     def _begin_epoch(self, epoch: int) -> None:
@@ -324,6 +322,9 @@ class Trainer:
     def metrics_on(self, split: str) -> dict:
         """The task's metrics of the current model on a split, keys prefixed `<split>/`."""
         if self.dist.enabled:  # each rank encodes its shard; features gathered, padding dropped
+            # one set of BatchNorm statistics on every rank (rank 0's, which best.pt saves): on CPU (no
+            # SyncBatchNorm) each rank's running statistics differ by its own last batches
+            ddp.broadcast_buffers(self.model, self.dist)
             feats, labels = ddp.gathered_features(self.model, self.loaders[split], self.device,
                                                   self.tc.limit_eval_batches, self.dist)
         else:
@@ -381,7 +382,7 @@ class Trainer:
         if self.tc.eval_test:
             test = self.metrics_on("test")
             results["test"] = {k.split("/", 1)[1]: v for k, v in test.items()}
-            self.logger.log_epoch({"epoch": self.tc.epochs, **test}, self.global_step)
+            self.logger.log_test(test, self.tc.epochs)
         results.update(self.imbalance.results(results))
         return results
 

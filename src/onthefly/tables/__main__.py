@@ -1,11 +1,16 @@
-"""`python -m onthefly.tables {list,run,build} …`: reproduce the paper's tables.
+"""`python -m onthefly.tables {list,run,build,report} …`: reproduce the paper's tables.
 
-  list                           every table spec: rows, columns, seeds, data and how many runs are done
-  run NAME [--launcher local]    sweep the spec's missing runs (resumable), run its analyses, build the table
-  build NAME [--source local]    aggregate finished runs (local folders, or --source wandb) into the table
+  list                                every table spec: rows, columns, seeds, data, job states, projected device-hours
+  run NAME [--launcher serial]        launch the spec's missing jobs as one multirun (resumable), run its analyses,
+                                      build the table; exits 1 while any job failed
+  build NAME [--source local]         aggregate the finished runs (local folders, or --source wandb) into the table,
+                                      and say which jobs failed, are still running or were never run
+  report NAME                         a W&B report for the table (offline: its specification as JSON)
 
-Outputs go to experiments/results/<NAME>/: table.md, table.tex, table.csv, summary.csv, records.csv, table.png,
-plots/*.png; the table is also logged to W&B (group = NAME, job_type = table) unless --wandb disabled.
+Launchers (conf/hydra/launcher/): serial (one job after another in one process), parallel (joblib, local
+processes), local (submitit on this machine), slurm (submitit, one Slurm job array). Outputs go to
+experiments/results/<NAME>/: table.md, table.tex, table.csv, summary.csv, records.csv, table.png, plots/*.png; the
+table is also logged to W&B (group = NAME, job_type = table) unless --wandb disabled.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ def _seeds(text, spec):
 
 def cmd_list(args) -> int:
     results = Path(args.results)
+    root = sweep.data_root()
     status = 0
     for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
         try:
@@ -32,12 +38,13 @@ def cmd_list(args) -> int:
             print(f"{path.stem:<16} INVALID: {err}")
             status = 2
             continue
-        cells = sweep.plan(spec, spec.seeds, results)
-        done = sum(len(c.done) for c in cells)
-        total = sum(len(c.done) + len(c.missing) for c in cells)
+        cells = sweep.plan(spec, spec.seeds, results, root)
+        jobs = sweep.all_jobs(cells)
+        counts = {s: sum(j.state == s for j in jobs) for s in (sweep.DONE, sweep.FAILED, sweep.STARTED)}
+        extra = ", ".join(f"{n} {s}" for s, n in counts.items() if s != sweep.DONE and n)
         data = sorted({c.col.id + ("" if not c.no_data else " (no data)") for c in cells})
         print(f"{spec.name:<16} {len(spec.rows)} rows × {len(spec.columns)} cols, seeds {spec.seeds}, "
-              f"{done}/{total} runs done  [{', '.join(data)}]")
+              f"{counts[sweep.DONE]}/{len(jobs)} runs done{', ' + extra if extra else ''}  [{', '.join(data)}]")
         print(f"{'':<16} {spec.title}")
         hours = projected_hours(spec, args.throughput)
         known = {c: h for c, h in hours.items() if h is not None}
@@ -47,53 +54,85 @@ def cmd_list(args) -> int:
     return status
 
 
+def status_lines(spec, cells, results: Path) -> list[str]:
+    """What the table is still waiting for: failed jobs (cell, seed, error, log), started and never-run ones."""
+    jobs = sweep.all_jobs(cells)
+    lines = []
+    failed = sweep.failure_lines(cells)
+    if failed:
+        lines += [(f"{len(failed)} failed job(s) (run again with --retry-failed once the cause is fixed; make: "
+                   "RETRY_FAILED=1):"), *failed]
+    started = [j for j in jobs if j.state == sweep.STARTED]
+    if started:
+        launch = sweep.last_launch(results, spec) or {}
+        when = f" (last launch: {launch.get('launcher')}, {launch.get('started')})" if launch else ""
+        lines.append(f"{len(started)} job(s) started, not finished: running, queued or stopped{when}: "
+                     + ", ".join(j.name for j in started[:10]) + (" …" if len(started) > 10 else ""))
+    todo = [j for j in jobs if j.state == sweep.TODO]
+    if todo:
+        lines.append(f"{len(todo)} job(s) never run: `make reproduce-table-{spec.name}` runs them")
+    no_data = [j for j in jobs if j.state == sweep.NO_DATA]
+    if no_data:
+        lines.append(f"{len(no_data)} job(s) wait for data (see the table's notes)")
+    return lines
+
+
 def build(spec, results: Path, seeds, source: str = "local", project: str = "onthefly", entity=None,
-          wandb_mode: str = "offline", log=print) -> dict:
+          wandb_mode: str = "offline", log=print, root=None) -> dict:
+    cells = sweep.plan(spec, seeds, results, root)
     if source == "wandb":
         import wandb
 
         records = aggregate.wandb_records(spec, wandb.Api(), project, entity)
+        jobs = None
     else:
         records = aggregate.local_records(spec, results, seeds)
-    summary = aggregate.summarise(spec, records)
-    status = {(c.row.id, c.col.id): c.no_data for c in sweep.plan(spec, seeds, results) if c.no_data} if source == "local" else {}
-    wide = render.wide_table(spec, summary, status)
+        jobs = sweep.all_jobs(cells)
+    summary = aggregate.summarise(spec, records, seeds=seeds, jobs=jobs, source=source)
+    wide = render.wide_table(spec, summary)
     out = results / spec.name
     out.mkdir(parents=True, exist_ok=True)
     markdown = render.to_markdown(wide)
-    (out / "table.md").write_text(f"### {spec.title}\n\n{markdown}\n\n{_footer(spec, seeds, source)}\n")
+    footer = _footer(spec, seeds, source)
+    (out / "table.md").write_text(f"### {spec.title}\n\n{markdown}\n\n{footer}\n")
     (out / "table.tex").write_text(render.to_latex(wide, spec.title, spec.name) + "\n")
     wide.to_csv(out / "table.csv")
     summary.to_csv(out / "summary.csv", index=False)
     records.to_csv(out / "records.csv", index=False)
     pngs = [p for p in [render.table_png(spec, summary, out / "table.png")] if p]
     pngs += render.spec_plots(spec, records, out / "plots")
-    log(f"\n### {spec.title}\n\n{markdown}\n\n{_footer(spec, seeds, source)}\n")
-    log(f"written: {out}/table.md, table.tex, table.csv, summary.csv, records.csv" +
-        (f", {len(pngs)} PNG(s)" if pngs else ""))
+    log(f"\n### {spec.title}\n\n{markdown}\n\n{footer}\n")
+    if source == "local":
+        for line in status_lines(spec, cells, results):
+            log(line)
+    log(f"written: {out}/table.md, table.tex, table.csv, summary.csv (n, seeds and reason per cell), records.csv"
+        + (f", {len(pngs)} PNG(s)" if pngs else ""))
     if wandb_mode != "disabled":
         _log_table(spec, wide, pngs, project, entity, wandb_mode, out)
-    return {"summary": summary, "wide": wide, "markdown": markdown, "pngs": pngs}
+    return {"summary": summary, "wide": wide, "markdown": markdown, "pngs": pngs, "cells": cells}
 
 
 def _footer(spec, seeds, source) -> str:
     pub = f"; paper: {spec.published_source} {spec.published_table}" if spec.published_source else ""
-    return (f"Protocol {spec.protocol or '—'}; mean ± std (population) over seeds {','.join(map(str, seeds))}; "
-            f"test split, checkpoint selected on val; source: {source}{pub}. {spec.notes}".strip())
+    return (f"Protocol {spec.protocol or '—'}; mean ± std (population) over seeds {','.join(map(str, seeds))} "
+            f"((n=k): a cell with only k of them; [k]: see the notes); test split, checkpoint selected on val; "
+            f"source: {source}{pub}. {spec.notes}".strip())
 
 
 def _log_table(spec, wide, pngs, project, entity, mode, out: Path) -> None:
-    from onthefly.logging.sinks import wandb_logged_in
+    """The table and its figures as a W&B run of the table's group (job type `table`); the files are complete
+    without it, so a W&B failure only warns."""
+    from onthefly.logging.sinks import open_wandb_run
 
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run, _ = open_wandb_run(out, {"table": spec.name}, {"mode": mode, "project": project, "entity": entity,
+                                                         "group": spec.name, "job_type": "table",
+                                                         "name": f"table:{spec.name}"})
+    if run is None:
+        return
     try:
         import wandb
 
-        if mode == "online" and not wandb_logged_in():
-            print("note: no W&B login; logging the table offline", file=sys.stderr)
-            mode = "offline"
-        os.environ.setdefault("WANDB_SILENT", "true")
-        run = wandb.init(project=project, entity=entity, group=spec.name, job_type="table", name=f"table:{spec.name}",
-                         dir=str(out), mode=mode, reinit="finish_previous")
         run.log({"table": wandb.Table(dataframe=wide.reset_index()),
                  **{f"plots/{p.stem}": wandb.Image(str(p)) for p in pngs}})
         run.finish()
@@ -101,19 +140,33 @@ def _log_table(spec, wide, pngs, project, entity, mode, out: Path) -> None:
         print(f"note: could not log the table to W&B ({err}); the files in {out} are complete", file=sys.stderr)
 
 
+def _launch_overrides(args) -> list[str]:
+    extra = list(args.overrides)
+    for option, key in (("partition", "partition"), ("account", "account")):
+        value = getattr(args, option)
+        if value:
+            extra.append(f"hydra.launcher.{key}={value}")
+    return extra
+
+
 def cmd_run(args) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")  # the analyses resume each run's W&B run: keep it quiet
     spec = load_spec(spec_path(args.name))
     seeds = _seeds(args.seeds, spec)
-    extra = list(args.overrides)
-    if args.partition:
-        extra.append(f"hydra.launcher.partition={args.partition}")
+    extra = _launch_overrides(args)
     results = Path(args.results)
-    cells = sweep.run_sweep(spec, seeds, args.launcher, extra, results, dry_run=args.dry_run)
+    cells = sweep.run_sweep(spec, seeds, args.launcher, extra, results, dry_run=args.dry_run,
+                            retry_failed=args.retry_failed)
     if args.dry_run:
         return 0
     sweep.run_analyses(spec, cells, seeds)
-    build(spec, results, seeds, wandb_mode=args.wandb, project=args.project, entity=args.entity)
+    built = build(spec, results, seeds, wandb_mode=args.wandb, project=args.project, entity=args.entity,
+                  root=sweep.data_root(extra))
+    failed = [j for j in sweep.all_jobs(built["cells"]) if j.state == sweep.FAILED]
+    if failed:
+        print(f"error: {len(failed)} job(s) of {spec.name} failed (listed above); the table holds the others",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -121,6 +174,14 @@ def cmd_build(args) -> int:
     spec = load_spec(spec_path(args.name))
     build(spec, Path(args.results), _seeds(args.seeds, spec), args.source, args.project, args.entity, args.wandb)
     return 0
+
+
+def cmd_report(args) -> int:
+    from onthefly.tables import report
+
+    spec = load_spec(spec_path(args.name))
+    return report.make_report(spec, Path(args.results), project=args.project, entity=args.entity,
+                              offline=args.offline)
 
 
 def main(argv=None) -> int:
@@ -131,20 +192,28 @@ def main(argv=None) -> int:
     list_p = sub.add_parser("list", help="list the table specs, their status and projected device-hours")
     list_p.add_argument("--throughput", type=float, default=1000.0,
                         help="training samples/s of one device for the projection (measure with `make bench`)")
-    for name in ("run", "build"):
+    for name in ("run", "build", "report"):
         p = sub.add_parser(name)
         p.add_argument("name", help="table spec name (experiments/<name>.yaml)")
-        p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
         p.add_argument("--project", default="onthefly")
         p.add_argument("--entity", default=None)
+    for name in ("run", "build"):
+        p = sub.choices[name]
+        p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
         p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"],
                        help="where the table itself is logged")
     run_p = sub.choices["run"]
-    run_p.add_argument("--launcher", default="local", choices=sorted(sweep.LAUNCHERS))
-    run_p.add_argument("--partition", default=None, help="Slurm partition (with --launcher slurm)")
-    run_p.add_argument("--dry-run", action="store_true", help="print the Hydra commands without running them")
-    run_p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    run_p.add_argument("--launcher", default="serial", choices=sweep.LAUNCHERS,
+                       help="a preset of conf/hydra/launcher/ (default: serial)")
+    run_p.add_argument("--partition", default=None, help="Slurm partition (hydra.launcher.partition)")
+    run_p.add_argument("--account", default=None, help="Slurm account (hydra.launcher.account)")
+    run_p.add_argument("--retry-failed", action="store_true", help="run the failed jobs again too")
+    run_p.add_argument("--dry-run", action="store_true",
+                       help="print the jobs, the launcher's settings and the one command, without running anything")
+    run_p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (hydra.launcher.* included)")
     sub.choices["build"].add_argument("--source", default="local", choices=["local", "wandb"])
+    sub.choices["report"].add_argument("--offline", action="store_true",
+                                       help="only write the report's specification, even with a W&B login")
     args, rest = parser.parse_known_args(argv)  # Hydra overrides may follow the options
     bad = [r for r in rest if r.startswith("-") or "=" not in r]
     if bad or (rest and args.command != "run"):
@@ -152,7 +221,7 @@ def main(argv=None) -> int:
     if args.command == "run":
         args.overrides = [*args.overrides, *rest]
     try:
-        return {"list": cmd_list, "run": cmd_run, "build": cmd_build}[args.command](args)
+        return {"list": cmd_list, "run": cmd_run, "build": cmd_build, "report": cmd_report}[args.command](args)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

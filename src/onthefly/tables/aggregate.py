@@ -110,21 +110,78 @@ def published_numbers(spec: TableSpec, csv: Path = PUBLISHED_CSV) -> dict:
 
 
 # --- summary -----------------------------------------------------------------------------------------------
-def summarise(spec: TableSpec, records: pd.DataFrame, published: Optional[dict] = None) -> pd.DataFrame:
-    """Long table: one line per (row, col, value key) with n, mean, std (population, ddof=0; values in %),
-    the published number and ours minus it."""
+def _short(error: Optional[str], limit: int = 160) -> str:
+    line = (error or "").strip().splitlines()[0] if (error or "").strip() else "no error recorded"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def explain(missing: list[int], key: str, jobs: Optional[dict], source: str = "local") -> str:
+    """Why the seeds ``missing`` give no ``key`` value, from their jobs' states (``jobs``: {seed: Job})."""
+    from onthefly.tables import sweep
+
+    reasons: dict[str, list] = {}  # reason -> the jobs (or seeds) it applies to
+    for seed in missing:
+        job = (jobs or {}).get(seed)
+        if job is None:
+            text = "no finished run" + (" in W&B" if source == "wandb" else "")
+        elif job.state == sweep.NO_DATA:
+            text = job.error
+        elif job.state == sweep.FAILED:
+            text = f"failed: {_short(job.error)}"
+        elif job.state == sweep.STARTED:
+            text = "started, not finished (running, queued or stopped)"
+        elif job.state == sweep.TODO:
+            text = "not run yet"
+        else:
+            kind = key.split("/")[0]
+            text = f"finished without {key}" + (f" (the {kind} analysis has not run)"
+                                                 if kind in ("probe", "robustness", "estimator") else "")
+        reasons.setdefault(text, []).append(job if job is not None else seed)
+    parts = []
+    for text, items in reasons.items():
+        seeds = [getattr(i, "seed", i) for i in items]
+        if all(getattr(i, "state", None) == sweep.NO_DATA for i in items):
+            parts.append(text)  # the same for every seed
+            continue
+        if all(getattr(i, "state", None) == sweep.FAILED for i in items):
+            logs = [i.log_path if i.log_path.exists() else i.run_dir for i in items]
+            where = sweep.display_path(logs[0]) if len(logs) == 1 else (
+                sweep.display_path(items[0].run_dir.parent) + "/seed{" + ",".join(map(str, seeds)) + "}/"
+                + (logs[0].name if logs[0].name == "train.log" else ""))
+            text += f" (log: {where})"
+        parts.append(f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))} {text}")
+    return "; ".join(parts)
+
+
+def summarise(spec: TableSpec, records: pd.DataFrame, published: Optional[dict] = None,
+              seeds: Optional[Iterable[int]] = None, jobs: Optional[list] = None,
+              source: str = "local") -> pd.DataFrame:
+    """Long table: one line per (row, col, value key) with n (seeds with a value) of ``expected``, mean, std
+    (population, ddof=0; values in %), the published number and ours minus it, the seeds used, and ``reason``:
+    why seeds are missing (from ``jobs``, the sweep's :class:`~onthefly.tables.sweep.Job` list), None when none is."""
     published = published if published is not None else published_numbers(spec)
+    seeds = list(seeds) if seeds is not None else list(spec.seeds)
+    by_cell: dict = {}
+    for job in jobs or []:
+        by_cell.setdefault((job.row.id, job.col.id), {})[job.seed] = job
+    if len(records) and "seed" in records:
+        records = records[pd.to_numeric(records["seed"], errors="coerce").isin(seeds)]
     lines = []
     for row, col in spec.cells():
         src = row.same_runs_as or row.id
         sub = records[(records["row"] == src) & (records["col"] == col.id)] if len(records) else records
         for key in spec.value_keys(row):
-            vals = pd.to_numeric(sub[key], errors="coerce").dropna() * 100 if key in sub else pd.Series(dtype=float)
+            values = pd.to_numeric(sub[key], errors="coerce") if key in sub else pd.Series(dtype=float)
+            vals = values.dropna() * 100
+            have = sorted(int(s) for s in sub.loc[vals.index, "seed"]) if len(vals) else []
+            missing = [s for s in seeds if s not in have]
             pub = published.get((row.id, col.id, key))
             mean = float(vals.mean()) if len(vals) else float("nan")
             lines.append({
-                "row": row.id, "col": col.id, "key": key, "n": int(len(vals)), "mean": mean,
+                "row": row.id, "col": col.id, "key": key, "n": int(len(vals)), "expected": len(seeds), "mean": mean,
                 "std": float(vals.std(ddof=0)) if len(vals) else float("nan"),
                 "published": pub, "delta": mean - pub if pub is not None and len(vals) else None,
+                "seeds": ",".join(map(str, have)),
+                "reason": explain(missing, key, by_cell.get((src, col.id)), source) if missing else None,
             })
     return pd.DataFrame(lines)

@@ -19,20 +19,20 @@ def _key_label(key: str) -> str:
     return key.split("/", 1)[1] if key.startswith("test/") else key
 
 
-def wide_table(spec: TableSpec, summary: pd.DataFrame, status: Optional[dict] = None) -> pd.DataFrame:
+def wide_table(spec: TableSpec, summary: pd.DataFrame) -> pd.DataFrame:
     """Rows = the spec's rows; per column × value key: ours (mean ± std), and paper + Δ where the spec has
-    published numbers. Empty cells say why: "–" (no finished run), the ``status`` text for (row, col) (e.g. "no
-    data: run make prep-cremad ..."), or "n/a" (a key the row does not have, e.g. a uni-modal model's other probe).
-    """
-    status = status or {}
+    published numbers. A cell that holds fewer seeds than asked for says so, ``(n=2)``; a cell with missing seeds
+    (failed, running, not run, no data) carries a note marker ``[k]``, and ``df.attrs["notes"]`` holds the notes in
+    marker order (one note per distinct reason). "–": no value at all; "n/a": a key the row does not have (e.g. a
+    uni-modal model's other probe)."""
     has_pub = bool(len(summary)) and summary["published"].notna().any()
     keys = spec.all_value_keys()
+    notes: list[str] = []
     table = {}
     for row in spec.rows:
         line = {}
         for col in spec.columns:
             cells = summary[(summary["row"] == row.id) & (summary["col"] == col.id)].set_index("key")
-            why = status.get((row.same_runs_as or row.id, col.id))
             for key in keys:
                 name = f"{col.label or col.id} {_key_label(key)}"
                 if key not in cells.index:
@@ -41,7 +41,16 @@ def wide_table(spec: TableSpec, summary: pd.DataFrame, status: Optional[dict] = 
                         line[f"{name} (paper)"], line[f"{name} Δ"] = "", ""
                     continue
                 c = cells.loc[key]
-                line[name] = _fmt(c["mean"], c["std"], c["n"]) or why or "–"
+                text = _fmt(c["mean"], c["std"], c["n"]) or "–"
+                expected = c.get("expected", c["n"])
+                if c["n"] and expected == expected and c["n"] < expected:
+                    text += f" (n={int(c['n'])})"
+                reason = c.get("reason")
+                if isinstance(reason, str) and reason:
+                    if reason not in notes:
+                        notes.append(reason)
+                    text += f" [{notes.index(reason) + 1}]"
+                line[name] = text
                 if has_pub:
                     pub, d = c["published"], c["delta"]
                     line[f"{name} (paper)"] = "" if pub is None or pub != pub else f"{pub:.1f}"
@@ -49,24 +58,40 @@ def wide_table(spec: TableSpec, summary: pd.DataFrame, status: Optional[dict] = 
         table[row.label or row.id] = line
     df = pd.DataFrame.from_dict(table, orient="index")
     df.index.name = "row"
+    df.attrs["notes"] = notes
     return df
+
+
+def notes_lines(df: pd.DataFrame) -> list[str]:
+    """The table's notes as ``[k] reason`` lines."""
+    return [f"[{i}] {note}" for i, note in enumerate(df.attrs.get("notes", []), 1)]
 
 
 def to_markdown(df: pd.DataFrame) -> str:
     header = [df.index.name or "", *df.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([str(i), *(str(v) for v in r)]) + " |" for i, r in df.iterrows()]
-    return "\n".join(lines)
+    notes = notes_lines(df)
+    return "\n".join(lines + ([""] + [f"{n}  " for n in notes] if notes else []))
+
+
+_LATEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
+          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "Δ": r"$\Delta$",
+          "×": r"$\times$", "–": "--", "…": r"\ldots{}"}
 
 
 def to_latex(df: pd.DataFrame, caption: str, label: str) -> str:
-    esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$").replace("Δ", r"$\Delta$")  # noqa: E731
+    esc = lambda s: "".join(_LATEX.get(ch, ch) for ch in str(s))  # noqa: E731
     cols = "l" + "c" * len(df.columns)
     lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(caption)}}}", rf"\label{{tab:{label}}}",
              rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
              " & ".join([esc(df.index.name or "")] + [esc(c) for c in df.columns]) + r" \\", r"\midrule"]
     lines += [" & ".join([esc(i)] + [esc(v) for v in r]) + r" \\" for i, r in df.iterrows()]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    notes = notes_lines(df)
+    if notes:
+        lines += [r"\par\smallskip\footnotesize"] + [esc(n) + r"\\" for n in notes]
+    lines += [r"\end{table}"]
     return "\n".join(lines)
 
 
