@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import read_metrics
 from onthefly.engine.imbalance import (flops_of, mean_replacement_utilization, parameter_counts, shapley_metrics,
-                                       utilization_override)
+                                       shapley_shares, utilization_override)
 from onthefly.models.fusion import ConcatFusion
 from onthefly.modulation.valuation import sample_shapley, shapley_matrix, subset_correct
 
@@ -50,8 +50,9 @@ def test_three_modality_sample_shapley_and_dataset_metrics_against_brute_force()
     accuracy = correct.double().mean(0)
     dataset = brute_force_shapley(lambda s: float(accuracy[s]), 3)  # v(∅) = accuracy with every feature zeroed
     assert [out[f"shapley_{m}"] for m in "avs"] == pytest.approx(dataset)
-    assert sum(out[f"shapley_share_{m}"] for m in "avs") == pytest.approx(1.0)
-    assert "shapley_share_a" not in shapley_metrics(torch.zeros(4, 8, dtype=torch.bool), ["a", "v", "s"])
+    shares = shapley_shares({m: out[f"shapley_{m}"] for m in "avs"})
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["a"] == pytest.approx(dataset[0] / sum(dataset))
+    assert shapley_shares({"a": 0.1, "v": -0.1}) == {"a": None, "v": None}  # undefined: no NaN in results.json
     plain = sample_shapley(correct, "correct").mean(0).tolist()
     assert [out[f"shapley_sample_{m}"] for m in "avs"] == pytest.approx(plain)
 
@@ -117,9 +118,10 @@ def test_the_metrics_land_in_results_and_measuring_them_changes_no_number(train_
     method = ["modulation=opm_ogm", "modulation.opm.q_source=previous"]  # random draws and state between steps
     results, out = train_run(*method, name="measured")
     for m in ("audio", "visual"):
-        for key in (f"shapley_{m}", f"shapley_share_{m}", f"shapley_sample_{m}", f"util_{m}"):
+        for key in (f"shapley_{m}", f"shapley_sample_{m}", f"util_{m}"):
             assert key in results["test"], key
         assert results["imbalance"][f"shapley/{m}"] == results["test"][f"shapley_{m}"]
+        assert f"shapley_share/{m}" in results["imbalance"]
         assert read_metrics(out)[f"val/shapley_{m}"].notna().sum() == 2  # a curve: val after every epoch
     cost = results["cost"]
     assert cost["params"] > 0 and cost["flops_per_step"] > 3 * 16 * cost["flops_eval_per_sample"] * 0.5
@@ -131,3 +133,12 @@ def test_the_metrics_land_in_results_and_measuring_them_changes_no_number(train_
     pd.testing.assert_frame_equal(numbers, read_metrics(plain).drop(columns=["time/epoch_s"]), check_exact=True)
     pd.testing.assert_frame_equal(pd.read_csv(out / "steps.csv"), pd.read_csv(plain / "steps.csv"), check_exact=True)
     assert not math.isnan(results["test"]["util_gap"])
+
+
+def test_the_table_keys_reach_the_wandb_summary():
+    from onthefly.logging.names import summary_for_wandb
+
+    results = {"best": {"epoch": 0}, "test": {"acc": 0.5, "shapley_audio": 0.2},
+               "imbalance": {"shapley/audio": 0.2, "cost/flops_per_step": 10}}
+    summary = summary_for_wandb(results, [])
+    assert summary["shapley/audio"] == 0.2 and summary["cost/flops_per_step"] == 10 and summary["test/shapley_audio"] == 0.2

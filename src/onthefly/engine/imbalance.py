@@ -34,18 +34,21 @@ from onthefly.modulation.valuation import sample_shapley, shapley_matrix, subset
 # --- Shapley values (the core lives with the valuation method, which re-samples the data by it) -----------------
 def shapley_metrics(correct: torch.Tensor, modalities: Sequence[str],
                     sample_value: SampleValue | str = SampleValue.scaled) -> Dict[str, float]:
-    """``shapley_<m>`` (dataset level, accuracy units, v(∅) = accuracy on all-zero features), ``shapley_share_<m>``
-    (φ_m / Σφ) and ``shapley_sample_<m>`` (mean per-sample φ) from :func:`subset_correct`'s table."""
+    """``shapley_<m>`` (dataset level, accuracy units, v(∅) = accuracy on all-zero features) and
+    ``shapley_sample_<m>`` (mean per-sample φ) from :func:`subset_correct`'s table."""
     dataset = correct.double().mean(0) @ shapley_matrix(len(modalities)).to(correct.device)
     sample = sample_shapley(correct, sample_value).mean(0)
-    total = float(dataset.sum())
     out = {}
-    for i, m in enumerate(modalities):  # the share is left out when the contributions sum to 0 (undefined)
+    for i, m in enumerate(modalities):
         out[f"shapley_{m}"] = float(dataset[i])
-        if total != 0:
-            out[f"shapley_share_{m}"] = float(dataset[i]) / total
         out[f"shapley_sample_{m}"] = float(sample[i])
     return out
+
+
+def shapley_shares(shapley: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """{m: φ_m / Σφ} from {m: φ_m}; None each when the contributions sum to 0 (undefined)."""
+    total = sum(shapley.values())
+    return {m: (v / total if total != 0 else None) for m, v in shapley.items()}
 
 
 # --- conditional utilisation ------------------------------------------------------------------------------------
@@ -54,19 +57,17 @@ def mean_replacement_utilization(head: nn.Module, feats: Dict[str, torch.Tensor]
                                  means: Dict[str, torch.Tensor],
                                  class_logits: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, float]:
     """u(m | others) = (A_full - A_m) / A_full with modality m's features replaced by ``means[m]`` (its train-split
-    mean), for each modality; for two modalities also ``util_gap`` = u(2nd | 1st) - u(1st | 2nd). Empty when
-    A_full = 0 (undefined)."""
+    mean), for each modality (0 when A_full = 0); for two modalities also ``util_gap`` = u(2nd | 1st) -
+    u(1st | 2nd)."""
     def acc(f):
         return float((class_logits(head(f)).argmax(1) == labels).double().mean())
 
     full = acc(feats)
-    if full == 0:  # undefined: nothing to lose
-        return {}
     out = {}
-    for m in head.modalities:
+    for m in head.modalities:  # a model that gets nothing right has nothing to lose: 0
         replaced = dict(feats)
         replaced[m] = means[m].to(feats[m].dtype).expand_as(feats[m])
-        out[f"util_{m}"] = (full - acc(replaced)) / full
+        out[f"util_{m}"] = (full - acc(replaced)) / full if full > 0 else 0.0
     if len(head.modalities) == 2:
         first, second = head.modalities
         out["util_gap"] = out[f"util_{second}"] - out[f"util_{first}"]
@@ -237,7 +238,8 @@ class ImbalanceMetrics:
             model.train(was_training)
 
     def measure_cost(self) -> None:
-        """Parameters and FLOPs per step, once at start-up (``trainer.imbalance.cost``)."""
+        """Parameters and FLOPs per step, once when the first epoch of this process is set up (after its
+        epoch_start, so the method's step runs as it will) (``trainer.imbalance.cost``)."""
         if not self.settings.cost:
             return
         trainer = self.trainer
@@ -277,6 +279,8 @@ class ImbalanceMetrics:
         the test split's metrics under the table keys ``shapley/<m>``, ``shapley_share/<m>``,
         ``shapley_sample/<m>``, ``util/<m>``, ``util/gap`` plus ``cost/<name>``."""
         trainer, out = self.trainer, {}
+        if self.settings.cost and not self.cost:  # no epoch ran in this process (a finished run evaluated again)
+            self.cost = parameter_counts([trainer.model, trainer.extra])
         cost = dict(self.cost)
         if self.phase_flops and self.steps_by_phase:
             cost["flops_train_total"] = sum(self.phase_flops.get(p, 0) * n for p, n in self.steps_by_phase.items())
@@ -287,11 +291,16 @@ class ImbalanceMetrics:
         if cost:
             out["cost"] = cost
         table = {}
-        for key, value in (results.get("test") or {}).items():
-            for prefix in ("shapley_share_", "shapley_sample_", "shapley_", "util_"):
+        test = results.get("test") or {}
+        for key, value in test.items():
+            for prefix in ("shapley_sample_", "shapley_", "util_"):
                 if key.startswith(prefix):
                     table[f"{prefix[:-1]}/{key[len(prefix):]}"] = value
                     break
+        modalities = trainer.modalities
+        if all(f"shapley_{m}" in test for m in modalities):
+            shares = shapley_shares({m: test[f"shapley_{m}"] for m in modalities})
+            table.update({f"shapley_share/{m}": v for m, v in shares.items()})
         table.update({f"cost/{k}": v for k, v in cost.items()})
         if table:
             out["imbalance"] = table

@@ -342,12 +342,15 @@ class Trainer:
             ckpt.set_rng_state(self._resumed_rng, self.device)
         else:
             self.modulation.train_start(self._ctx(0, 0))
-        self.imbalance.measure_cost()
         t0 = time.time() - self.elapsed_before
         self._t0 = t0
         for epoch in range(self.start_epoch, self.tc.epochs):
             te = time.time()
             self._begin_epoch(epoch)
+            if epoch == self.start_epoch:  # parameters and FLOPs, the step run as this epoch has set it up
+                spent = time.time()
+                self.imbalance.measure_cost()
+                te += time.time() - spent
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
             if type(self.schedule) is not EpochSchedule:
                 row["phase"] = self.phase
