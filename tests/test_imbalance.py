@@ -1,10 +1,9 @@
 """The imbalance and cost metrics of every run: Shapley contributions (two and three modalities) against a brute-force
-sum over orderings, the conditional utilisation rate, a model's own utilisation measure, FLOPs of known layers, and
-the start-up FLOP count leaving the run's numbers unchanged."""
+sum over orderings, FLOPs of known layers, the metrics in results.json and W&B's summary, and the FLOP count leaving
+the run's numbers unchanged (the conditional utilisation rate itself is tested in test_complex_models.py)."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import pandas as pd
 import pytest
@@ -12,8 +11,7 @@ import torch
 from torch import nn
 
 from conftest import read_metrics
-from onthefly.engine.imbalance import (flops_of, mean_replacement_utilization, parameter_counts, shapley_metrics,
-                                       shapley_shares, utilization_override)
+from onthefly.engine.imbalance import flops_of, parameter_counts, shapley_metrics, shapley_shares
 from onthefly.models.fusion import ConcatFusion
 from onthefly.modulation.valuation import sample_shapley, shapley_matrix, subset_correct
 
@@ -75,31 +73,6 @@ def test_subset_predictions_zero_the_left_out_features():
     assert correct.tolist() == [[False, False, True, True], [True, False, True, True]]
 
 
-def test_conditional_utilization_with_train_means():
-    head = _concat_head()
-    feats = {"audio": torch.tensor([[1.0], [1.0], [-1.0], [-1.0]]), "visual": torch.tensor([[0.5], [3.0], [-0.5], [-3.0]])}
-    labels = torch.tensor([0, 1, 1, 0])
-    means = {"audio": torch.tensor([0.0]), "visual": torch.tensor([1.0])}
-    out = mean_replacement_utilization(head, feats, labels, means, lambda z: z)
-    # full: 2a - v = 1.5, -1, -1.5, 1 -> classes 0, 1, 1, 0: accuracy 1
-    # audio -> 0: -v = -0.5, -3, 0.5, 3 -> 1, 1, 0, 0: accuracy 0.5; visual -> 1: 2a - 1 = 1, 1, -3, -3 -> 0, 0, 1, 1: 0.5
-    assert out == pytest.approx({"util_audio": 0.5, "util_visual": 0.5, "util_gap": 0.0})
-
-
-def test_a_model_may_bring_its_own_utilization_measure():
-    class Interaction(nn.Module):
-        def conditional_utilization(self, eval_batches, train_batches, task):
-            return {"util_audio": 0.25}
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mid = nn.ModuleDict({"mmtm": Interaction()})
-
-    assert utilization_override(Model())(None, None, None) == {"util_audio": 0.25}
-    assert utilization_override(nn.Linear(2, 2)) is None
-
-
 def test_flops_of_known_layers_and_parameter_counts():
     linear = nn.Linear(8, 4)
     assert flops_of(lambda: linear(torch.randn(5, 8))) == 2 * 5 * 8 * 4
@@ -118,7 +91,7 @@ def test_the_metrics_land_in_results_and_measuring_them_changes_no_number(train_
     method = ["modulation=opm_ogm", "modulation.opm.q_source=previous"]  # random draws and state between steps
     results, out = train_run(*method, name="measured")
     for m in ("audio", "visual"):
-        for key in (f"shapley_{m}", f"shapley_sample_{m}", f"util_{m}"):
+        for key in (f"shapley_{m}", f"shapley_sample_{m}"):
             assert key in results["test"], key
         assert results["imbalance"][f"shapley/{m}"] == results["test"][f"shapley_{m}"]
         assert f"shapley_share/{m}" in results["imbalance"]
@@ -132,7 +105,9 @@ def test_the_metrics_land_in_results_and_measuring_them_changes_no_number(train_
     numbers = numbers[[c for c in read_metrics(plain).columns if not c.startswith("time/")]]
     pd.testing.assert_frame_equal(numbers, read_metrics(plain).drop(columns=["time/epoch_s"]), check_exact=True)
     pd.testing.assert_frame_equal(pd.read_csv(out / "steps.csv"), pd.read_csv(plain / "steps.csv"), check_exact=True)
-    assert not math.isnan(results["test"]["util_gap"])
+    test = results["test"]
+    assert test["d_util"] == pytest.approx(test["cur_visual_given_audio"] - test["cur_audio_given_visual"])
+    assert results["imbalance"]["cur/d_util"] == test["d_util"]
 
 
 def test_the_table_keys_reach_the_wandb_summary():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import read_metrics
+from conftest import read_metrics, read_results
 from onthefly.engine import checkpoint as ckpt
 from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, default_param_groups
 
@@ -95,6 +95,28 @@ class LoaderProbe(Modulation):
         seen = [idx for _, _, idx in ctx.batches("train_eval", None, True)]
         CALLS["train_eval"] = torch.cat(seen).tolist()
         CALLS["val_batches"] = sum(1 for _ in ctx.batches("val"))
+
+
+class RandomDrop(Modulation):
+    """Drops the audio features of random samples (draws from the global RNG every step)."""
+
+    def on_features(self, ctx):
+        feat = ctx.features["audio"]
+        keep = torch.rand(feat.shape[0], 1, device=feat.device) > 0.3
+        ctx.features = {**ctx.features, "audio": torch.where(keep, feat, torch.zeros_like(feat))}
+
+
+class PrerequisiteToy(RandomDrop):
+    """RandomDrop after one plain one-epoch audio-only run; records the batch counts the hooks see."""
+
+    def prerequisites(self):
+        return {"warm": {"trainer.modalities": ["audio"], "trainer.epochs": 1}}
+
+    def use_prerequisites(self, runs):
+        CALLS.setdefault("prerequisites", []).append(runs)
+
+    def train_start(self, ctx):
+        CALLS["num_batches"] = {s: ctx.num_batches(s) for s in ("train", "train_eval", "val")}
 
 
 @pytest.fixture(autouse=True)
@@ -186,3 +208,23 @@ def test_default_param_groups_exempt_what_a_module_names_from_weight_decay():
     groups = default_param_groups([mixer, None, frozen])
     assert [len(g["params"]) for g in groups] == [2, 1]
     assert groups[1]["params"][0] is mixer.alpha and groups[1]["weight_decay"] == 0.0
+
+
+def test_prerequisite_runs_train_first_are_reused_and_leave_the_main_run_as_built_alone(train_run):
+    results, out = train_run(_toy("PrerequisiteToy"), name="toy")
+    (runs,) = CALLS["prerequisites"]
+    warm = out / "prerequisites" / "warm"
+    assert runs == {"warm": warm} and results["status"] == "ok"
+    warm_results = read_results(warm)
+    assert warm_results["status"] == "ok" and warm_results["modalities"] == ["audio"]
+    assert len(read_metrics(warm)) == 2  # one epoch + the test row: the run's changes were applied
+    assert CALLS["num_batches"] == {"train": 4, "train_eval": 2, "val": 1}  # 64 train clips in 16s, 32s; 32 val
+    # the main run equals the same method without a prerequisite: the prerequisite's RNG draws were put back
+    _, plain = train_run(_toy("RandomDrop"), name="plain")
+    pd.testing.assert_frame_equal(read_metrics(out).drop(columns=["time/epoch_s"]),
+                                  read_metrics(plain).drop(columns=["time/epoch_s"]), check_exact=True)
+    # a finished prerequisite is reused, not trained again
+    stamp = (warm / "results.json").stat().st_mtime_ns
+    CALLS.clear()
+    train_run(_toy("PrerequisiteToy"), "trainer.resume=never", name="toy")
+    assert (warm / "results.json").stat().st_mtime_ns == stamp and CALLS["prerequisites"] == [{"warm": warm}]

@@ -222,7 +222,7 @@ _Resumable = MAY_CHANGE_ON_RESUME
 
 
 class MetricWhen(str, enum.Enum):
-    """When an imbalance metric is computed (docs/method.md §14)."""
+    """When an imbalance metric is computed (docs/method.md §15)."""
 
     off = "off"
     test = "test"  # on the test split, at the end (the selected checkpoint)
@@ -236,7 +236,7 @@ class SampleValue(str, enum.Enum):
 
 @dataclass
 class ImbalanceConfig:
-    """Imbalance and cost metrics of every run (onthefly.engine.imbalance, docs/method.md §14). They measure, they
+    """Imbalance and cost metrics of every run (onthefly.engine.imbalance, docs/method.md §15). They measure, they
     do not train: they may change on a resume."""
 
     shapley: MetricWhen = MetricWhen.every_epoch

@@ -1,19 +1,16 @@
-"""Imbalance and cost metrics of every run (docs/method.md §14): how much each modality contributes to the fused
+"""Imbalance and cost metrics of every run (docs/method.md §15): how much each modality contributes to the fused
 prediction (Shapley values), how much the model relies on each modality given the others (conditional
 utilisation), and what a training step costs (parameters, FLOPs).
 
-All of them read a split's cached encoder features, so they cost head passes, not encoder passes:
-
-* Shapley contribution. v(S) is the accuracy of the fused prediction when the features of the modalities outside
-  S are zeroed (feature level, as the zero-out estimator does); φ_m = Σ_{S ∌ m} |S|!(M-|S|-1)!/M! [v(S ∪ m) - v(S)].
-  Dataset level: v(∅) is the accuracy on all-zero features. Sample level: v_i(S) = |S|·1[correct] (``scaled``,
-  the valuation method's value) or 1[correct], with v_i(∅) = 0; reported as the mean over samples.
-* Conditional utilisation rate u(m | others) = (A_full - A_m) / A_full, where A_m is the fused accuracy with
-  modality m's features replaced by their mean over the train split. A model whose modules interact before the
-  head (MMTM) provides its own measure: a module with a ``conditional_utilization(eval_batches, train_batches,
-  task)`` method (see :func:`utilization_override`) is asked instead.
+* Shapley contribution, from a split's cached encoder features (head passes, not encoder passes). v(S) is the
+  accuracy of the fused prediction when the features of the modalities outside S are zeroed (feature level, as
+  the zero-out estimator does); φ_m = Σ_{S ∌ m} |S|!(M-|S|-1)!/M! [v(S ∪ m) - v(S)]. Dataset level: v(∅) is the
+  accuracy on all-zero features. Sample level: v_i(S) = |S|·1[correct] (``scaled``, the valuation method's value)
+  or 1[correct], with v_i(∅) = 0; reported as the mean over samples.
+* Conditional utilisation rate (onthefly.models.utilisation): u(m' | rest) = (A_with - A_without) / A_with, with
+  m''s feature replaced by its train-split mean, or the interaction's own mechanism (MMTM).
 * Cost: parameters (trainable, including what the method owns) and buffers; the FLOPs of one training step of the
-  method (forward, the method's extras, backward; no optimizer update) counted once at start-up with torch's
+  method (forward, the method's extras, backward; no optimizer update) counted once with torch's
   ``FlopCounterMode`` on a train batch, every state it touches restored afterwards; the FLOPs of an evaluation
   forward per sample.
 """
@@ -28,6 +25,7 @@ from torch import nn
 
 from onthefly.config import MetricWhen, SampleValue
 from onthefly.engine import checkpoint as ckpt
+from onthefly.models.utilisation import conditional_utilisation
 from onthefly.modulation.valuation import sample_shapley, shapley_matrix, subset_correct
 
 
@@ -49,55 +47,6 @@ def shapley_shares(shapley: Dict[str, float]) -> Dict[str, Optional[float]]:
     """{m: φ_m / Σφ} from {m: φ_m}; None each when the contributions sum to 0 (undefined)."""
     total = sum(shapley.values())
     return {m: (v / total if total != 0 else None) for m, v in shapley.items()}
-
-
-# --- conditional utilisation ------------------------------------------------------------------------------------
-@torch.no_grad()
-def mean_replacement_utilization(head: nn.Module, feats: Dict[str, torch.Tensor], labels: torch.Tensor,
-                                 means: Dict[str, torch.Tensor],
-                                 class_logits: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, float]:
-    """u(m | others) = (A_full - A_m) / A_full with modality m's features replaced by ``means[m]`` (its train-split
-    mean), for each modality (0 when A_full = 0); for two modalities also ``util_gap`` = u(2nd | 1st) -
-    u(1st | 2nd)."""
-    def acc(f):
-        return float((class_logits(head(f)).argmax(1) == labels).double().mean())
-
-    full = acc(feats)
-    out = {}
-    for m in head.modalities:  # a model that gets nothing right has nothing to lose: 0
-        replaced = dict(feats)
-        replaced[m] = means[m].to(feats[m].dtype).expand_as(feats[m])
-        out[f"util_{m}"] = (full - acc(replaced)) / full if full > 0 else 0.0
-    if len(head.modalities) == 2:
-        first, second = head.modalities
-        out["util_gap"] = out[f"util_{second}"] - out[f"util_{first}"]
-    return out
-
-
-def utilization_override(model: nn.Module):
-    """The bound ``conditional_utilization`` of the first module of ``model`` (the model itself first) whose
-    class defines one, else None. Contract: ``conditional_utilization(eval_batches, train_batches, task) ->
-    {"util_<m>": u(m | others), ...}``, where both arguments are zero-argument callables giving fresh iterators of
-    (inputs, labels) on the model's device (the split evaluated, and the train split with evaluation transforms);
-    it is called with the model in eval mode and gradients off."""
-    for module in model.modules():
-        method = getattr(type(module), "conditional_utilization", None)
-        if callable(method):
-            return getattr(module, "conditional_utilization")
-    return None
-
-
-@torch.no_grad()
-def feature_means(model: nn.Module, batches: Callable[[], object]) -> Dict[str, torch.Tensor]:
-    """Mean feature of each modality over ``batches()`` (eval mode)."""
-    sums: Dict[str, torch.Tensor] = {}
-    n = 0
-    for inputs, _ in batches():
-        feats = model.encode(inputs)
-        for m in model.modalities:
-            sums[m] = sums.get(m, 0) + feats[m].double().sum(0)
-        n += len(next(iter(feats.values())))
-    return {m: (s / max(n, 1)).float() for m, s in sums.items()}
 
 
 # --- cost ------------------------------------------------------------------------------------------------------
@@ -222,20 +171,12 @@ class ImbalanceMetrics:
         return out
 
     def utilization(self, split: str, feats: Dict[str, torch.Tensor], labels: torch.Tensor) -> Dict[str, float]:
+        """The conditional utilisation rates on ``split`` (onthefly.models.utilisation: the interaction's own
+        measure where the model has one, MMTM; else the fused accuracy with a modality's feature replaced by its
+        train-split mean): one encoder pass over train and one over the split."""
         trainer = self.trainer
-        model = trainer.model
-        train = lambda: trainer._batches("train_eval")  # noqa: E731
-        override = utilization_override(model)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                if override is not None:
-                    return dict(override(lambda: trainer._batches(split), train, trainer.task))
-                means = feature_means(model, train)
-                return mean_replacement_utilization(model.head, feats, labels, means, trainer.task.class_logits)
-        finally:
-            model.train(was_training)
+        return conditional_utilisation(trainer.model, trainer._batches("train_eval"), trainer._batches(split),
+                                       trainer.task)
 
     def measure_cost(self) -> None:
         """Parameters and FLOPs per step, once when the first epoch of this process is set up (after its
@@ -277,7 +218,7 @@ class ImbalanceMetrics:
     def results(self, results: dict) -> dict:
         """The results.json entries: ``cost`` (parameters, FLOPs, time and memory per step) and ``imbalance``,
         the test split's metrics under the table keys ``shapley/<m>``, ``shapley_share/<m>``,
-        ``shapley_sample/<m>``, ``util/<m>``, ``util/gap`` plus ``cost/<name>``."""
+        ``shapley_sample/<m>``, ``cur/<m'>_given_<m>``, ``cur/d_util`` plus ``cost/<name>``."""
         trainer, out = self.trainer, {}
         if self.settings.cost and not self.cost:  # no epoch ran in this process (a finished run evaluated again)
             self.cost = parameter_counts([trainer.model, trainer.extra])
@@ -293,10 +234,12 @@ class ImbalanceMetrics:
         table = {}
         test = results.get("test") or {}
         for key, value in test.items():
-            for prefix in ("shapley_sample_", "shapley_", "util_"):
+            for prefix in ("shapley_sample_", "shapley_", "cur_"):
                 if key.startswith(prefix):
                     table[f"{prefix[:-1]}/{key[len(prefix):]}"] = value
                     break
+            if key == "d_util":
+                table["cur/d_util"] = value
         modalities = trainer.modalities
         if all(f"shapley_{m}" in test for m in modalities):
             shares = shapley_shares({m: test[f"shapley_{m}"] for m in modalities})

@@ -7,12 +7,13 @@ how the run ended and nothing already written is lost.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from onthefly.config import validate
 from onthefly.engine import checkpoint as ckpt
@@ -20,9 +21,10 @@ from onthefly.engine import distributed as ddp
 from onthefly.engine.build import build
 from onthefly.engine.distributed import DistInfo
 from onthefly.engine.errors import CheckpointError
-from onthefly.engine.identity import RunIdentity, identify
+from onthefly.engine.identity import NAME_MAX, RunIdentity, identify
 from onthefly.engine.trainer import Trainer, config_dict
 from onthefly.logging import RunLogger
+from onthefly.modulation.base import NoModulation
 
 log = logging.getLogger("onthefly")
 
@@ -53,6 +55,45 @@ def _resume_state(out_dir: Path, config: dict, tc, info: DistInfo) -> tuple[Opti
     return state, Path(chosen)
 
 
+def _finished(run_dir: Path) -> bool:
+    try:
+        done = json.loads((run_dir / "results.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+    return done and (run_dir / "best.pt").exists()
+
+
+def _prerequisites(cfg: DictConfig, parts, out_dir: Path, info: DistInfo, device: torch.device,
+                   identity: RunIdentity) -> None:
+    """Train the plain runs the method asks for first (each in ``<run>/prerequisites/<name>/``, named
+    ``<run name>-<name>`` in the run's group; a finished one is reused, an interrupted one resumes) and hand their
+    folders to the method. The RNG streams are put back as they were, so the main run goes on as if built
+    alone."""
+    wanted = parts.modulation.prerequisites()
+    saved = ckpt.rng_state(device) if wanted else None
+    folders = {}
+    for name, changes in wanted.items():
+        sub_dir = out_dir / "prerequisites" / name
+        folders[name] = sub_dir
+        if _finished(sub_dir):
+            continue
+        sub = cfg.copy()
+        with open_dict(sub):
+            sub.modulation = OmegaConf.structured(NoModulation.Config)
+            sub.trainer.resume = "auto"
+            sub.trainer.save_checkpoint = True  # the method reads its best.pt
+            for key, value in changes.items():
+                OmegaConf.update(sub, key, value, merge=False)
+        sub_identity = RunIdentity(name=f"{identity.name or out_dir.name}-{name}"[:NAME_MAX], group=identity.group,
+                                   job_type="prerequisite", tags=list(identity.tags),
+                                   choices={**identity.choices, "modulation": "none"} if identity.choices else {})
+        log.info("training prerequisite run %r in %s", name, sub_dir)
+        _train(sub, sub_dir, info, device, sub_identity)
+    if saved is not None:
+        ckpt.set_rng_state(saved, device)
+    parts.modulation.use_prerequisites(folders)
+
+
 def train(cfg: DictConfig, out_dir: Path | str, identity: Optional[RunIdentity] = None):
     """Train and evaluate one configuration; everything the run makes goes under ``out_dir``.
 
@@ -79,6 +120,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device,
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     parts = build(cfg, device, info)
     model, splits, modalities = parts.model, parts.splits, parts.modalities
+    _prerequisites(cfg, parts, out_dir, info, device, identity)
 
     config = config_dict(cfg)
     resume_state, resume_path = _resume_state(out_dir, config, tc, info)

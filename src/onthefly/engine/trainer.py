@@ -143,11 +143,8 @@ class Trainer:
             )
             self.use_rho = False
 
-    def _batches(self, split: str, limit: Optional[int] = None, with_index: bool = False):
-        """(inputs, labels[, indices]) of a split for the hooks outside the step (G-Blending's loss estimates, a
-        prototype pass): ``train`` (augmented), ``train_eval`` (train with evaluation transforms, in order), ``val``
-        or ``test``. Under DDP every rank reads the whole split (not its shard), so every rank's method state
-        stays identical."""
+    def _hook_loader(self, split: str, limit: Optional[int]):
+        """(loader, batch limit) of a split for the hooks outside the step."""
         if self._hook_loaders is None:  # one process's loaders over the whole splits
             self._hook_loaders = run_loaders(self.splits, self.cfg.seed, self.local_batch, self.tc.eval_batch_size,
                                              self.loader_options)
@@ -157,12 +154,26 @@ class Trainer:
             found = self._hook_loaders[split]
         limit = limit if limit is not None else (
             self.tc.limit_train_batches if split.startswith("train") else self.tc.limit_eval_batches)
+        return found, limit
+
+    def _batches(self, split: str, limit: Optional[int] = None, with_index: bool = False):
+        """(inputs, labels[, indices]) of a split for the hooks outside the step (G-Blending's loss estimates, a
+        prototype pass): ``train`` (augmented), ``train_eval`` (train with evaluation transforms, in order), ``val``
+        or ``test``. Under DDP every rank reads the whole split (not its shard), so every rank's method state
+        stays identical."""
+        found, limit = self._hook_loader(split, limit)
         return iterate(found, self.input_keys, self.device, limit, with_index)
+
+    def _num_batches(self, split: str) -> int:
+        """How many batches ``_batches(split)`` yields (the trainer's batch limit applied)."""
+        found, limit = self._hook_loader(split, None)
+        return len(found) if limit is None else min(limit, len(found))
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
         return StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
-                           modalities=self.modalities, device=self.device, batches=self._batches, phase=self.phase,
-                           steps_in_epoch=self._steps_in_epoch, train_size=len(self.splits["train"]))
+                           modalities=self.modalities, device=self.device, batches=self._batches,
+                           num_batches=self._num_batches, phase=self.phase, steps_in_epoch=self._steps_in_epoch,
+                           train_size=len(self.splits["train"]))
 
     def _rng(self, phase: int):
         """Under DDP: the forward hooks draw from a stream of this rank's own (phase 1: OPM's masks differ between
@@ -187,12 +198,17 @@ class Trainer:
                 detached = {m: f.detach() for m, f in ctx.features.items()}
                 ctx.unimodal = {m: task.class_logits(z)
                                 for m, z in model.head.unimodal_logits(detached, self.estimator).items()}
+                # samples whose forward a method altered (a modality dropped inside the model) leave the scores
+                weight = None if ctx.keep is None else ctx.keep.all(dim=1)
                 ctx.scores, ctx.rho = discrepancy(ctx.unimodal, labels, self.cfg.discrepancy.reduce,
-                                                  all_reduce=self._all_reduce)
+                                                  all_reduce=self._all_reduce, weight=weight)
             ctx.log_per_modality("rho", ctx.rho)
             ctx.log_per_modality("acc", torch.stack([(z.argmax(1) == labels).float().mean() for z in ctx.unimodal.values()]))
         hooks.on_features(ctx)
         ctx.logits = model.head(ctx.features)
+        terms = getattr(model.head, "training_terms", None)
+        if terms is not None:  # a head's own loss terms (CentralNet's branch classifiers)
+            terms(ctx, task)
         hooks.after_forward(ctx)
         per_sample = task.loss(ctx.logits, labels, ctx.features)
         if ctx.sample_weight is None:

@@ -13,7 +13,7 @@ metrics.csv        epoch: ``epoch``, ``lr``, ``train/<scalar>`` (the epoch's MEA
 results.json       the run: ``best`` {epoch, score, split}, ``test`` {metric: value of the selected checkpoint},
                    ``last`` (the last epoch's row), status, times, config, ``wandb`` {id, project, group, ...};
                    ``cost`` (parameters, FLOPs per step) and ``imbalance`` (the test split's Shapley and utilisation
-                   values under ``shapley/<m>``, ``util/<m>``, ... and ``cost/<name>``: docs/method.md §14).
+                   values under ``shapley/<m>``, ``cur/<m'>_given_<m>``, ... and ``cost/<name>``: docs/method.md §15).
 =================  =============================================================================================
 
 W&B (each key has one meaning and one x-axis, see :data:`WANDB_AXES`):
@@ -73,5 +73,5 @@ def summary_for_wandb(results: dict, history: list[dict]) -> dict:
     for key in ("train_time_s", "nonfinite_steps", "overflow_steps"):
         if key in results:
             out[key] = results[key]
-    out.update(results.get("imbalance") or {})  # shapley/<m>, util/<m>, cost/<name> (docs/method.md §14)
+    out.update(results.get("imbalance") or {})  # shapley/<m>, cur/..., cost/<name> (docs/method.md §15)
     return out

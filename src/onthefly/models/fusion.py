@@ -42,6 +42,14 @@ class FusionHead(nn.Module):
         stacked.update({k: torch.cat([v] * len(mods)) for k, v in feats.items() if k not in stacked})
         return dict(zip(mods, self.forward(stacked).split(b)))
 
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The head's parameters that act on ``modality`` alone (a per-branch classifier); [] if none."""
+        return []
+
+    def training_terms(self, ctx, task) -> None:
+        """Called once per training step after the fused logits: a head with loss terms of its own (CentralNet's
+        branch losses) adds them to ``ctx.extra_losses`` and may log into ``ctx.metrics``. Default: none."""
+
     def unimodal_logits(self, feats: Dict[str, torch.Tensor], estimator: Estimator | str = Estimator.natural):
         if Estimator(estimator) is Estimator.zero_out:
             return self.zero_out_unimodal(feats)
@@ -89,6 +97,28 @@ class SumFusion(FusionHead):
 
     def natural_unimodal(self, feats):
         return {m: self.fc[m](feats[m]) for m in self.modalities}
+
+
+@configurable("fusion", runtime=("feature_dims", "num_classes"))
+class LateAverageFusion(FusionHead):
+    """f = (1/M) Σ_m (W_m φ_m + b_m): one classifier per modality, logits averaged (the MMTM and Greedy models).
+    Uni-modal: each branch's own logits, not divided by M."""
+
+    natural_estimator = "branch"
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int):
+        super().__init__(feature_dims, num_classes)
+        self.branch = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in feature_dims.items()})
+        init_weights(self)
+
+    def forward(self, feats):
+        return sum(self.branch[m](feats[m]) for m in self.modalities) / len(self.modalities)
+
+    def natural_unimodal(self, feats):
+        return {m: self.branch[m](feats[m]) for m in self.modalities}
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        return list(self.branch[modality].parameters())
 
 
 class _TwoModalityHead(FusionHead):

@@ -9,6 +9,8 @@ Once, when the run is built (before the optimizer exists):
                                 a module's ``no_weight_decay()`` names); asked again when the schedule's phase changes
     step_strategy()             how one training step runs (None: :class:`JointStep`, the paper's step)
     schedule()                  how epochs are shaped (None: every epoch alike, see :class:`EpochSchedule`)
+    prerequisites()             plain runs to train first (UMT's uni-modal teachers): {name: {config key: value}}
+    use_prerequisites(runs)     {name: finished run folder}, before training starts (also when it resumes)
 Per epoch:
     train_start(ctx)            once before the very first epoch (not again after a resume)
     epoch_start(ctx)            before each epoch's first step (not when a run resumes in the middle of that epoch)
@@ -16,15 +18,17 @@ Per epoch:
                                 row (metrics.csv `train/<name>`)
     train_indices(epoch)        the training samples of the coming epoch (None: the whole train split once)
 In each training step (the default step; a step strategy calls the same hooks through the trainer):
-    before_forward(ctx)   inputs, labels and sample indices are set
+    before_forward(ctx)   inputs, labels and sample indices are set; may set ctx.keep / ctx.curation, which the
+                          model's interaction module reads inside the forward (mid-fusion models)
     on_features(ctx)      encoder features, uni-modal logits, scores and ρ are set; may edit ctx.features
                           (OPM drops them), ctx.sample_weight (samples to leave out of the loss)
     after_forward(ctx)    fused logits are set; may add ctx.extra_losses and set ctx.loss_weight
     after_backward(ctx)   gradients are accumulated (and unscaled); may edit encoder gradients (OGM)
 Hooks outside the step get ctx.batches: (split, max_batches=None, with_index=False) -> iterator of (inputs, labels
 [, indices]) on the device, split one of train (augmented), train_eval (train with evaluation transforms, in
-order), val, test. Hooks write per-step scalars (0-d tensors, no host sync) into ctx.metrics under
-`<name>_<modality>`; the trainer logs them as `train/<name>_<modality>`. A method's state_dict() must hold
+order), val, test; ctx.num_batches(split) says how many batches that yields. Hooks write per-step scalars (0-d
+tensors, no host sync) into ctx.metrics under `<name>_<modality>`; the trainer logs them as
+`train/<name>_<modality>`. A method's state_dict() must hold
 everything its hooks change (a resumed run must equal an uninterrupted one).
 """
 from __future__ import annotations
@@ -61,9 +65,14 @@ class StepContext:
     extra_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
     batches: Optional[Callable[..., Iterator[tuple]]] = None
+    num_batches: Optional[Callable[[str], int]] = None  # how many batches batches(split) yields (limits applied)
     phase: str = "train"  # the epoch's phase (EpochSchedule.phase)
     steps_in_epoch: Optional[int] = None  # the epoch's number of training steps (schedules within an epoch)
     train_size: Optional[int] = None  # N, the number of samples in the train split (tagged train_indices)
+    # what a method hands the model for this step's forward (set in before_forward; model.encode reads them):
+    keep: Optional[torch.Tensor] = None  # [B, M] bool: modalities kept per sample (OPM inside a mid-fusion model);
+    #                                      samples with a dropped modality are left out of the scores and ρ
+    curation: Optional[str] = None  # the modality whose branch this step curates (Greedy; None: a regular step)
 
     def log_per_modality(self, name: str, values: torch.Tensor) -> None:
         for m, v in zip(self.modalities, values.detach().unbind(0)):
@@ -166,6 +175,17 @@ class Modulation:
 
     def schedule(self) -> Optional[EpochSchedule]:
         return None
+
+    def prerequisites(self) -> Dict[str, Dict[str, Any]]:
+        """Runs this method needs before it trains (e.g. UMT's uni-modal teachers): {name: {dotted config key:
+        value}}. Each is a plain run (modulation none) of this run's config with those changes, trained in
+        ``<run>/prerequisites/<name>/`` (an interrupted one resumes, a finished one is reused). Asked after
+        ``setup``."""
+        return {}
+
+    def use_prerequisites(self, runs: Dict[str, Any]) -> None:
+        """{name: folder of the finished run} for :meth:`prerequisites`; called before training starts, also when
+        the run resumes (read what you need from best.pt with ``weights_only=True``)."""
 
     def train_indices(self, epoch: int) -> Optional[Iterable[int]]:
         """The train-split indices of ``epoch``, repeats allowed (None: every sample once). Must follow from the

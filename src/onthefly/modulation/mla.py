@@ -1,5 +1,5 @@
 """MLA: Multimodal Learning with Alternating Unimodal Adaptation (Zhang, Yoon, Bansal, Yao; CVPR 2024),
-docs/method.md §10.
+docs/method.md §11.
 
 Each batch is learnt one modality at a time through one classifier shared by all modalities: for m in turn, the
 loss CE(h(z_m), y) is back-propagated (it reaches encoder m and h only) and the optimizer steps, so a batch makes
@@ -156,7 +156,7 @@ class AlternatingStep(StepStrategy):
 @configurable("modulation")
 class MLA(Modulation):
     """Alternating uni-modal sub-steps through a shared head, with head-gradient projection and entropy-weighted
-    fusion at evaluation (docs/method.md §10)."""
+    fusion at evaluation (docs/method.md §11)."""
 
     def __init__(self, variant: Variant = Variant.paper, projection: Projection = Projection.owm,
                  alpha: Annotated[float, Range(gt=0, le=1)] = 0.1, fusion: Fusion = Fusion.dynamic,

@@ -38,13 +38,30 @@ def select_parameters(encoder: nn.Module, scope: Scope | str) -> list[nn.Paramet
     return [p for p in encoder.parameters() if p.requires_grad and p.dim() > 1]
 
 
-def modulate_gradients(grads: list[torch.Tensor], k: torch.Tensor, ge_scale: float) -> None:
-    """In place: g <- k·g + ε, ε ~ N(0, (ge_scale·(std(g) + 1e-8))²) with std of the unscaled g (no noise if 0)."""
+class FusionParams(str, enum.Enum):
+    none = "none"  # the encoder only (the official code)
+    interaction = "interaction"  # + the interaction's parameters of m alone (MMTM excitation, token projection)
+    all = "all"  # + the head's parameters of m alone too (a per-branch classifier)
+
+
+class Level(str, enum.Enum):
+    auto = "auto"  # feature where the model's modalities share parameters (a shared transformer), else parameter
+    parameter = "parameter"  # scale encoder m's parameter gradients after backward (the official code)
+    feature = "feature"  # scale ∂L/∂φ_m through a hook on the features: every gradient upstream of φ_m
+
+
+def modulate_gradients(grads: list[torch.Tensor], k: torch.Tensor, ge_scale: float, scaled: bool = False) -> None:
+    """In place: g <- k·g + ε, ε ~ N(0, (ge_scale·(std(g) + 1e-8))²) with std of the unscaled g (no noise if 0).
+    ``scaled``: the gradients already hold k·g (a feature hook scaled them): add only the noise, its std taken as
+    std(k·g)/k."""
     if not grads:
         return
     if ge_scale > 0:
         stds = [torch.nan_to_num(g.std(), nan=0.0).add(1e-8).mul(ge_scale) for g in grads]
-    torch._foreach_mul_(grads, k)
+        if scaled:
+            stds = [s / k.clamp_min(1e-8) for s in stds]
+    if not scaled:
+        torch._foreach_mul_(grads, k)
     if ge_scale > 0:
         # one contiguous draw for all tensors (i.i.d., so its layout is irrelevant): randn_like on
         # channels_last gradients takes a slow path, ~6x slower on CPU
@@ -55,7 +72,12 @@ def modulate_gradients(grads: list[torch.Tensor], k: torch.Tensor, ge_scale: flo
 
 @configurable("modulation")
 class OGM(Modulation):
-    """Scale the dominant modality's encoder gradients by k_m after backward (+ GE noise when ``ge``)."""
+    """Scale the dominant modality's encoder gradients by k_m after backward (+ GE noise when ``ge``).
+
+    On mid-fusion models (docs/method.md §10.4): ``level=parameter`` scales ``model.encoders[m]``'s parameters only
+    (the interaction's and the head's untouched unless ``fusion_params`` names them); ``level=feature`` scales the gradient of
+    m's feature φ_m instead (a hook set in on_features), which reaches every parameter upstream of φ_m, shared or
+    not; ``auto`` picks feature where the modalities share parameters."""
 
     needs_rho = True
 
@@ -69,14 +91,29 @@ class OGM(Modulation):
         scope: Scope = Scope.auto,
         ge: bool = False,
         ge_scale: NonNegativeFloat = 1.0,
+        level: Level = Level.auto,
+        fusion_params: FusionParams = FusionParams.none,
     ):
         self.alpha, self.coeff_form, self.scope = float(alpha), CoeffForm(coeff_form), Scope(scope)
         self.window = EpochWindow(start, end, warmup_epochs)
         self.noise = float(ge_scale) if ge else 0.0
+        self.level, self.fusion_params = Level(level), FusionParams(fusion_params)
         self.params: dict[str, list[nn.Parameter]] = {}
+        self._k: Optional[torch.Tensor] = None  # this step's k when feature hooks scaled the gradients
 
     def setup(self, model, num_classes: int) -> None:
+        if self.level is Level.auto:
+            self.level = Level.feature if getattr(model, "shares_parameters", False) else Level.parameter
         self.params = {m: select_parameters(enc, self.scope) for m, enc in model.encoders.items()}
+        if self.fusion_params is not FusionParams.none:  # parameters outside the encoder that act on m alone
+            modules = [getattr(model, "interaction", None)]
+            if self.fusion_params is FusionParams.all:
+                modules.append(model.head)
+            for m in self.params:
+                own = {id(p) for p in self.params[m]}
+                extra = [p for mod in modules if mod is not None
+                         for p in getattr(mod, "modality_parameters", lambda _m: [])(m)]
+                self.params[m] += [p for p in extra if p.requires_grad and id(p) not in own]
         for m, ps in self.params.items():
             if not ps:
                 warnings.warn(
@@ -85,12 +122,26 @@ class OGM(Modulation):
                     stacklevel=2,
                 )
 
+    def on_features(self, ctx: StepContext) -> None:
+        self._k = None
+        if self.level is not Level.feature or ctx.epoch not in self.window:
+            return
+        k = ogm_coefficients(ctx.rho, self.alpha, self.coeff_form)
+        for i, m in enumerate(ctx.modalities):
+            feat = ctx.features[m]
+            if feat.requires_grad:
+                feat.register_hook(lambda g, ki=k[i]: g * ki.to(g.dtype))
+        self._k = k
+
     def after_backward(self, ctx: StepContext) -> None:
         if ctx.epoch not in self.window:
             ctx.log_per_modality("k", torch.ones_like(ctx.rho))
             return
-        k = ogm_coefficients(ctx.rho, self.alpha, self.coeff_form)
+        scaled = self._k is not None
+        k = self._k if scaled else ogm_coefficients(ctx.rho, self.alpha, self.coeff_form)
         for i, m in enumerate(ctx.modalities):
             grads = [p.grad for p in self.params.get(m, []) if p.grad is not None]
-            modulate_gradients(grads, k[i].to(grads[0].dtype) if grads else k[i], self.noise)
+            if scaled and not self.noise:
+                continue
+            modulate_gradients(grads, k[i].to(grads[0].dtype) if grads else k[i], self.noise, scaled)
         ctx.log_per_modality("k", k)

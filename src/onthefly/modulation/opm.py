@@ -43,25 +43,40 @@ def rescale_factors(q: torch.Tensor, dims: torch.Tensor, mode: Rescale | str) ->
     return torch.ones_like(q)
 
 
+def draw_keep(batch: int, q: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Keep mask [B, M] bool: sample i keeps modality m with probability 1 − q_m."""
+    return torch.rand(batch, q.shape[0], device=q.device, generator=generator) >= q
+
+
+def apply_keep(feats: dict, keep: torch.Tensor, q: torch.Tensor, mode: Rescale | str) -> dict:
+    """Zero each sample's φ_m where ``keep`` is False and rescale the rest (features of any rank [B, ...]; d_m is
+    the last dimension, the feature or token width)."""
+    mods = list(feats)
+    dims = torch.tensor([feats[m].shape[-1] for m in mods], device=q.device, dtype=q.dtype)
+    scale = rescale_factors(q, dims, mode)
+    out = {}
+    for i, m in enumerate(mods):
+        f = feats[m]
+        kept = keep[:, i].view(-1, *([1] * (f.dim() - 1)))
+        out[m] = torch.where(kept, f * scale[i].to(f.dtype), torch.zeros_like(f))
+    return out
+
+
 def drop_features(feats: dict, q: torch.Tensor, mode: Rescale | str, generator: Optional[torch.Generator] = None):
     """Zero each sample's φ_m with probability q_m and rescale the rest.
 
     Returns (new features, keep mask [B, M] bool)."""
-    mods = list(feats)
-    first = feats[mods[0]]
-    keep = torch.rand(first.shape[0], len(mods), device=first.device, generator=generator) >= q
-    dims = torch.tensor([feats[m].shape[1] for m in mods], device=q.device, dtype=q.dtype)
-    scale = rescale_factors(q, dims, mode)
-    out = {
-        m: torch.where(keep[:, i, None], feats[m] * scale[i].to(feats[m].dtype), torch.zeros_like(feats[m]))
-        for i, m in enumerate(mods)
-    }
-    return out, keep
+    keep = draw_keep(next(iter(feats.values())).shape[0], q, generator)
+    return apply_keep(feats, keep, q, mode), keep
 
 
 @configurable("modulation")
 class OPM(Modulation):
-    """Per step, with probability p_exe, drop each sample's dominant-modality features with probability q_m."""
+    """Per step, with probability p_exe, drop each sample's dominant-modality features with probability q_m.
+
+    On a model whose interaction applies keep masks inside the forward (MMTM, ``model.reads_keep_masks``), the
+    masks are drawn in before_forward from the previous step's ρ (this step's ρ needs the forward that the masks
+    change), handed to the model as ``ctx.keep``, and applied again at the head (docs/method.md §10.4)."""
 
     needs_rho = True
 
@@ -80,25 +95,59 @@ class OPM(Modulation):
         self.rescale, self.q_source = Rescale(rescale), QSource(q_source)
         self.window = EpochWindow(start, end, warmup_epochs)
         self.prev_rho: Optional[torch.Tensor] = None
+        self.in_forward = False  # masks drawn before the forward (the model reads ctx.keep)
+        self._q: Optional[torch.Tensor] = None
+
+    def setup(self, model, num_classes: int) -> None:
+        self.in_forward = bool(getattr(model, "reads_keep_masks", False))
+
+    def _execute(self) -> bool:
+        return torch.rand(()).item() < self.p_exe  # CPU generator: no device sync
+
+    def before_forward(self, ctx: StepContext) -> None:
+        self._q = None
+        if not self.in_forward or self.prev_rho is None or ctx.epoch not in self.window:
+            return
+        self._q = opm_drop_probs(self.prev_rho.to(ctx.device), self.q_base, self.lam)
+        if self._execute():
+            ctx.keep = draw_keep(ctx.labels.shape[0], self._q)
 
     def on_features(self, ctx: StepContext) -> None:
-        rho = ctx.rho
-        if self.q_source is QSource.previous:
-            rho, self.prev_rho = self.prev_rho, ctx.rho.detach().clone()
-        if rho is None or ctx.epoch not in self.window:
+        if self.in_forward:  # the masks were drawn before the forward: apply the same ones at the head
+            self.prev_rho = ctx.rho.detach().clone()
+            q, keep = self._q, ctx.keep
+        else:
+            rho = ctx.rho
+            if self.q_source is QSource.previous:
+                rho, self.prev_rho = self.prev_rho, ctx.rho.detach().clone()
+            q = None if rho is None or ctx.epoch not in self.window else opm_drop_probs(rho, self.q_base, self.lam)
+            keep = None
+        if q is None:
             ctx.log_per_modality("q", torch.zeros_like(ctx.rho))
-            ctx.log_per_modality("drop", torch.zeros_like(ctx.rho))
+            self._log_no_drop(ctx, ctx.rho)
             return
-        q = opm_drop_probs(rho, self.q_base, self.lam)
         ctx.log_per_modality("q", q)
-        if torch.rand(()).item() >= self.p_exe:  # CPU generator: no device sync
-            ctx.log_per_modality("drop", torch.zeros_like(q))  # same columns every step
-            return
-        dropped, keep = drop_features({m: ctx.features[m] for m in ctx.modalities}, q, self.rescale)
-        ctx.features = {**ctx.features, **dropped}  # context inputs and side targets are left alone
+        feats = {m: ctx.features[m] for m in ctx.modalities}
+        if self.in_forward:
+            if keep is None:
+                self._log_no_drop(ctx, q)
+                return
+            dropped = apply_keep(feats, keep, q, self.rescale)
+        else:
+            if not self._execute():
+                self._log_no_drop(ctx, q)
+                return
+            dropped, keep = drop_features(feats, q, self.rescale)
+        ctx.features = {**ctx.features, **dropped}  # context inputs, side targets and side features left alone
         ctx.log_per_modality("drop", 1 - keep.float().mean(0))
         alive = keep.any(dim=1).to(q.dtype)  # a sample with every modality dropped leaves the loss
+        ctx.metrics["opm_removed"] = 1 - alive.mean()
         ctx.sample_weight = alive if ctx.sample_weight is None else ctx.sample_weight * alive
+
+    @staticmethod
+    def _log_no_drop(ctx: StepContext, like: torch.Tensor) -> None:
+        ctx.log_per_modality("drop", torch.zeros_like(like))  # same columns every step
+        ctx.metrics["opm_removed"] = torch.zeros((), device=like.device)
 
     def state_dict(self) -> dict:
         return {"prev_rho": self.prev_rho}

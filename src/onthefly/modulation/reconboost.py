@@ -1,4 +1,4 @@
-"""ReconBoost (Hua, Xu, Bao, Yang, Huang; ICML 2024), docs/method.md §11.
+"""ReconBoost (Hua, Xu, Bao, Yang, Huang; ICML 2024), docs/method.md §12.
 
 Training runs in stages; stage s boosts one modality m (audio, visual, audio, ... in turn) and then reconciles:
 
@@ -132,7 +132,7 @@ class BoostStep(StepStrategy):
 
 @configurable("modulation")
 class ReconBoost(Modulation):
-    """Alternating boosting of one modality's learner and reconcilement of the ensemble (docs/method.md §11)."""
+    """Alternating boosting of one modality's learner and reconcilement of the ensemble (docs/method.md §12)."""
 
     def __init__(self, variant: Variant = Variant.paper, boost_epochs: PositiveInt = 4,
                  rectify_epochs: NonNegativeInt = 4, w1: float = 5.0, w2: float = 1.0,

@@ -1,4 +1,4 @@
-"""Diagnosing & Re-learning (Wei, Li, Feng, Hu; ECCV 2024), docs/method.md §12.
+"""Diagnosing & Re-learning (Wei, Li, Feng, Hu; ECCV 2024), docs/method.md §13.
 
 Training is the plain joint step. Every ``every`` epochs (at most ``times`` times) each encoder is diagnosed:
 its features of the train split and of the held-out val split are clustered with k-means (K = the class count),
@@ -98,7 +98,7 @@ def _same_first_batch(a, b) -> bool:
 @configurable("modulation")
 class Relearning(Modulation):
     """Diagnosing & Re-learning: k-means purity of each encoder's features on train vs val every ``every`` epochs
-    (at most ``times`` times), then a soft re-initialisation of each encoder (docs/method.md §12)."""
+    (at most ``times`` times), then a soft re-initialisation of each encoder (docs/method.md §13)."""
 
     def __init__(self, lam: NonNegativeFloat = 3.0, every: PositiveInt = 20, times: NonNegativeInt = 3,
                  train_views: TrainViews = TrainViews.eval, max_batches: Optional[PositiveInt] = None,

@@ -1,5 +1,5 @@
 """Sample- and modality-level modality valuation (Wei, Feng, Wang, Hu; CVPR 2024: "Enhancing multimodal
-cooperation via sample-level modality valuation"), docs/method.md §13; and the Shapley-value core that the
+cooperation via sample-level modality valuation"), docs/method.md §14; and the Shapley-value core that the
 run-level imbalance metrics share (onthefly.engine.imbalance).
 
 After each epoch (from ``warmup - 1`` on) every training sample is valued without gradient: the fused prediction
@@ -138,7 +138,7 @@ def kept_modality(tagged: torch.Tensor, n: int, m_count: int) -> torch.Tensor:
 
 @configurable("modulation")
 class Valuation(Modulation):
-    """Sample- or modality-level valuation with epoch-end re-sampling of the training set (docs/method.md §13)."""
+    """Sample- or modality-level valuation with epoch-end re-sampling of the training set (docs/method.md §14)."""
 
     def __init__(self, level: Level = Level.sample, warmup: NonNegativeInt = 5, alpha: NonNegativeFloat = 1.0,
                  part_ratio: Annotated[float, Range(gt=0, le=1)] = 0.2, growth: Growth = Growth.linear,
