@@ -128,10 +128,6 @@ def _toy(name: str) -> str:
     return f"modulation._target_={__name__}.{name}"
 
 
-# the start-up FLOP count runs one (undone) step through the hooks: off where a test counts the hooks' calls
-NO_DRY_STEP = "trainer.imbalance.cost=false"
-
-
 def test_a_schedule_phase_gets_its_own_optimizer_and_epoch_start_runs_each_epoch(train_run):
     results, out = train_run(_toy("PhasedToy"))
     metrics = read_metrics(out)
@@ -158,7 +154,7 @@ def test_resume_across_a_phase_change_equals_the_uninterrupted_run(train_run, tm
 
 
 def test_train_indices_resample_the_training_set_and_resume_exactly(train_run, tmp_path):
-    common = [_toy("HalfTheSamples"), "trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=10", NO_DRY_STEP]
+    common = [_toy("HalfTheSamples"), "trainer.checkpoint_every_n_steps=2", "trainer.keep_checkpoints=10"]
     _, full = train_run(*common, name="full")
     seen = CALLS["indices"]
     assert set(seen) == set(range(0, 64, 2)) and len(seen) == 2 * 34  # 34 samples an epoch, 2 epochs
@@ -172,14 +168,14 @@ def test_train_indices_resample_the_training_set_and_resume_exactly(train_run, t
 
 
 def test_a_step_strategy_replaces_the_step(train_run):
-    results, out = train_run(_toy("SubStepToy"), "trainer.epochs=1", NO_DRY_STEP)
+    results, out = train_run(_toy("SubStepToy"), "trainer.epochs=1")
     steps = pd.read_csv(out / "steps.csv")
     assert len(CALLS["substeps"]) == 4 and "train/first_loss" in steps.columns
     assert steps["train/first_loss"].notna().all() and results["status"] == "ok"
 
 
 def test_tagged_train_indices_read_their_sample_and_epoch_end_scalars_join_the_epoch_row(train_run):
-    _, out = train_run(_toy("TaggedCopies"), NO_DRY_STEP)
+    _, out = train_run(_toy("TaggedCopies"))
     seen = dict(CALLS["seen"])  # index -> label, as the step saw them
     assert sorted(seen) == [*range(64), 69, 133]
     assert seen[69] == seen[133] == seen[5]

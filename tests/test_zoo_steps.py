@@ -346,9 +346,9 @@ def test_each_method_composes_with_the_real_dataset_presets(method, preset):
 
 
 @pytest.mark.slow
-def test_mla_under_fp16_and_its_start_up_flop_count_changes_no_number(train_run):
-    """M sub-steps per batch, each with the GradScaler's unscale and update; the start-up FLOP count runs them once
-    more and must leave the scaler (and everything else) as it found them."""
+def test_mla_under_fp16_and_counting_its_flops_changes_no_number(train_run):
+    """M sub-steps per batch, each with the GradScaler's unscale and update; counting the FLOPs of an epoch's first
+    step (FlopCounterMode around the real step) must not change a number."""
     common = ["modulation=mla", "trainer.precision=fp16", "trainer.epochs=1"]
     counted, out = train_run(*common, name="counted")
     _, plain = train_run(*common, "trainer.imbalance.cost=false", name="plain")

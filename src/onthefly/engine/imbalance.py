@@ -9,22 +9,20 @@ utilisation), and what a training step costs (parameters, FLOPs).
   or 1[correct], with v_i(∅) = 0; reported as the mean over samples.
 * Conditional utilisation rate (onthefly.models.utilisation): u(m' | rest) = (A_with - A_without) / A_with, with
   m''s feature replaced by its train-split mean, or the interaction's own mechanism (MMTM).
-* Cost: parameters (trainable, including what the method owns) and buffers; the FLOPs of one training step of the
-  method (forward, the method's extras, backward; no optimizer update) counted once with torch's
-  ``FlopCounterMode`` on a train batch, every state it touches restored afterwards; the FLOPs of an evaluation
-  forward per sample.
+* Cost: parameters (trainable, including what the method owns) and buffers; the FLOPs of the first training step
+  of each epoch (the method's own step as it runs: forward, the method's extras, backward; the optimizer's
+  updates have no FLOP formula in torch's ``FlopCounterMode`` and are not counted), and of an evaluation forward
+  per sample.
 """
 from __future__ import annotations
 
-import copy
-import warnings
+import contextlib
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from onthefly.config import MetricWhen, SampleValue
-from onthefly.engine import checkpoint as ckpt
 from onthefly.models.utilisation import conditional_utilisation
 from onthefly.modulation.valuation import sample_shapley, shapley_matrix, subset_correct
 
@@ -68,72 +66,12 @@ def parameter_counts(modules: Sequence[Optional[nn.Module]]) -> Dict[str, int]:
     return {"params": params, "params_trainable": trainable, "buffers": buffers}
 
 
-class _DryRun:
-    """The trainer as a step strategy sees it, except that ``update`` records the step's scalars and takes no
-    optimizer step (the FLOP count excludes the update, and the model is left as it was)."""
-
-    def __init__(self, trainer):
-        self._trainer = trainer
-
-    def __getattr__(self, name):
-        return getattr(self._trainer, name)
-
-    def update(self, ctx, loss: torch.Tensor) -> dict:
-        if self._trainer.scaler.is_enabled():
-            self._trainer.scaler.update()  # close the sub-step's unscale bookkeeping (the scale is restored after)
-        ctx.metrics["loss"] = loss.detach()
-        if ctx.logits is not None:
-            ctx.metrics["acc"] = (ctx.logits.detach().argmax(1) == ctx.labels).float().mean()
-        return {k: float(v) for k, v in ctx.metrics.items()}
-
-
 def flops_of(fn: Callable[[], object]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
-
-
-def step_cost(trainer, epochs: Sequence[int]) -> Dict[str, float]:
-    """FLOPs of one training step in each of ``epochs`` (the method's step strategy on the first train batch, as
-    it runs in that epoch: {"flops_step@<epoch>": n}) and of an evaluation forward per sample. Everything the step
-    touches (weights, BatchNorm statistics, gradients, the method's state, the RNG streams, the GradScaler) is
-    restored, so the run's numbers do not change."""
-    model, method = trainer.model, trainer.modulation
-    batch = next(iter(trainer._batches("train", 1, True)), None)
-    if batch is None:
-        return {}
-    inputs, labels, indices = batch
-    saved = {"model": copy.deepcopy(model.state_dict()), "method": copy.deepcopy(method.state_dict()),
-             "extra": copy.deepcopy(trainer.extra.state_dict()) if trainer.extra is not None else None,
-             "rng": ckpt.rng_state(trainer.device), "scaler": copy.deepcopy(trainer.scaler.state_dict()),
-             "training": model.training}
-    params = [p for m in (model, trainer.extra) if m is not None for p in m.parameters()]
-    try:
-        train = {}
-        for epoch in epochs:
-            model.train()
-            ctx = trainer._ctx(epoch, 0)
-            ctx.phase = trainer.schedule.phase(epoch)
-            ctx.inputs, ctx.labels, ctx.indices = inputs, labels, indices
-            train[f"flops_step@{epoch}"] = flops_of(lambda: trainer.step_strategy.run(_DryRun(trainer), ctx))
-        model.eval()
-        with torch.no_grad():
-            forward = flops_of(lambda: model.head(model.encode(inputs)))
-    finally:
-        for p in params:
-            p.grad = None
-        model.load_state_dict(saved["model"])
-        method.load_state_dict(saved["method"])
-        if saved["extra"] is not None:
-            trainer.extra.load_state_dict(saved["extra"])
-        scaler = torch.amp.GradScaler(trainer.device.type, enabled=trainer.scaler.is_enabled())
-        scaler.load_state_dict(saved["scaler"])
-        trainer.scaler = scaler  # a fresh one with the saved scale: no bookkeeping of the dry step is left
-        ckpt.set_rng_state(saved["rng"], trainer.device)
-        model.train(saved["training"])
-    return {**train, "flops_eval_per_sample": forward / max(len(labels), 1), "step_batch": len(labels)}
 
 
 # --- what the trainer calls --------------------------------------------------------------------------------------
@@ -143,9 +81,10 @@ class ImbalanceMetrics:
     def __init__(self, trainer, settings):
         self.trainer, self.settings = trainer, settings
         self.cost: Dict[str, float] = {}
-        self.phase_flops: Dict[str, int] = {}  # FLOPs of a step in each phase of the schedule
-        self.steps_by_phase: Dict[str, int] = {}  # optimizer steps taken in each phase (checkpointed)
-        self._counted_to = 0  # the global step up to which steps_by_phase counts
+        self.step_flops: Optional[int] = None  # FLOPs of the current epoch's first step (counted as it ran)
+        self.phase_flops: Dict[str, int] = {}  # the latest such count of each phase of the schedule
+        self.flops_total = 0  # Σ over finished epochs of first-step FLOPs × the epoch's steps (checkpointed)
+        self._counted_to = 0  # the global step up to which flops_total counts
 
     @staticmethod
     def _wanted(when: MetricWhen, split: str) -> bool:
@@ -158,9 +97,9 @@ class ImbalanceMetrics:
         head, task = trainer.model.head, trainer.task
         if len(getattr(head, "modalities", [])) < 2:
             return {}
-        if split == "val":  # once per epoch, after its training: count the epoch's steps by phase
-            phase, steps = trainer.phase, trainer.global_step - self._counted_to
-            self.steps_by_phase[phase] = self.steps_by_phase.get(phase, 0) + steps
+        if split == "val":  # once per epoch, after its training: add the epoch's FLOPs
+            if self.step_flops is not None:
+                self.flops_total += self.step_flops * (trainer.global_step - self._counted_to)
             self._counted_to = trainer.global_step
         out = {}
         if self._wanted(s.shapley, split):
@@ -178,42 +117,54 @@ class ImbalanceMetrics:
         return conditional_utilisation(trainer.model, trainer._batches("train_eval"), trainer._batches(split),
                                        trainer.task)
 
-    def measure_cost(self) -> None:
-        """Parameters and FLOPs per step, once when the first epoch of this process is set up (after its
-        epoch_start, so the method's step runs as it will) (``trainer.imbalance.cost``)."""
-        if not self.settings.cost:
-            return
-        trainer = self.trainer
-        self.cost = parameter_counts([trainer.model, trainer.extra])
-        try:
-            self._count_flops()
-        except Exception as err:  # noqa: BLE001 (a measurement must not cost the run)
-            warnings.warn(f"trainer.imbalance.cost: the FLOPs of a step could not be counted ({type(err).__name__}: "
-                          f"{err}); the run goes on without them (trainer.imbalance.cost=false silences this)",
-                          stacklevel=2)
+    def counting(self):
+        """A context for the first training step of each epoch this process runs: with ``trainer.imbalance.cost``
+        it counts that step's FLOPs as it runs (FlopCounterMode only watches: the step is the run's own, nothing is
+        run twice). The first time, also the parameters and the FLOPs of an evaluation forward."""
+        if not self.settings.cost or self.trainer.tc.compile:  # compiled graphs: not counted
+            return contextlib.nullcontext()
+        return self._count()
 
-    def _count_flops(self) -> None:
+    @contextlib.contextmanager
+    def _count(self):
+        from torch.utils.flop_counter import FlopCounterMode
+
         trainer = self.trainer
-        start = min(trainer.start_epoch, trainer.tc.epochs - 1)
-        last_of_phase = {trainer.schedule.phase(e): e for e in range(trainer.tc.epochs)}  # a phase's steady state
-        first = trainer.schedule.phase(start)
-        if len(last_of_phase) == 1:
-            last_of_phase = {first: start}
-        counted = step_cost(trainer, sorted(set(last_of_phase.values())))
-        self.phase_flops = {p: counted.pop(f"flops_step@{e}") for p, e in last_of_phase.items() if f"flops_step@{e}" in counted}
-        if not self.phase_flops:
-            return
-        self.cost["flops_per_step"] = self.phase_flops[first]
-        if len(self.phase_flops) > 1:
-            self.cost.update({f"flops_per_step_{p}": n for p, n in self.phase_flops.items()})
-        self.cost.update(counted)
+        if not self.cost:
+            self.cost = parameter_counts([trainer.model, trainer.extra])
+        counter = FlopCounterMode(display=False)
+        with counter:
+            yield
+        self.step_flops = int(counter.get_total_flops())
+        self.phase_flops[trainer.phase] = self.step_flops
+        if "flops_per_step" not in self.cost:
+            self.cost["flops_per_step"] = self.step_flops
+            self.cost.update(self._eval_flops())
+
+    @torch.no_grad()
+    def _eval_flops(self) -> Dict[str, float]:
+        """FLOPs per sample of an evaluation forward, on one val batch (eval mode: nothing changes)."""
+        trainer, model = self.trainer, self.trainer.model
+        batch = next(iter(trainer._batches("val", 1)), None)
+        if batch is None:
+            return {}
+        inputs, labels = batch
+        was_training = model.training
+        model.eval()
+        try:
+            flops = flops_of(lambda: model.head(model.encode(inputs)))
+        finally:
+            model.train(was_training)
+        return {"flops_eval_per_sample": flops / max(len(labels), 1)}
 
     def state_dict(self) -> dict:
-        return {"steps_by_phase": dict(self.steps_by_phase), "counted_to": self._counted_to}
+        return {"flops_total": self.flops_total, "counted_to": self._counted_to, "step_flops": self.step_flops,
+                "phase_flops": dict(self.phase_flops), "cost": dict(self.cost)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps_by_phase = dict(state.get("steps_by_phase", {}))
-        self._counted_to = int(state.get("counted_to", 0))
+        self.flops_total, self._counted_to = int(state.get("flops_total", 0)), int(state.get("counted_to", 0))
+        self.step_flops, self.phase_flops = state.get("step_flops"), dict(state.get("phase_flops", {}))
+        self.cost = dict(state.get("cost", {}))
 
     def results(self, results: dict) -> dict:
         """The results.json entries: ``cost`` (parameters, FLOPs, time and memory per step) and ``imbalance``,
@@ -223,8 +174,10 @@ class ImbalanceMetrics:
         if self.settings.cost and not self.cost:  # no epoch ran in this process (a finished run evaluated again)
             self.cost = parameter_counts([trainer.model, trainer.extra])
         cost = dict(self.cost)
-        if self.phase_flops and self.steps_by_phase:
-            cost["flops_train_total"] = sum(self.phase_flops.get(p, 0) * n for p, n in self.steps_by_phase.items())
+        if len(self.phase_flops) > 1:
+            cost.update({f"flops_per_step_{p}": n for p, n in self.phase_flops.items()})
+        if self.flops_total:
+            cost["flops_train_total"] = self.flops_total
         if cost and trainer.global_step:
             cost["time_per_step_s"] = results.get("train_time_s", float("nan")) / trainer.global_step
         if trainer.device.type == "cuda":

@@ -298,7 +298,8 @@ class Trainer:
                        total=max(total - start, 0), desc=f"epoch {epoch}", leave=False,
                        disable=not (self.tc.progress and self.dist.is_main), dynamic_ncols=True)
             for step, (inputs, labels, indices) in enumerate(bar, start=start):
-                values = self.train_step(self._ctx(epoch, step), inputs, labels, indices)
+                with self.imbalance.counting() if step == start else contextlib.nullcontext():  # its FLOPs
+                    values = self.train_step(self._ctx(epoch, step), inputs, labels, indices)
                 self.global_step += 1
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -363,10 +364,6 @@ class Trainer:
         for epoch in range(self.start_epoch, self.tc.epochs):
             te = time.time()
             self._begin_epoch(epoch)
-            if epoch == self.start_epoch:  # parameters and FLOPs, the step run as this epoch has set it up
-                spent = time.time()
-                self.imbalance.measure_cost()
-                te += time.time() - spent
             row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
             if type(self.schedule) is not EpochSchedule:
                 row["phase"] = self.phase
