@@ -32,7 +32,6 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -40,8 +39,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from onthefly.engine.errors import TrainingError
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from onthefly.resources import CONF_DIR  # noqa: F401  (the configs: conf/ in a checkout, packaged in a wheel)
 
 # Packages whose import registers schemas (each module decorates its classes with @configurable).
 _SCHEMA_MODULES = (
@@ -337,6 +335,10 @@ class Config:
     discrepancy: DiscrepancyConfig = field(default_factory=DiscrepancyConfig)
     seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0  # numpy's seed range
     name: Annotated[Optional[str], _Resumable] = None  # deprecated alias of logger.name (warns); goes in a release
+    # which protocol's choices the run makes (the fidelity group records its name here; conf/fidelity/) and which
+    # authors' release a preset follows (conf/release/)
+    fidelity: Annotated[str, Choice("clean", "official")] = "clean"
+    release: Annotated[str, Choice("none", "cvpr2022", "tpami2024")] = "none"
 
 
 # --- optimizer / scheduler schemas (torch classes, so written out here) -------------------------------------

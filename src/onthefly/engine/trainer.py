@@ -37,7 +37,7 @@ from onthefly.engine.evaluation import extract_features, iterate, metrics_from_f
 from onthefly.engine.imbalance import ImbalanceMetrics
 from onthefly.logging import RunLogger
 from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, StepContext
-from onthefly.modulation.discrepancy import discrepancy
+from onthefly.modulation.discrepancy import discrepancy, ratios
 from onthefly.tasks import Task, build_task
 
 log = logging.getLogger("onthefly")
@@ -63,6 +63,17 @@ class TrainForward(nn.Module):
 
     def forward(self, ctx: StepContext, fn) -> torch.Tensor:
         return fn(ctx)
+
+
+class _Unimodal(nn.Module):
+    """A head's uni-modal logits as a module call (so torch.func.functional_call can hold its weights fixed)."""
+
+    def __init__(self, head: nn.Module, estimator):
+        super().__init__()
+        self.head, self.estimator = head, estimator
+
+    def forward(self, feats: dict) -> dict:
+        return self.head.unimodal_logits(feats, self.estimator)
 
 
 class Trainer:
@@ -170,10 +181,31 @@ class Trainer:
         return len(found) if limit is None else min(limit, len(found))
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
-        return StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
-                           modalities=self.modalities, device=self.device, batches=self._batches,
-                           num_batches=self._num_batches, phase=self.phase, steps_in_epoch=self._steps_in_epoch,
-                           train_size=len(self.splits["train"]))
+        ctx = StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
+                          modalities=self.modalities, device=self.device, batches=self._batches,
+                          num_batches=self._num_batches, phase=self.phase, shared_rng=lambda: self._rng(3),
+                          steps_in_epoch=self._steps_in_epoch, train_size=len(self.splits["train"]))
+        ctx.discrepancy_of = lambda feats: self.discrepancy_with_grad(feats, ctx.labels, ctx.keep)
+        return ctx
+
+    def discrepancy_with_grad(self, feats: dict, labels: torch.Tensor,
+                              keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_m, ρ_m) of ``feats`` as :meth:`joint_loss` computes them, but differentiable w.r.t. the features, the
+        head's weights held fixed (a hook that needs the gradient of ρ, docs/method.md §9). Under DDP the value is
+        the global one and the gradient this rank's share times the world size, so that DDP's mean over ranks
+        gives a single process's gradient on the whole batch."""
+        head = self.model.head
+        fixed = {f"head.{n}": p.detach() for n, p in head.named_parameters()}
+        logits = torch.func.functional_call(_Unimodal(head, self.estimator), fixed, (feats,))
+        idx = labels.view(-1, 1)
+        weight = None if keep is None else keep.all(dim=1).float()  # as joint_loss: altered samples leave the scores
+        probs = [torch.softmax(self.task.class_logits(z).float(), dim=1).gather(1, idx).squeeze(1)
+                 for z in logits.values()]
+        local = torch.stack([(p if weight is None else p * weight).sum() for p in probs])
+        if self._all_reduce is not None:
+            world = self.dist.world_size
+            local = world * local - (world - 1) * local.detach() + (self._all_reduce(local) - local).detach()
+        return local, ratios(local, self.cfg.discrepancy.reduce)
 
     def _rng(self, phase: int):
         """Under DDP: the forward hooks draw from a stream of this rank's own (phase 1: OPM's masks differ between

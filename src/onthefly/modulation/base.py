@@ -34,9 +34,9 @@ everything its hooks change (a resumed run must equal an uninterrupted one).
 from __future__ import annotations
 
 import abc
-
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -69,6 +69,12 @@ class StepContext:
     phase: str = "train"  # the epoch's phase (EpochSchedule.phase)
     steps_in_epoch: Optional[int] = None  # the epoch's number of training steps (schedules within an epoch)
     train_size: Optional[int] = None  # N, the number of samples in the train split (tagged train_indices)
+    # runs a block on an RNG stream that every data-parallel rank shares (one draw per global batch; in one
+    # process: the global stream, unchanged)
+    shared_rng: Callable[[], ContextManager] = contextlib.nullcontext
+    # (s_m, ρ_m) of given features as the loop computes them (estimator, task, ρ reduction, scores summed over
+    # ranks), differentiable w.r.t. the features with the head's weights held fixed (None outside a training step)
+    discrepancy_of: Optional[Callable[[Dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]] = None
     # what a method hands the model for this step's forward (set in before_forward; model.encode reads them):
     keep: Optional[torch.Tensor] = None  # [B, M] bool: modalities kept per sample (OPM inside a mid-fusion model);
     #                                      samples with a dropped modality are left out of the scores and ρ

@@ -29,6 +29,33 @@ def ogm_coefficients(rho: torch.Tensor, alpha: float, form: CoeffForm | str = Co
     return torch.where(rho > 1, 1 - torch.tanh(alpha * arg), torch.ones_like(rho))
 
 
+def tie_rule(k: torch.Tensor, scores: torch.Tensor, index: int, alpha: float,
+             form: CoeffForm | str = CoeffForm.paper) -> torch.Tensor:
+    """The released CVPR code's tie rule (docs/method.md §9): when every modality has exactly the same score
+    (ρ = 1), the modality ``index`` is modulated as if dominant, k = 1 - tanh(α·1) (its else-branch); otherwise
+    ``k`` unchanged. No host sync."""
+    tie = (scores == scores[0]).all()
+    arg = 0.0 if CoeffForm(form) is CoeffForm.shifted else 1.0  # α·ρ (paper) or α·(ρ - 1) (shifted) at ρ = 1
+    at_one = 1 - torch.tanh(torch.full_like(k, alpha * arg))
+    onehot = torch.zeros_like(k, dtype=torch.bool)
+    onehot[index] = True
+    return torch.where(tie & onehot, at_one, k)
+
+
+def tie_index(tie_modality: Optional[str], modalities: list[str]) -> Optional[int]:
+    """The position of ``tie_modality`` in the model's modalities: a modality's name, or ``first`` / ``second``
+    (the released codes' else-branches: CVPR 2022 modulates the first, audio; the journal code the second,
+    visual); None: no tie rule."""
+    if tie_modality is None:
+        return None
+    if tie_modality in modalities:
+        return modalities.index(tie_modality)
+    if tie_modality in ("first", "second") and len(modalities) >= 2:
+        return 0 if tie_modality == "first" else 1
+    raise ValueError(f"modulation.tie_modality={tie_modality!r}: use one of the modalities {modalities}, first, "
+                     "second, or null")
+
+
 def select_parameters(encoder: nn.Module, scope: Scope | str) -> list[nn.Parameter]:
     """The encoder tensors OGM modulates, chosen by structure (never by parsing parameter names)."""
     scope = Scope(scope)
@@ -93,15 +120,18 @@ class OGM(Modulation):
         ge_scale: NonNegativeFloat = 1.0,
         level: Level = Level.auto,
         fusion_params: FusionParams = FusionParams.none,
+        tie_modality: Optional[str] = None,
     ):
         self.alpha, self.coeff_form, self.scope = float(alpha), CoeffForm(coeff_form), Scope(scope)
         self.window = EpochWindow(start, end, warmup_epochs)
         self.noise = float(ge_scale) if ge else 0.0
         self.level, self.fusion_params = Level(level), FusionParams(fusion_params)
+        self.tie_modality, self.tie_index = tie_modality, None
         self.params: dict[str, list[nn.Parameter]] = {}
         self._k: Optional[torch.Tensor] = None  # this step's k when feature hooks scaled the gradients
 
     def setup(self, model, num_classes: int) -> None:
+        self.tie_index = tie_index(self.tie_modality, list(model.encoders))
         if self.level is Level.auto:
             self.level = Level.feature if getattr(model, "shares_parameters", False) else Level.parameter
         self.params = {m: select_parameters(enc, self.scope) for m, enc in model.encoders.items()}
@@ -122,11 +152,18 @@ class OGM(Modulation):
                     stacklevel=2,
                 )
 
+    def coefficients(self, ctx: StepContext) -> torch.Tensor:
+        """This step's k_m, with the released tie rule where ``tie_modality`` is set."""
+        k = ogm_coefficients(ctx.rho, self.alpha, self.coeff_form)
+        if self.tie_index is not None and ctx.scores is not None:
+            k = tie_rule(k, ctx.scores, self.tie_index, self.alpha, self.coeff_form)
+        return k
+
     def on_features(self, ctx: StepContext) -> None:
         self._k = None
         if self.level is not Level.feature or ctx.epoch not in self.window:
             return
-        k = ogm_coefficients(ctx.rho, self.alpha, self.coeff_form)
+        k = self.coefficients(ctx)
         for i, m in enumerate(ctx.modalities):
             feat = ctx.features[m]
             if feat.requires_grad:
@@ -138,7 +175,7 @@ class OGM(Modulation):
             ctx.log_per_modality("k", torch.ones_like(ctx.rho))
             return
         scaled = self._k is not None
-        k = self._k if scaled else ogm_coefficients(ctx.rho, self.alpha, self.coeff_form)
+        k = self._k if scaled else self.coefficients(ctx)
         for i, m in enumerate(ctx.modalities):
             grads = [p.grad for p in self.params.get(m, []) if p.grad is not None]
             if scaled and not self.noise:

@@ -13,9 +13,8 @@ from typing import Iterable, Optional
 
 import pandas as pd
 
+from onthefly.resources import PUBLISHED_CSV
 from onthefly.tables.spec import TableSpec
-
-PUBLISHED_CSV = Path(__file__).resolve().parents[3] / "experiments" / "published_results.csv"
 ID_COLUMNS = ["table", "row", "col", "seed"]
 
 
@@ -50,7 +49,7 @@ def record_from_run_dir(run_dir: Path) -> Optional[dict]:
 def local_records(spec: TableSpec, results: Path, seeds: Optional[Iterable[int]] = None) -> pd.DataFrame:
     rows = []
     for row, col in spec.run_cells():
-        cell = results / spec.name / "runs" / f"{row.id}__{col.id}"
+        cell = results / spec.folder / "runs" / f"{row.id}__{col.id}"
         for s in seeds if seeds is not None else spec.seeds:
             rec = record_from_run_dir(cell / f"seed{s}")
             if rec is not None:
@@ -59,7 +58,8 @@ def local_records(spec: TableSpec, results: Path, seeds: Optional[Iterable[int]]
 
 
 def wandb_records(spec: TableSpec, api, project: str, entity: Optional[str] = None) -> pd.DataFrame:
-    """Records from W&B runs of group = table name; row and column come from the run's tags.
+    """Records from W&B runs of the table's group (its name, ``<name>-<fidelity>`` beyond clean); row and column
+    come from the run's tags.
 
     ``api`` is a ``wandb.Api()`` (or anything with the same ``runs(path, filters=...)`` method whose runs have
     ``.tags``, ``.config``, ``.summary`` and ``.state``).
@@ -67,7 +67,7 @@ def wandb_records(spec: TableSpec, api, project: str, entity: Optional[str] = No
     path = f"{entity}/{project}" if entity else project
     row_ids, col_ids = {r.id for r in spec.rows}, {c.id for c in spec.columns}
     rows = []
-    for run in api.runs(path, filters={"group": spec.name}):
+    for run in api.runs(path, filters={"group": spec.group}):
         if getattr(run, "state", "finished") != "finished":
             continue
         tags = set(run.tags or [])
