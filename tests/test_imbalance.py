@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import read_metrics
 from onthefly.engine.imbalance import flops_of, parameter_counts, shapley_metrics, shapley_shares
 from onthefly.models.fusion import ConcatFusion
 from onthefly.modulation.valuation import sample_shapley, shapley_matrix, subset_correct
+
+from conftest import read_metrics
 
 
 def brute_force_shapley(value, m_count: int) -> list[float]:

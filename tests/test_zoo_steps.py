@@ -10,15 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import read_metrics, read_results
 from onthefly.modulation.base import StepContext
 from onthefly.modulation.mla import MLA, SharedHead, fusion_weights, owm_update, step_alpha
-from onthefly.modulation.reconboost import (EnsembleHead, ReconBoost, StageSchedule, boosting_loss,
-                                            reconcilement)
-from onthefly.modulation.relearning import (Relearning, kmeans, minmax_scale, purity, reinit_weight,
-                                            soft_reinit)
-from onthefly.modulation.valuation import (kept_modality, modality_extra, sample_copies, sample_shapley,
-                                           tag)
+from onthefly.modulation.reconboost import EnsembleHead, ReconBoost, StageSchedule, boosting_loss, reconcilement
+from onthefly.modulation.relearning import Relearning, kmeans, minmax_scale, purity, reinit_weight, soft_reinit
+from onthefly.modulation.valuation import kept_modality, modality_extra, sample_copies, sample_shapley, tag
+
+from conftest import read_metrics, read_results
 
 
 # --- MLA -------------------------------------------------------------------------------------------------------
@@ -269,9 +267,9 @@ def test_modality_extra_and_tags():
 # --- end to end on the synthetic benchmark ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_mla_runs_and_best_pt_predicts_with_its_fusion(train_run):
+    from onthefly.data.loaders import make_loader
     from onthefly.engine.analysis import load_run
     from onthefly.engine.evaluation import evaluate
-    from onthefly.data.loaders import make_loader
 
     results, out = train_run("modulation=mla")
     assert results["status"] == "ok"

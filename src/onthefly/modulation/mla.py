@@ -123,7 +123,7 @@ class AlternatingStep(StepStrategy):
     """One uni-modal sub-step per modality through the shared head: forward of encoder m and h, backward,
     head-gradient projection, optimizer step. Logs loss_<m>, acc_<m> and the fused accuracy."""
 
-    def __init__(self, method: "MLA"):
+    def __init__(self, method: MLA):
         self.method = method
 
     def run(self, trainer, ctx: StepContext) -> dict:

@@ -117,7 +117,7 @@ class BoostStep(StepStrategy):
     """Boost epochs: the boosted learner's loss (one backward reaching encoder m and H). Rectify epochs: the
     default joint step, whose head is the ensemble."""
 
-    def __init__(self, method: "ReconBoost"):
+    def __init__(self, method: ReconBoost):
         self.method, self.joint = method, JointStep()
 
     def run(self, trainer, ctx: StepContext) -> dict:
