@@ -219,6 +219,30 @@ class WandbMode(str, enum.Enum):
 _Resumable = MAY_CHANGE_ON_RESUME
 
 
+class MetricWhen(str, enum.Enum):
+    """When an imbalance metric is computed (docs/method.md §15)."""
+
+    off = "off"
+    test = "test"  # on the test split, at the end (the selected checkpoint)
+    every_epoch = "every_epoch"  # also on val after every epoch (a curve in metrics.csv / W&B)
+
+
+class SampleValue(str, enum.Enum):
+    scaled = "scaled"  # v_i(S) = |S| * 1[correct] (the valuation method's per-sample value)
+    correct = "correct"  # v_i(S) = 1[correct]
+
+
+@dataclass
+class ImbalanceConfig:
+    """Imbalance and cost metrics of every run (onthefly.engine.imbalance, docs/method.md §15). They measure, they
+    do not train: they may change on a resume."""
+
+    shapley: MetricWhen = MetricWhen.every_epoch
+    sample_value: SampleValue = SampleValue.scaled
+    utilization: MetricWhen = MetricWhen.test
+    cost: bool = True
+
+
 @dataclass
 class TrainerConfig:
     epochs: Annotated[int, Range(ge=1), _Resumable] = 10
@@ -256,6 +280,8 @@ class TrainerConfig:
     resume: Annotated[str, _Resumable] = "never"  # never | auto | path of a checkpoint file
     checkpoint_every_n_steps: Annotated[Optional[int], Range(ge=1), _Resumable] = 500
     keep_checkpoints: Annotated[int, Range(ge=0), _Resumable] = 1
+    # --- what is measured besides the task's metrics ---
+    imbalance: Annotated[ImbalanceConfig, _Resumable] = field(default_factory=ImbalanceConfig)
 
 
 @dataclass

@@ -33,7 +33,8 @@ from onthefly.engine import checkpoint as ckpt
 from onthefly.engine import distributed as ddp
 from onthefly.engine.distributed import DistInfo
 from onthefly.engine.errors import TrainingError
-from onthefly.engine.evaluation import evaluate, iterate, metrics_from_features
+from onthefly.engine.evaluation import extract_features, iterate, metrics_from_features
+from onthefly.engine.imbalance import ImbalanceMetrics
 from onthefly.logging import RunLogger
 from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, StepContext
 from onthefly.modulation.discrepancy import discrepancy, ratios
@@ -117,6 +118,8 @@ class Trainer:
         self.schedule = modulation.schedule() or EpochSchedule()
         self.phase, self.phase_epoch = self.schedule.phase(0), 0  # the optimizer's groups were made for this epoch
         self._train_indices = None  # the sample list of the current training loader (None: the whole split)
+        self._steps_in_epoch: Optional[int] = None
+        self.imbalance = ImbalanceMetrics(self, self.tc.imbalance)  # Shapley, utilisation, cost (trainer.imbalance)
         self.forward_module: nn.Module = TrainForward(self, model, self.extra)
         if self.dist.enabled:
             self.forward_module = nn.parallel.DistributedDataParallel(
@@ -180,7 +183,8 @@ class Trainer:
     def _ctx(self, epoch: int, step: int) -> StepContext:
         ctx = StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
                           modalities=self.modalities, device=self.device, batches=self._batches,
-                          num_batches=self._num_batches, phase=self.phase, shared_rng=lambda: self._rng(3))
+                          num_batches=self._num_batches, phase=self.phase, shared_rng=lambda: self._rng(3),
+                          steps_in_epoch=self._steps_in_epoch, train_size=len(self.splits["train"]))
         ctx.discrepancy_of = lambda feats: self.discrepancy_with_grad(feats, ctx.labels, ctx.keep)
         return ctx
 
@@ -318,6 +322,7 @@ class Trainer:
         batches_in_epoch = math.ceil(sampler.num_samples / self.local_batch)
         limit = self.tc.limit_train_batches
         total = batches_in_epoch if limit is None else min(limit, batches_in_epoch)
+        self._steps_in_epoch = total
         sampler.start = min(start * self.local_batch, sampler.num_samples)
         every = self.tc.checkpoint_every_n_steps
         try:
@@ -325,7 +330,8 @@ class Trainer:
                        total=max(total - start, 0), desc=f"epoch {epoch}", leave=False,
                        disable=not (self.tc.progress and self.dist.is_main), dynamic_ncols=True)
             for step, (inputs, labels, indices) in enumerate(bar, start=start):
-                values = self.train_step(self._ctx(epoch, step), inputs, labels, indices)
+                with self.imbalance.counting() if step == start else contextlib.nullcontext():  # its FLOPs
+                    values = self.train_step(self._ctx(epoch, step), inputs, labels, indices)
                 self.global_step += 1
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -370,10 +376,10 @@ class Trainer:
             ddp.broadcast_buffers(self.model, self.dist)
             feats, labels = ddp.gathered_features(self.model, self.loaders[split], self.device,
                                                   self.tc.limit_eval_batches, self.dist)
-            m = metrics_from_features(self.model.head, feats, labels, self.estimator, self.task)
         else:
-            m = evaluate(self.model, self.loaders[split], self.device, self.estimator, self.tc.limit_eval_batches,
-                         self.task)
+            feats, labels = extract_features(self.model, self.loaders[split], self.device, self.tc.limit_eval_batches)
+        m = metrics_from_features(self.model.head, feats, labels, self.estimator, self.task)
+        m.update(self.imbalance.on_split(split, feats, labels))
         return {f"{split}/{k}": v for k, v in m.items()}
 
     def fit(self) -> dict:
@@ -398,7 +404,12 @@ class Trainer:
             if select == "test":
                 row.update(self.metrics_on("test"))
             self.scheduler.step()
-            self.modulation.epoch_end(self._ctx(epoch, 0))
+            end = self._ctx(epoch, 0)
+            self.modulation.epoch_end(end)
+            if end.metrics:  # the method's epoch-level quantities (one host sync)
+                values = torch.stack([torch.as_tensor(v, device=self.device).detach().float()
+                                      for v in end.metrics.values()]).tolist()
+                row.update({f"train/{k}": v for k, v in zip(end.metrics, values)})
             row["time/epoch_s"] = time.time() - te
             score = row[f"{select}/acc"]
             if self.best is None or score > self.best["score"]:
@@ -420,6 +431,7 @@ class Trainer:
             test = self.metrics_on("test")
             results["test"] = {k.split("/", 1)[1]: v for k, v in test.items()}
             self.logger.log_test(test, self.tc.epochs)
+        results.update(self.imbalance.results(results))
         return results
 
     # --- checkpoints ------------------------------------------------------------------------------------------
@@ -447,6 +459,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "modulation": self.modulation.state_dict(),
+            "imbalance": self.imbalance.state_dict(),
             "best": self.best,
             "best_state": self.best_state,
             "history": self.history,
@@ -471,6 +484,7 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.modulation.load_state_dict(state["modulation"])
+        self.imbalance.load_state_dict(state.get("imbalance", {}))
         self.global_step, self.nonfinite_steps = state["global_step"], state["nonfinite_steps"]
         self.overflow_steps = state.get("overflow_steps", 0)
         self.best, self.best_state, self.history = state["best"], state["best_state"], list(state["history"])

@@ -14,7 +14,8 @@ Once, when the run is built (before the optimizer exists):
 Per epoch:
     train_start(ctx)            once before the very first epoch (not again after a resume)
     epoch_start(ctx)            before each epoch's first step (not when a run resumes in the middle of that epoch)
-    epoch_end(ctx)              after each epoch's validation
+    epoch_end(ctx)              after each epoch's validation; scalars it writes into ctx.metrics join the epoch's
+                                row (metrics.csv `train/<name>`)
     train_indices(epoch)        the training samples of the coming epoch (None: the whole train split once)
 In each training step (the default step; a step strategy calls the same hooks through the trainer):
     before_forward(ctx)   inputs, labels and sample indices are set; may set ctx.keep / ctx.curation, which the
@@ -66,6 +67,8 @@ class StepContext:
     batches: Optional[Callable[..., Iterator[tuple]]] = None
     num_batches: Optional[Callable[[str], int]] = None  # how many batches batches(split) yields (limits applied)
     phase: str = "train"  # the epoch's phase (EpochSchedule.phase)
+    steps_in_epoch: Optional[int] = None  # the epoch's number of training steps (schedules within an epoch)
+    train_size: Optional[int] = None  # N, the number of samples in the train split (tagged train_indices)
     # runs a block on an RNG stream that every data-parallel rank shares (one draw per global batch; in one
     # process: the global stream, unchanged)
     shared_rng: Callable[[], ContextManager] = contextlib.nullcontext
@@ -192,7 +195,9 @@ class Modulation:
 
     def train_indices(self, epoch: int) -> Optional[Iterable[int]]:
         """The train-split indices of ``epoch``, repeats allowed (None: every sample once). Must follow from the
-        method's state, so that a resumed run rebuilds the same loader."""
+        method's state, so that a resumed run rebuilds the same loader. To tell its repeats apart, a method may tag
+        an entry: ``i + k * N`` (N the split's size, k >= 0) reads sample i, and the step sees ``i + k * N`` in
+        ``ctx.indices`` (each tagged copy also gets its own augmentation draw)."""
         return None
 
     def train_start(self, ctx: StepContext) -> None: ...
