@@ -29,7 +29,10 @@ from onthefly.resources import EXPERIMENTS_DIR
 FIDELITIES = tuple(sorted(p.stem for p in (CONF_DIR / "fidelity").glob("*.yaml")))  # clean, official
 _GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 _VALUE_KEY = re.compile(r"^(test|val|best)/[a-z0-9_]+$|^probe/acc_[a-z0-9_]+$|^robustness/acc_[a-z0-9_]+@[01](\.\d+)?$"
-                        r"|^estimator/[a-z0-9_]+$|^train/[a-z0-9_]+$")
+                        r"|^estimator/[a-z0-9_]+$|^train/[a-z0-9_]+$"
+                        r"|^(shapley|shapley_share|shapley_sample|cur|cost)/[a-z0-9_]+$")
+# imbalance and cost keys of results.json (engine/imbalance.py); cost/* are counts, not fractions
+IMBALANCE_PREFIXES = ("shapley", "shapley_share", "shapley_sample", "cur", "cost")
 
 
 class SpecError(ValueError):
@@ -191,7 +194,8 @@ def _check_preset(where: str, preset: str) -> None:
 def _check_value_key(where: str, key: str) -> None:
     if not _VALUE_KEY.match(key):
         raise SpecError(f"{where}: value key {key!r} is not one of test/…, val/…, best/…, probe/acc_<m>, "
-                        "robustness/acc_<m>@<r>, estimator/…")
+                        "robustness/acc_<m>@<r>, estimator/…, shapley/<m>, shapley_share/<m>, shapley_sample/<m>, "
+                        "cur/…, cost/…")
 
 
 def official_data_folder(data: str) -> str:
