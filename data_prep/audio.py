@@ -26,7 +26,9 @@ def compute(wave: np.ndarray, recipe: dict[str, Any]) -> np.ndarray:
     if recipe.get("subtract_mean"):
         x = x - x.mean()
     kind = recipe["kind"]
-    if kind == "stft":
+    if kind == "waveform":  # kept as a waveform; the reader transforms a segment of it (onthefly.data.clips)
+        feats = x
+    elif kind == "stft":
         feats = log_spectrogram(x, int(recipe["n_fft"]), int(recipe["hop_length"]), float(recipe["eps"]))
     elif kind == "fbank":
         feats = kaldi.fbank(

@@ -6,7 +6,9 @@ Generates clips of realistic length and size (CREMA-D: 2.5-s 480 x 360 / 30-fps 
 Kinetics-Sounds and VGGSound: 10-s 340 x 256 / 25-fps MP4 with 44.1-kHz AAC), then times the prep's own
 per-clip work (decode, resample, spectrogram, 1-fps frames, JPEG) on one core, after one warm-up clip.
 Generation is not timed. Prints the figures and the projected wall time of the full CREMA-D on 16 processes
-(assuming 16 free cores and a disk that keeps up).
+(assuming 16 free cores and a disk that keeps up). Also the load-time cost of VGGSound's two audio recipes
+(the clean `ogm_ge`: a crop of the cached whole-clip spectrogram; the released `segment`: the STFT of a 5-s
+segment of the cached waveform, fidelity=official): milliseconds per clip on one core, and cache bytes per clip.
 
 :func:`build_cache` makes a real cache the same way (the prep's own writer over such clips) for `make bench`,
 which times the reader that training uses on it.
@@ -97,6 +99,32 @@ def measure(clips: list[Clip], dataset: str, recipe: str) -> dict:
             "bytes_per_clip": sum(sizes) / n, "frame_bytes_per_clip": sum(frame_sizes) / n, "frames": result.n_frames}
 
 
+def load_cost(clips: list[Clip], repeats: int = 50) -> list[dict]:
+    """Load-time audio cost per clip of VGGSound's recipes on one core (the reader's own code paths)."""
+    import numpy as np
+
+    from onthefly.data.clips import waveform_segment_spectrogram
+    from onthefly.data.sampling import crop_start
+
+    rows = []
+    for recipe in ("ogm_ge", "segment"):
+        rec = audio_recipe("vggsound", recipe)
+        config = {"audio": rec, "short_side": 256, "jpeg_quality": 90, "min_audio_s": 0.1}
+        arrays = [process_av(clip, config).array for clip in clips[:2]]
+        t0 = time.perf_counter()
+        for i in range(repeats):
+            x = np.array(arrays[i % len(arrays)], dtype=np.float32)  # the reader's copy out of the memory map
+            if rec["kind"] == "waveform":
+                start = crop_start(x.shape[-1], int(rec["window"]), True)
+                x = waveform_segment_spectrogram(x, rec, start)
+            else:
+                start = crop_start(x.shape[-1], 626, True)
+                x = np.ascontiguousarray(x[..., start : start + 626])
+        ms = 1000 * (time.perf_counter() - t0) / repeats
+        rows.append({"recipe": recipe, "ms_per_clip": ms, "bytes_per_clip": arrays[0].nbytes, "shape": x.shape})
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     opts = parse_args(sys.argv[1:] if argv is None else argv, Options, "python -m data_prep.bench [clips=4]")
     torch.set_num_threads(1)  # one process = one core, as in the prep's pool
@@ -107,12 +135,17 @@ def main(argv=None) -> list[dict]:
         print(f"generated {2 * (opts.clips + 1)} clips in {time.perf_counter() - t0:.1f} s (not timed below)")
         rows = [measure(cremad, "cremad", "ogm_ge"), measure(cremad, "cremad", "fbank"),
                 measure(kinetics, "kinetics_sounds", "fbank"), measure(kinetics, "kinetics_sounds", "stft"),
-                measure(kinetics, "vggsound", "ogm_ge")]
+                measure(kinetics, "vggsound", "ogm_ge"), measure(kinetics, "vggsound", "segment")]
+        loads = load_cost(kinetics[1:])
     print(f"\nprep throughput, one process (torch threads 1), {opts.clips} clips each:")
     print(f"  {'dataset':<16} {'recipe':<7} {'clips/s':>8} {'ms/clip':>8} {'frames':>6} {'KB/clip':>8} {'of JPEG':>8}")
     for r in rows:
         print(f"  {r['dataset']:<16} {r['recipe']:<7} {r['clips_per_s']:>8.2f} {r['ms_per_clip']:>8.0f} "
               f"{r['frames']:>6} {r['bytes_per_clip'] / 1024:>8.0f} {r['frame_bytes_per_clip'] / 1024:>8.0f}")
+    print("\nVGGSound audio at load time, one core (train or eval, per clip):")
+    for r in loads:
+        print(f"  {r['recipe']:<8} {r['ms_per_clip']:>6.2f} ms, cache {r['bytes_per_clip'] / 1024:>5.0f} KB/clip of audio, "
+              f"sample {list(r['shape'])}")
     p = opts.processes
     print(f"\nprojected wall time on {p} processes (linear scaling; needs {p} free cores and a disk that keeps up):")
     for r in rows:

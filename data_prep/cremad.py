@@ -3,10 +3,12 @@
     python -m data_prep.cremad raw_root=/path/to/CREMA-D [out_root=...] [audio=ogm_ge|fbank] [workers=N]
         [splits=/folder/with/train.csv,test.csv] [split=random|speaker] [seed=0]
 
-Splits: given list files (``<clip>,<EMO>`` lines; ``val.csv`` optional) define the clips and their splits.
-Otherwise every clip found is split with ``seed``: ``random`` (default) is the OGM-GE papers' stratified
-6,698 / 744 (test = 744/7,442 of the clips, the same share of each emotion); ``speaker`` holds out the same share
-of actors (speaker-independent).
+Splits: given list files (``<clip>,<EMO>`` lines, or bare clip names; ``val.csv`` optional) define the clips and
+their splits: the CVPR 2022 repository's ``data/CREMAD/train.csv`` (6,698 clips) and ``test.csv`` (744), at its
+commit 343dc1d, are such lists (docs/data.md). A clip listed in two splits is refused. Otherwise every clip found
+is split with ``seed``: ``random`` (default) is a stratified split of the OGM-GE papers' sizes (test = 744/7,442
+of the clips, the same share of each emotion; not the papers' own clips); ``speaker`` holds out the same share of
+actors (speaker-independent).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ EXPECTED = ("VideoFlash/<clip>.flv and AudioWAV/<clip>.wav files under raw_root=
 @dataclass
 class Options(CommonOptions):
     audio: str = "ogm_ge"  # ogm_ge: 257 x 188 log-STFT at 22,050 Hz | fbank: kaldi fbank, 128 mel bins
+    downmix: str = "pyav"  # stereo to mono: pyav (FFmpeg, 0.707 each) | mean (librosa) | first (channel 0)
+    resample: str = "sinc"  # WAV 16 kHz -> 22,050 Hz: sinc (torchaudio) | kaiser_best (librosa < 0.10, the CVPR loader)
     splits: Optional[str] = None  # a folder holding train.csv and test.csv (and val.csv) of `<clip>,<EMO>` lines
     split: str = "random"  # without lists: random (stratified) | speaker (actors held out)
     seed: int = 0
@@ -47,9 +51,12 @@ def _list_file(folder: Path, split: str) -> Optional[Path]:
     return None
 
 
-def read_lists(folder: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """(clip, emotion, split) from ``<clip>,<EMO>`` list files, and the files read."""
+def read_lists(folder: Path) -> tuple[list[tuple[str, Optional[str], str]], list[str]]:
+    """(clip, emotion or None, split) from ``<clip>,<EMO>`` list files (or bare clip names: the emotion then
+    comes from the name), and the files read. A clip listed in two splits is a :class:`PrepError` naming it."""
     entries, files = [], []
+    where: dict[str, str] = {}
+    twice: list[str] = []
     for split in ("train", "val", "test"):
         path = _list_file(folder, split)
         if path is None:
@@ -57,12 +64,20 @@ def read_lists(folder: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
                 raise PrepError(f"splits={folder}: no {split}.csv (or {split}.txt) of `<clip>,<EMO>` lines there")
             continue
         files.append(str(path))
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # the CVPR lists have CRLF line ends
             for fields in csv.reader(f):
                 fields = [x.strip() for x in fields]
                 if not fields or not fields[0] or fields[0].startswith("#"):
                     continue
-                entries.append((Path(fields[0]).stem, fields[1] if len(fields) > 1 else "", split))
+                name = Path(fields[0]).stem
+                if name in where and where[name] != split:
+                    twice.append(f"{name} ({where[name]} and {split})")
+                where.setdefault(name, split)
+                entries.append((name, fields[1] if len(fields) > 1 and fields[1] else None, split))
+    if twice:
+        shown = ", ".join(twice[:5]) + (f" and {len(twice) - 5} more" if len(twice) > 5 else "")
+        raise PrepError(f"splits={folder}: {len(twice)} clip(s) are listed in two splits: {shown}. A clip in train "
+                        "and test would leak into the evaluation; fix the lists so each clip is in one of them.")
     return entries, files
 
 

@@ -5,15 +5,19 @@
 Raw: ``{train,val,test}/<ytid>_<start:06d>_<end:06d>.mp4`` (flat, or in per-class folders) and
 ``annotations/{train,val,test}.csv`` (label, youtube_id, time_start, time_end, split). Without ``lists`` the
 31 classes' clips come from the Kinetics-400 annotations: train -> train, val -> test (the cache has no val
-split; readers hold out part of train). With ``lists``: a folder of ``train``/``val``/``test`` files
-(``.txt`` or ``.csv``) of ``<id>,10,<label>`` lines, or a JSON database (``{"database": {id: {"subset":
-"training" | "validation" | "testing", "annotations": {"label": ...}}}}``). An id may be
-``<ytid>_<start:06d>_<end:06d>`` or ``<ytid>_<start>`` (the lab's test lists): both resolve to the same file.
+split; readers hold out part of train). With ``lists``: a folder of train / val / test files (``.txt`` or
+``.csv``, named ``train.txt``, ``my_train.txt``, ``test_list.csv`` ...: see :func:`split_of`) of
+``<id>,10,<label>`` lines, the label a class name or its number in :data:`CLASSES` (the CVPR 2022 repository's
+``data/KineticSound/my_train.txt`` and ``my_test.txt``), or a JSON database (``{"database": {id: {"subset":
+"training" | "validation" | "testing", "label": ...}}}``, the journal repository's ``code/dataset/KS_train_val.json``).
+An id may be ``<ytid>_<start:06d>_<end:06d>`` or ``<ytid>_<start>`` (the lab's test lists): both resolve to the
+same file. A clip listed in two splits is refused.
 """
 from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +45,8 @@ SUBSETS = {"training": "train", "validation": "val", "testing": "test", "train":
 @dataclass
 class Options(CommonOptions):
     audio: str = "fbank"  # fbank: 1,024 x 128 normalised kaldi fbank | stft: 257 x 1,004 log spectrogram
-    lists: Optional[str] = None  # a folder of train/val/test `<id>,10,<label>` lists, or a JSON database
+    downmix: str = "pyav"  # stereo to mono: pyav (FFmpeg, 0.707 each) | mean (librosa) | first (channel 0)
+    lists: Optional[str] = None  # a folder of train/val/test `<id>,10,<label or class number>` lists, or a JSON database
 
 
 def normal_label(label: str) -> str:
@@ -66,8 +71,31 @@ def read_annotations(raw: Path) -> list[tuple[str, str, str]]:
     return entries
 
 
+def list_label(field: str) -> str:
+    """A list's label field: a class name, or a class NUMBER (the CVPR repository's ``my_train.txt`` /
+    ``my_test.txt`` give the index in :data:`CLASSES`' alphabetical order)."""
+    text = field.strip().strip('"')
+    if text.isdigit():
+        index = int(text)
+        return CLASSES[index] if index < len(CLASSES) else text
+    return normal_label(text)
+
+
+def split_of(file: Path) -> Optional[str]:
+    """The split a list file holds, from its name: ``train.txt``, ``trainlist.csv``, ``my_train.txt``,
+    ``ks-test.csv`` ... (a name starting with the split, or with it as a ``_``/``-`` separated word). A name
+    that names two splits (``train_val.txt``) is refused."""
+    words = set(re.split(r"[_\-.\s]+", file.stem.lower()))
+    found = [s for s in ("train", "val", "test") if file.stem.lower().startswith(s) or s in words]
+    if len(found) > 1:
+        raise PrepError(f"lists={file.parent}: {file.name} names several splits ({', '.join(found)}); give each split "
+                        "its own file")
+    return found[0] if found else None
+
+
 def read_lists(path: Path) -> list[tuple[str, str, str]]:
-    """(clip id, label, split) from the lab's list files or a JSON database."""
+    """(clip id, label, split) from the lab's list files or a JSON database. A clip listed in two splits is a
+    :class:`PrepError` naming it."""
     entries = []
     if path.suffix == ".json":
         database = json.loads(path.read_text())
@@ -78,16 +106,26 @@ def read_lists(path: Path) -> list[tuple[str, str, str]]:
             if split:
                 entries.append((clip_id, normal_label(label), split))
         return entries
-    for split in ("train", "val", "test"):
-        files = [p for p in sorted(path.glob(f"{split}*")) if p.suffix in (".txt", ".csv")]
-        if not files and split != "val":
-            raise PrepError(f"lists={path}: no {split}*.txt or {split}*.csv there")
-        for file in files:
-            with open(file, newline="") as f:
-                for fields in csv.reader(f):
-                    if not fields or not fields[0].strip() or fields[0].startswith("#"):
-                        continue
-                    entries.append((Path(fields[0].strip()).stem, normal_label(fields[-1]), split))
+    files = [p for p in sorted(path.iterdir()) if p.suffix in (".txt", ".csv") and split_of(p)]
+    for split in ("train", "test"):
+        if not any(split_of(p) == split for p in files):
+            raise PrepError(f"lists={path}: no {split} list there (a .txt or .csv named like {split}.txt or "
+                            f"my_{split}.txt)")
+    where: dict[str, str] = {}
+    twice: list[str] = []
+    for file in files:
+        split = split_of(file)
+        with open(file, newline="", encoding="utf-8-sig") as f:
+            for fields in csv.reader(f):
+                if not fields or not fields[0].strip() or fields[0].startswith("#"):
+                    continue
+                clip_id = Path(fields[0].strip()).stem
+                if where.setdefault(clip_id, split) != split:
+                    twice.append(f"{clip_id} ({where[clip_id]} and {split})")
+                entries.append((clip_id, list_label(fields[-1]), split))
+    if twice:
+        shown = ", ".join(twice[:5]) + (f" and {len(twice) - 5} more" if len(twice) > 5 else "")
+        raise PrepError(f"lists={path}: {len(twice)} clip(s) are listed in two splits: {shown}; fix the lists")
     return entries
 
 

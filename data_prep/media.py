@@ -140,14 +140,38 @@ def _probe_duration(path: Path, video: bool) -> Optional[float]:
         return end
 
 
+def frame_step(fps: Optional[float]) -> int:
+    """The released extraction scripts' second, in frames: every int(fps)-th decoded frame is kept (OpenCV's
+    CAP_PROP_FPS, the stream's average rate, truncated; at least 1)."""
+    return max(1, int(fps or 1))
+
+
+def downmix_channels(channels: np.ndarray, downmix: str) -> np.ndarray:
+    """float [C, N] -> mono [N]: ``mean`` (librosa's mono=True) or ``first`` (channel 0, as torchaudio's kaldi
+    fbank reads a stereo waveform). (``pyav`` is FFmpeg's own mono mix, done while resampling.)"""
+    if downmix == "first":
+        return np.ascontiguousarray(channels[0])
+    if downmix in ("mean", "pyav"):
+        return channels.mean(axis=0)
+    raise ValueError(f"downmix must be pyav, mean or first, got {downmix!r}")
+
+
 def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int] = None,
-                     short_side: Optional[int] = 256, min_coverage: float = 0.9, with_next: bool = False) -> Decoded:
-    """One demux pass over a container: the frames at :func:`second_centres` (resized) and/or the audio
-    resampled to mono ``audio_rate`` Hz (``audio_rate`` None: no audio wanted). ``with_next`` also keeps the
-    video frame that follows each kept one (for TSN-style RGB differences; the last frame is its own successor).
+                     short_side: Optional[int] = 256, min_coverage: float = 0.9, with_next: bool = False,
+                     frame_times: str = "centre", downmix: str = "pyav") -> Decoded:
+    """One demux pass over a container: 1-fps frames (resized) and/or the audio resampled to mono ``audio_rate``
+    Hz (``audio_rate`` None: no audio wanted). ``with_next`` also keeps the video frame that follows each kept one
+    (for TSN-style RGB differences; the last frame is its own successor).
+
+    ``frame_times``: ``centre`` keeps the frame on screen at each of :func:`second_centres`; ``second_start`` keeps
+    every :func:`frame_step`-th decoded frame from the first (the released extraction: the first frame of each
+    second). ``downmix``: ``pyav`` resamples straight to FFmpeg's mono layout (each of two channels x 0.707);
+    ``mean`` and ``first`` resample every channel, then :func:`downmix_channels`.
 
     A video stream that stops before ``min_coverage`` of its declared duration is :class:`Truncated`.
     """
+    if frame_times not in ("centre", "second_start"):
+        raise ValueError(f"frame_times must be centre or second_start, got {frame_times!r}")
     path = check_file(path)
     out = Decoded(sample_rate=audio_rate)
     try:
@@ -171,13 +195,20 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
                 declared = _probe_duration(path, video=True)
             out.duration = declared or 0.0
             out.fps = float(vstream.average_rate) if vstream.average_rate else None
-            targets = second_centres(out.duration)
+            targets = second_centres(out.duration) if frame_times == "centre" else []
+            step = frame_step(out.fps)
             width, height = resized(vstream.codec_context.width, vstream.codec_context.height, short_side)
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=audio_rate) if audio_rate else None
+        own_mix = downmix != "pyav"
+        resampler = None
+        if audio_rate:  # planar float keeps the channels apart for our own downmix
+            resampler = (av.AudioResampler(format="fltp", rate=audio_rate) if own_mix
+                         else av.AudioResampler(format="flt", layout="mono", rate=audio_rate))
         chunks: list[np.ndarray] = []
         prev = None  # the last decoded video frame, shown until the next one starts
         last_time = None
         k = 0
+        index = 0  # decoded video frames so far (second_start)
+        waiting = None  # second_start with with_next: a kept frame waiting for its successor
 
         def rgb(frame) -> np.ndarray:
             return frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
@@ -192,9 +223,20 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
                 for frame in packet.decode():
                     if isinstance(frame, av.AudioFrame):
                         for res in resampler.resample(frame):
-                            chunks.append(res.to_ndarray().reshape(-1))
+                            chunks.append(res.to_ndarray() if own_mix else res.to_ndarray().reshape(-1))
                         continue
                     t = frame.time if frame.time is not None else (0.0 if last_time is None else last_time)
+                    if frame_times == "second_start":
+                        if waiting is not None:
+                            keep(waiting, frame)
+                            waiting = None
+                        if index % step == 0:
+                            out.times.append(t)
+                            if with_next:
+                                waiting = frame
+                            else:
+                                keep(frame, frame)
+                        index += 1
                     while k < len(targets) and t > targets[k]:
                         keep(prev if prev is not None else frame, frame)
                         out.times.append(targets[k])
@@ -206,11 +248,18 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
             # a broken tail: keep what decoded, the coverage check below decides
         if resampler is not None:
             for res in resampler.resample(None):
-                chunks.append(res.to_ndarray().reshape(-1))
-            out.audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+                chunks.append(res.to_ndarray() if own_mix else res.to_ndarray().reshape(-1))
+            if not chunks:
+                out.audio = np.zeros(0, np.float32)
+            elif own_mix:
+                out.audio = downmix_channels(np.concatenate(chunks, axis=1), downmix).astype(np.float32)
+            else:
+                out.audio = np.concatenate(chunks).astype(np.float32)
         if video:
             if prev is None:
                 raise NoVideo(f"{path}: the video stream has no decodable frame")
+            if waiting is not None:  # the last kept frame is its own successor
+                keep(waiting, waiting)
             frame_span = 1.0 / out.fps if out.fps else 0.0
             if out.duration and last_time + frame_span < min_coverage * out.duration:
                 raise Truncated(f"{path}: video stops at {last_time + frame_span:.2f} s of a declared "
@@ -222,16 +271,25 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
     return out
 
 
-def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+# librosa's kaiser_best (resampy) as torchaudio's Kaiser-windowed sinc: the parameters torchaudio's documentation
+# gives for matching it
+KAISER_BEST = {"lowpass_filter_width": 64, "rolloff": 0.9475937167399596, "resampling_method": "sinc_interp_kaiser",
+               "beta": 14.769656459379492}
+
+
+def _resample(wave: np.ndarray, rate: int, target: int, method: str = "sinc") -> np.ndarray:
     if rate == target or wave.size == 0:
         return wave
     import torchaudio.functional as AF
 
-    return AF.resample(torch.from_numpy(wave), rate, target).numpy()
+    options = KAISER_BEST if method == "kaiser_best" else {}
+    return AF.resample(torch.from_numpy(np.ascontiguousarray(wave)), rate, target, **options).numpy()
 
 
-def read_wav(path: Path, sample_rate: int) -> np.ndarray:
-    """A WAV (any soundfile format) as float32 mono at ``sample_rate`` Hz."""
+def read_wav(path: Path, sample_rate: int, downmix: str = "mean", resample: str = "sinc") -> np.ndarray:
+    """A WAV (any soundfile format) as float32 mono at ``sample_rate`` Hz: the channel mean (``downmix`` mean or
+    pyav: soundfile has no FFmpeg mix), or channel 0 (``first``), resampled by ``resample`` (sinc: torchaudio's
+    default; kaiser_best: librosa's before 0.10)."""
     path = check_file(path)
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
@@ -239,7 +297,7 @@ def read_wav(path: Path, sample_rate: int) -> np.ndarray:
         raise Unreadable(f"{path}: not a readable audio file ({err})") from None
     if data.shape[0] == 0:
         raise EmptyAudio(f"{path} holds no audio samples")
-    return _resample(data.mean(axis=1), rate, sample_rate).astype(np.float32)
+    return _resample(downmix_channels(data.T, downmix), rate, sample_rate, resample).astype(np.float32)
 
 
 def check_audio(wave: np.ndarray, sample_rate: int, min_seconds: float, path: Path) -> np.ndarray:

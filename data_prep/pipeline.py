@@ -31,7 +31,8 @@ from data_prep.cache import CacheWriter, Clip, Result
 from data_prep.errors import PrepError, UsageError
 from data_prep.parent import PARENT_ENV, exit_with_parent
 from data_prep.media import check_audio, decode_container, encode_frame, read_wav, MediaError
-from onthefly.data.cache import INDEX_FILE, OK, RECIPE_FILE, SPLITS, read_json, write_json
+from onthefly.data.cache import (DOWNMIX, FRAME_TIMES, INDEX_FILE, OK, RECIPE_FILE, RESAMPLE, SPLITS, read_json,
+                                 write_json)
 from onthefly.progress import bar as progress_bar
 from onthefly.data.cache import audio_recipe as recipes_for
 
@@ -45,6 +46,7 @@ class CommonOptions:
     short_side: int = 256  # frames are stored with at most this short side (0: as decoded)
     jpeg_quality: int = 90
     min_audio_s: float = 0.1  # shorter audio is refused (status audio_too_short)
+    frame_times: str = "centre"  # centre: the frame at the centre of each second | second_start: the first frame of each second (released code)
     overwrite: bool = False  # delete a cache made with another recipe in out_root
     retry_failed: bool = False  # try failed clips again even if their files did not change
     progress: bool = True
@@ -109,6 +111,12 @@ def parse_args(argv: Sequence[str], options_cls: type, usage: str) -> Any:
     opts = options_cls(**values)
     if getattr(opts, "raw_root", None) == "":
         fail("raw_root= is required")
+    if getattr(opts, "frame_times", "centre") not in FRAME_TIMES:
+        fail(f"frame_times: must be one of {', '.join(FRAME_TIMES)}, got {opts.frame_times!r}")
+    if getattr(opts, "downmix", "pyav") not in DOWNMIX:
+        fail(f"downmix: must be one of {', '.join(DOWNMIX)}, got {opts.downmix!r}")
+    if getattr(opts, "resample", "sinc") not in RESAMPLE:
+        fail(f"resample: must be one of {', '.join(RESAMPLE)}, got {opts.resample!r}")
     return opts
 
 
@@ -117,7 +125,7 @@ def default_out(dataset: str) -> Path:
 
 
 def frame_recipe(opts: CommonOptions) -> dict[str, Any]:
-    return {"fps": 1, "times": "centre of each second", "short_side": opts.short_side or None,
+    return {"fps": 1, "times": FRAME_TIMES[opts.frame_times], "short_side": opts.short_side or None,
             "jpeg_quality": opts.jpeg_quality}
 
 
@@ -195,13 +203,15 @@ def process_av(clip: Clip, config: dict) -> Result:
     """An audio-visual clip: the audio recipe (from ``sources['audio']`` if given, else the container's audio
     track) and the 1-fps frames of ``sources['video']`` as JPEG bytes."""
     rec = config["audio"]
-    rate = int(rec["sample_rate"])
+    rate, downmix, resample = int(rec["sample_rate"]), rec.get("downmix", "pyav"), rec.get("resample", "sinc")
+    times = config.get("frame_times", "centre")
     if "audio" in clip.sources:  # a separate file (CREMA-D's WAV): check it before decoding any video
-        wave = check_audio(read_wav(Path(clip.sources["audio"]), rate), rate, config["min_audio_s"],
+        wave = check_audio(read_wav(Path(clip.sources["audio"]), rate, downmix, resample), rate, config["min_audio_s"],
                            Path(clip.sources["audio"]))
-        decoded = decode_container(Path(clip.sources["video"]), short_side=config["short_side"])
+        decoded = decode_container(Path(clip.sources["video"]), short_side=config["short_side"], frame_times=times)
     else:
-        decoded = decode_container(Path(clip.sources["video"]), audio_rate=rate, short_side=config["short_side"])
+        decoded = decode_container(Path(clip.sources["video"]), audio_rate=rate, short_side=config["short_side"],
+                                   frame_times=times, downmix=downmix)
         wave = check_audio(decoded.audio, rate, config["min_audio_s"], Path(clip.sources["video"]))
     array = recipes.compute(wave, rec)
     jpegs = [encode_frame(f, config["jpeg_quality"]) for f in decoded.frames]
@@ -229,7 +239,8 @@ def run_prep(*, dataset: str, clips: list[Clip], out_root: Path, recipe: dict[st
     writer.begin(len(todo))
     by_id = {c.id: c for c in todo}
     config = {**recipe, "short_side": opts.short_side or None, "jpeg_quality": opts.jpeg_quality,
-              "min_audio_s": opts.min_audio_s, "audio": recipe.get("audio")}
+              "min_audio_s": opts.min_audio_s, "audio": recipe.get("audio"),
+              "frame_times": getattr(opts, "frame_times", "centre")}
     results = _results(todo, work, config, workers)
     try:
         with _TermAsException():
@@ -264,7 +275,7 @@ def prep_audio_visual(dataset: str, classes: Sequence[str], options_cls: type, l
     opts = parse_args(argv, options_cls, usage)
     raw = existing_folder(opts.raw_root, "raw_root")
     clips, splits = list_clips(raw, opts)
-    rec = recipes_for(dataset, opts.audio)
+    rec = recipes_for(dataset, opts.audio, getattr(opts, "downmix", "pyav"), getattr(opts, "resample", "sinc"))
     recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
     out = Path(opts.out_root).expanduser() if opts.out_root else default_out(dataset)
     return run_prep(dataset=dataset, clips=clips, out_root=out, recipe=recipe, streams=["visual"],

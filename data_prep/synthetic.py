@@ -47,9 +47,11 @@ def _scene(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 
 def write_video(path: Path, seconds: float, *, size=(64, 48), fps: int = 10, audio_freq: Optional[float] = 440.0,
                 audio_rate: int = 22050, shift: int = 0, noise: float = 0.0, seed: int = 0,
-                textured: bool = False) -> Path:
+                textured: bool = False, right: Optional[np.ndarray] = None, frame_colours: bool = False) -> Path:
     """A clip whose frames are colour_at(second) and whose audio is a sine. ``textured``: the colour tints a
-    smooth scene panning sideways (realistic JPEG sizes); ``noise``: pixel noise of that standard deviation."""
+    smooth scene panning sideways (realistic JPEG sizes); ``noise``: pixel noise of that standard deviation.
+    ``right``: a stereo track, the sine on the left channel and these samples (at ``audio_rate``) on the right.
+    ``frame_colours``: frame i shows colour_at(i) instead (a test can tell which frame of a second was kept)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     vcodec, acodec = CODECS[path.suffix]
@@ -64,10 +66,11 @@ def write_video(path: Path, seconds: float, *, size=(64, 48), fps: int = 10, aud
         astream = None
         if audio_freq is not None and acodec is not None:
             astream = container.add_stream(acodec, rate=audio_rate)
-            astream.layout = "mono"
+            layout = "mono" if right is None else "stereo"
+            astream.layout = layout
         for i in range(int(round(seconds * fps))):
             img = np.empty((h, w, 3), np.uint8)
-            img[:] = colour_at(int(i / fps), shift)
+            img[:] = colour_at(i if frame_colours else int(i / fps), shift)
             if scene is not None:
                 view = scene[:, i : i + w, None]  # pan one pixel per frame
                 img = np.clip(img * (0.6 + 0.4 * view) + 60 * view, 0, 255).astype(np.uint8)
@@ -79,19 +82,23 @@ def write_video(path: Path, seconds: float, *, size=(64, 48), fps: int = 10, aud
         for packet in vs.encode():
             container.mux(packet)
         if astream is not None:
-            wave = sine(audio_freq, seconds, audio_rate)
+            wave = sine(audio_freq, seconds, audio_rate)[None]
+            if right is not None:
+                other = np.zeros(wave.shape[1], np.float32)
+                other[: min(len(right), len(other))] = right[: len(other)]
+                wave = np.concatenate([wave, other[None]])
             fmt = astream.codec_context.format.name  # e.g. fltp (aac) or s16p (mp3)
             step = astream.codec_context.frame_size or 1024
-            for start in range(0, len(wave), step):
-                chunk = wave[start : start + step]
-                if len(chunk) < step:
-                    chunk = np.pad(chunk, (0, step - len(chunk)))
-                data = chunk[None]
+            for start in range(0, wave.shape[1], step):
+                chunk = wave[:, start : start + step]
+                if chunk.shape[1] < step:
+                    chunk = np.pad(chunk, ((0, 0), (0, step - chunk.shape[1])))
+                data = chunk if fmt.endswith("p") else chunk.T.reshape(1, -1)  # planar, or interleaved
                 if fmt.startswith("s16"):
                     data = (data * 32767).astype(np.int16)
                 elif fmt.startswith("s32"):
                     data = (data * 2147483647.0).astype(np.int32)
-                frame = av.AudioFrame.from_ndarray(data, format=fmt, layout="mono")
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout=layout)
                 frame.sample_rate, frame.pts, frame.time_base = audio_rate, start, Fraction(1, audio_rate)
                 for packet in astream.encode(frame):
                     container.mux(packet)

@@ -123,7 +123,7 @@ def _flow_files(folder: Path) -> list[Path]:
 
 def process(clip: Clip, config: dict) -> Result:
     decoded = decode_container(Path(clip.sources["video"]), short_side=config["short_side"],
-                               with_next=bool(config.get("rgb_diff")))
+                               with_next=bool(config.get("rgb_diff")), frame_times=config.get("frame_times", "centre"))
     u_files, v_files = _flow_files(Path(clip.sources["flow_u"])), _flow_files(Path(clip.sources["flow_v"]))
     n_flow = min(len(u_files), len(v_files))
     fps = decoded.fps or 25.0

@@ -40,7 +40,8 @@ SHARDS = "shards"
 @dataclass
 class Options(CommonOptions):
     csv: str = ""  # vggsound.csv (required)
-    audio: str = "ogm_ge"
+    audio: str = "ogm_ge"  # ogm_ge: the whole-clip 129 x 1,251 log spectrogram | segment: the 10-s waveform (CVPR release: a 5-s segment's STFT at load time)
+    downmix: str = "pyav"  # stereo to mono: pyav (FFmpeg, 0.707 each) | mean (librosa) | first (channel 0)
     shard: Optional[str] = None  # i/n: this machine's share
 
 
@@ -117,7 +118,7 @@ def prep(opts: Options) -> dict:
         clips = clips[i::n]
         out = shard_dir(out, i, n)
         splits["shard"] = f"{i}/{n}"
-    rec = audio_recipe(DATASET, opts.audio)
+    rec = audio_recipe(DATASET, opts.audio, opts.downmix)
     recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
     summary = run_prep(dataset=DATASET, clips=clips, out_root=out, recipe=recipe, streams=["visual"],
                        array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=classes, splits=splits,

@@ -98,6 +98,16 @@ def make_cremad(root: Path, per_emotion: int = 2) -> dict:
     return {"raw": root, "lists": lists, "good": good, "bad": bad, "test": sorted(test)}
 
 
+def write_cvpr_cremad_lists(folder: Path, train: Iterable[str], test: Iterable[str]) -> Path:
+    """``train.csv`` and ``test.csv`` as the CVPR 2022 repository ships them (data/CREMAD/): ``<clip>,<EMO>``
+    lines with CRLF line ends."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, names in (("train", train), ("test", test)):
+        (folder / f"{split}.csv").write_bytes("".join(f"{n},{n.split('_')[2]}\r\n" for n in names).encode())
+    return folder
+
+
 def ytid(i: int) -> str:
     """An 11-character YouTube-like id, some with '-' and '_' inside."""
     return f"{'-_'[i % 2]}v{i:03d}_ab-cd"[:11]

@@ -94,7 +94,9 @@ def test_every_option_composes_with_its_own_values(group, option):
     for entry in defaults:
         schema = _schema_named(entry)
         if schema and schema != "backbone_schema":
-            assert base["_target_"].rsplit(".", 1)[-1] == schema[: -len("_schema")]
+            package = entry.split("@", 1)[1] if "@" in entry else "_here_"  # mid-fusion: @interaction, @head
+            node = base if package == "_here_" else _lookup(base, tuple(package.split(".")))
+            assert node["_target_"].rsplit(".", 1)[-1] == schema[: -len("_schema")]
     # the whole config resolves (interpolations, env defaults)
     OmegaConf.to_container(cfg, resolve=True)
 
@@ -174,6 +176,13 @@ def test_backbone_without_a_modality_fails_with_a_clear_message():
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "fusion"])
 def test_fusion_options_instantiate(option):
     cfg = _cfg(f"fusion={option}")
+    if "interaction" in cfg.fusion:  # mid-fusion: an interaction module over the encoders, then its head
+        model = build_model(cfg, ["audio", "visual"], num_classes=3)
+        assert type(model.head).__name__ == cfg.fusion.head._target_.rsplit(".", 1)[-1]
+        assert type(model.interaction).__name__ == cfg.fusion.interaction._target_.rsplit(".", 1)[-1]
+        x = {"audio": torch.randn(2, 1, 64, 32), "visual": torch.randn(2, 2, 3, 32, 32)}
+        assert model(x).shape == (2, 3)
+        return
     feats = {"audio": torch.randn(5, 8), "visual": torch.randn(5, 8)}
     if option.startswith("qa"):  # question-conditioned: the question (and 3 choices) come as context
         head = instantiate(cfg.fusion, feature_dims={"audio": 8, "visual": 8}, num_classes=3,
@@ -186,9 +195,13 @@ def test_fusion_options_instantiate(option):
     assert out.shape == (5, 3)
 
 
+# methods that only work on a particular model (they refuse others with a message; tests/test_complex_models.py)
+METHOD_NEEDS = {"greedy": ("fusion=mmtm",)}
+
+
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "modulation"])
 def test_modulation_options_instantiate_and_set_up(option):
-    cfg = _cfg(f"modulation={option}")
+    cfg = _cfg(f"modulation={option}", *METHOD_NEEDS.get(option, ()))
     method = instantiate(cfg.modulation)
     assert isinstance(method, Modulation)
     assert type(method).__name__ == cfg.modulation._target_.rsplit(".", 1)[-1]
@@ -407,9 +420,28 @@ def test_help_lists_no_schema_as_a_choice():
     assert [line for line in lines if "_schema" in line] == []
 
 
+def _packaged_schemas(defaults: list) -> list:
+    """(package, schema) of the entries that place a schema below the option's node (a mid-fusion option:
+    `- /MMTM_schema@interaction`, `- /LateAverageFusion_schema@head`)."""
+    return [(e.split("@", 1)[1], _schema_named(e)) for e in defaults
+            if _schema_named(e) and "@" in e and e.split("@", 1)[1] != "_here_"]
+
+
 @pytest.mark.parametrize("group,option", SETTING_FILES, ids=[f"{g}={o}" for g, o in SETTING_FILES])
 def test_every_setting_is_listed_with_a_comment_in_its_yaml(group, option):
     raw, defaults = _option_file(group, option)
+    packaged = _packaged_schemas(defaults)
+    if packaged:  # each part lists its own schema's settings, every line of a setting with a comment
+        from hydra.core.config_store import ConfigStore
+
+        for package, name in packaged:
+            settings = set(ConfigStore.instance().load(f"{name}.yaml").node) - {"_target_", "_partial_"}
+            missing = settings - set(raw.get(package) or {})
+            assert not missing, f"conf/{group}/{option}.yaml does not list {sorted(missing)} under {package}"
+        for line in (CONF_DIR / group / f"{option}.yaml").read_text().splitlines():
+            if ":" in line and not line.lstrip().startswith(("#", "-", "defaults:")):
+                assert "#" in line, f"conf/{group}/{option}.yaml: {line.strip()!r} has no comment"
+        return
     schema = _schema_node(group, defaults)
     if schema is None:
         return  # a preset: its keys are listed in the option it starts from

@@ -74,6 +74,20 @@ class SubStepToy(Modulation):
         return TwoSubSteps()
 
 
+class TaggedCopies(Modulation):
+    """Adds two tagged copies of sample 5 (5 + 64 and 5 + 128) and reports an epoch-level scalar at each epoch end."""
+
+    def train_indices(self, epoch):
+        return [*range(64), 5 + 64, 5 + 128]
+
+    def before_forward(self, ctx):
+        CALLS.setdefault("seen", []).extend(zip(ctx.indices.tolist(), ctx.labels.tolist()))
+        CALLS.setdefault("sizes", set()).add((ctx.steps_in_epoch, ctx.train_size))
+
+    def epoch_end(self, ctx):
+        ctx.metrics["twice_epoch"] = torch.tensor(2.0 * ctx.epoch)
+
+
 class LoaderProbe(Modulation):
     """Reads the hooks' loaders once before training."""
 
@@ -158,6 +172,16 @@ def test_a_step_strategy_replaces_the_step(train_run):
     steps = pd.read_csv(out / "steps.csv")
     assert len(CALLS["substeps"]) == 4 and "train/first_loss" in steps.columns
     assert steps["train/first_loss"].notna().all() and results["status"] == "ok"
+
+
+def test_tagged_train_indices_read_their_sample_and_epoch_end_scalars_join_the_epoch_row(train_run):
+    _, out = train_run(_toy("TaggedCopies"))
+    seen = dict(CALLS["seen"])  # index -> label, as the step saw them
+    assert sorted(seen) == [*range(64), 69, 133]
+    assert seen[69] == seen[133] == seen[5]
+    assert CALLS["sizes"] == {(5, 64)}  # 66 samples in batches of 16: 5 steps; the split holds 64
+    epochs = read_metrics(out)
+    assert epochs["train/twice_epoch"].tolist()[:2] == [0.0, 2.0]
 
 
 def test_the_hooks_read_train_in_order_with_indices_and_val(train_run):

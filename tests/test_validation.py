@@ -184,9 +184,9 @@ def test_the_settings_that_may_change_on_resume_come_from_the_schema_flags():
     from omegaconf import OmegaConf
 
     composed = OmegaConf.to_container(compose(["modulation=opm_ogm"]), resolve=True, enum_to_str=True)
-    free = {k for k in may_change_on_resume(composed) if not k.startswith(("logger.", "paths."))}
+    free = {k for k in may_change_on_resume(composed) if not k.startswith(("logger.", "paths.", "trainer.imbalance."))}
     assert free == {
-        "name", "logger", "paths", "trainer.resume", "trainer.progress", "trainer.num_workers", "trainer.device",
+        "name", "logger", "paths", "trainer.imbalance", "trainer.resume", "trainer.progress", "trainer.num_workers", "trainer.device",
         "trainer.threads", "trainer.checkpoint_every_n_steps", "trainer.keep_checkpoints", "trainer.epochs",
         "trainer.eval_test", "trainer.plots", "trainer.save_checkpoint", "trainer.pin_memory",
         "trainer.prefetch_factor", "trainer.compile", "trainer.compile_backend",

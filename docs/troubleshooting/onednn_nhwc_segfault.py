@@ -7,7 +7,10 @@ and reported on an AMD EPYC with avx512f/bw/vl/vnni). The same call passes in NC
 ONEDNN_MAX_CPU_ISA=AVX2 (oneDNN limited to AVX2 kernels). A CPU without AVX-512 never takes that kernel.
 
 In onthefly this is the shortcut convolution of the first stride-2 block of the width-8 ResNet18 (the CPU
-default) on a Kinetics-Sounds fbank input (1 x 1024 x 128 after the stem: 8 x 256 x 32).
+default) on a Kinetics-Sounds fbank input (1 x 1024 x 128 after the stem: 8 x 256 x 32). A model kept in NCHW
+takes the same NHWC kernels when its INPUT has NHWC strides (a decoded HWC image permuted to CHW): PyTorch's
+convolution follows the input's layout. That crashed the visual encoder on CREMA-D's 3 x 224 x 224 frames
+("double free or corruption" in backward), so ResNet18 makes its input contiguous in the model's own layout.
 
     python docs/troubleshooting/onednn_nhwc_segfault.py                        # exit code 139 on affected CPUs
     ONEDNN_MAX_CPU_ISA=AVX2 python docs/troubleshooting/onednn_nhwc_segfault.py   # prints "ok"

@@ -32,7 +32,6 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -40,8 +39,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from onthefly.engine.errors import TrainingError
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from onthefly.resources import CONF_DIR  # noqa: F401  (the configs: conf/ in a checkout, packaged in a wheel)
 
 # Packages whose import registers schemas (each module decorates its classes with @configurable).
 _SCHEMA_MODULES = (
@@ -221,6 +219,30 @@ class WandbMode(str, enum.Enum):
 _Resumable = MAY_CHANGE_ON_RESUME
 
 
+class MetricWhen(str, enum.Enum):
+    """When an imbalance metric is computed (docs/method.md §15)."""
+
+    off = "off"
+    test = "test"  # on the test split, at the end (the selected checkpoint)
+    every_epoch = "every_epoch"  # also on val after every epoch (a curve in metrics.csv / W&B)
+
+
+class SampleValue(str, enum.Enum):
+    scaled = "scaled"  # v_i(S) = |S| * 1[correct] (the valuation method's per-sample value)
+    correct = "correct"  # v_i(S) = 1[correct]
+
+
+@dataclass
+class ImbalanceConfig:
+    """Imbalance and cost metrics of every run (onthefly.engine.imbalance, docs/method.md §15). They measure, they
+    do not train: they may change on a resume."""
+
+    shapley: MetricWhen = MetricWhen.every_epoch
+    sample_value: SampleValue = SampleValue.scaled
+    utilization: MetricWhen = MetricWhen.test
+    cost: bool = True
+
+
 @dataclass
 class TrainerConfig:
     epochs: Annotated[int, Range(ge=1), _Resumable] = 10
@@ -258,6 +280,8 @@ class TrainerConfig:
     resume: Annotated[str, _Resumable] = "never"  # never | auto | path of a checkpoint file
     checkpoint_every_n_steps: Annotated[Optional[int], Range(ge=1), _Resumable] = 500
     keep_checkpoints: Annotated[int, Range(ge=0), _Resumable] = 1
+    # --- what is measured besides the task's metrics ---
+    imbalance: Annotated[ImbalanceConfig, _Resumable] = field(default_factory=ImbalanceConfig)
 
 
 @dataclass
@@ -311,6 +335,10 @@ class Config:
     discrepancy: DiscrepancyConfig = field(default_factory=DiscrepancyConfig)
     seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 0  # numpy's seed range
     name: Annotated[Optional[str], _Resumable] = None  # deprecated alias of logger.name (warns); goes in a release
+    # which protocol's choices the run makes (the fidelity group records its name here; conf/fidelity/) and which
+    # authors' release a preset follows (conf/release/)
+    fidelity: Annotated[str, Choice("clean", "official")] = "clean"
+    release: Annotated[str, Choice("none", "cvpr2022", "tpami2024")] = "none"
 
 
 # --- optimizer / scheduler schemas (torch classes, so written out here) -------------------------------------

@@ -72,8 +72,31 @@ AUDIO_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         # the whole 10-s clip; readers crop 626 frames (5 s): random in training, the centre in evaluation
         "ogm_ge": {"kind": "stft", "sample_rate": 16000, "tile": 160000, "clip": True, "subtract_mean": False,
                    "n_fft": 256, "hop_length": 128, "eps": 1e-7, "shape": [129, 1251], "dtype": "float16"},
+        # the CVPR release's recipe (docs/method.md §9): the first 10 s of the tiled waveform are cached; a reader
+        # takes a `window` of it (5 s, any start in 0..5 s), clips it to [-1, 1] and takes the log-STFT of that
+        # segment alone: 129 x 626
+        "segment": {"kind": "waveform", "sample_rate": 16000, "tile": 160000, "clip": False, "subtract_mean": False,
+                    "window": 80000, "segment_clip": True, "n_fft": 256, "hop_length": 128, "eps": 1e-7,
+                    "shape": [160000], "dtype": "float32"},
     },
 }
+
+# How a multi-channel audio track becomes mono (a prep option, recorded in the recipe as "downmix" when it is not
+# the default): pyav = FFmpeg's mono layout mix (each of two channels x 0.707), mean = the channel mean (librosa,
+# the CVPR CREMA-D / VGGSound recipes), first = channel 0 (the CVPR Kinetics-Sounds fbank, via torchaudio). A WAV
+# read with soundfile has no FFmpeg mix: pyav and mean both average its channels there.
+DOWNMIX = ("pyav", "mean", "first")
+DEFAULT_DOWNMIX = "pyav"
+# How a WAV at another rate is resampled (a prep option, recorded as "resample" when it is not the default):
+# sinc = torchaudio's default windowed sinc; kaiser_best = librosa's default before 0.10 (resampy's kaiser_best,
+# which the CVPR CREMA-D loader used), as torchaudio's Kaiser-windowed sinc with its parameters.
+RESAMPLE = ("sinc", "kaiser_best")
+# the audio prep options and their defaults (a recipe records only those that differ)
+AUDIO_PREP_DEFAULTS = {"downmix": DEFAULT_DOWNMIX, "resample": "sinc"}
+# Which frames the prep caches (recipe.json "frames.times"; a prep option): `centre` = the frame on screen at the
+# centre of each second (DATA.md); `second_start` = every int(fps)-th decoded frame from the first, i.e. the first
+# frame of each second as the released extraction scripts count seconds.
+FRAME_TIMES = {"centre": "centre of each second", "second_start": "first frame of each second"}
 
 # The make target that builds each dataset's cache (named in every refusal).
 PREP_COMMANDS = {
@@ -91,14 +114,20 @@ class CacheMismatchError(CacheMissingError):
     """The cache exists but was made with a recipe (or split) other than the config asks for."""
 
 
-def audio_recipe(dataset: str, name: str) -> dict[str, Any]:
-    """The recipe's parameters, with its name, as recorded in ``recipe.json``."""
+def audio_recipe(dataset: str, name: str, downmix: str = DEFAULT_DOWNMIX, resample: str = "sinc") -> dict[str, Any]:
+    """The recipe's parameters, with its name (and its downmix and resampler where they are not the defaults), as
+    recorded in ``recipe.json``."""
     try:
         params = AUDIO_RECIPES[dataset][name]
     except KeyError:
         known = sorted(AUDIO_RECIPES.get(dataset, {}))
         raise ValueError(f"{dataset} has no audio recipe {name!r}; known: {known}") from None
-    return {"name": name, **params}
+    if downmix not in DOWNMIX:
+        raise ValueError(f"downmix must be one of {list(DOWNMIX)}, got {downmix!r}")
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample must be one of {list(RESAMPLE)}, got {resample!r}")
+    chosen = {"downmix": downmix, "resample": resample}
+    return {"name": name, **params, **{k: v for k, v in chosen.items() if v != AUDIO_PREP_DEFAULTS[k]}}
 
 
 def prep_command(dataset: str, root: Path | str, extra: str = "") -> str:
@@ -342,15 +371,18 @@ class CacheReader:
                 have = have.get(part) if isinstance(have, dict) else None
             if isinstance(have, dict) and isinstance(want, dict) and have.get("name") != want.get("name"):
                 diffs.append((f"{key}.name", have.get("name"), want.get("name")))  # another recipe altogether
+                diffs += [(f"{key}.{k}", have.get(k), want.get(k)) for k in AUDIO_PREP_DEFAULTS
+                          if have.get(k) != want.get(k)]
             elif isinstance(have, dict) and isinstance(want, dict):
                 diffs += [(f"{key}.{k}", have.get(k), want.get(k)) for k in sorted(set(have) | set(want), key=str)
                           if _normal(have.get(k)) != _normal(want.get(k))]
             elif _normal(have) != _normal(want):
                 diffs.append((key, have, want))
         if diffs:
-            lines = "\n".join(f"  {k}: cache has {h!r}, config asks for {w!r}" for k, h, w in diffs)
-            args = " ".join(dict.fromkeys(fix[k.split(".")[0] if k.split(".")[0] in fix else k]
-                                          for k, _, _ in diffs if k in fix or k.split(".")[0] in fix))
+            lines = "\n".join(f"  {k}: cache has {_shown(k, h)}, config asks for {_shown(k, w)}" for k, h, w in diffs)
+            wanted = dict.fromkeys(fix[k] if k in fix else fix[k.split(".")[0]]
+                                   for k, _, _ in diffs if k in fix or k.split(".")[0] in fix)
+            args = make_args(list(wanted))
             raise CacheMismatchError(
                 f"The {self.dataset} cache at {self.root} was prepared differently from what the config asks:\n"
                 f"{lines}\nEither change the config to match the cache, or build a matching cache (into another "
@@ -389,6 +421,24 @@ class CacheReader:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _shown(key: str, value: Any) -> str:
+    option = key.rsplit(".", 1)[-1]
+    if value is None and key.startswith("audio.") and option in AUDIO_PREP_DEFAULTS:
+        return f"{AUDIO_PREP_DEFAULTS[option]!r} (the default, not recorded)"
+    return repr(value)
+
+
+def make_args(parts: list[str]) -> str:
+    """Make-variable assignments with every ``ARGS=...`` joined into one (make keeps only the last ARGS)."""
+    plain = [p for p in parts if not p.startswith("ARGS=")]
+    extra = [p[len("ARGS="):] for p in parts if p.startswith("ARGS=")]
+    if len(extra) > 1:
+        plain.append(f'ARGS="{" ".join(extra)}"')
+    elif extra:
+        plain.append(f"ARGS={extra[0]}")
+    return " ".join(plain)
 
 
 def _normal(value: Any) -> Any:

@@ -6,6 +6,7 @@ time where the recipe says so) and T JPEG frames chosen by :mod:`onthefly.data.s
 through the train or evaluation frame transform. UCF-101's RGB and optical flow share one crop and one flip
 (the flip negates the horizontal flow u).
 """
+import enum
 import io
 import logging
 from dataclasses import dataclass
@@ -20,13 +21,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from onthefly.config import NonNegativeInt, PositiveInt, Range
+from onthefly.data.audio import log_spectrogram
 from onthefly.data.base import DataSplits, EmptySplitError
-from onthefly.data.cache import CacheReader, audio_recipe
+from onthefly.data.cache import AUDIO_PREP_DEFAULTS, FRAME_TIMES, CacheReader, audio_recipe, make_args, prep_command
+from onthefly.data.loaders import mix_seed
 from onthefly.data.sampling import Sampling, crop_start, frame_indices
 from onthefly.data.transforms import IMAGENET_MEAN, IMAGENET_STD, FrameTransform, random_resized_crop_box
 
 log = logging.getLogger("onthefly")
 
+FIX_ONLY = object()  # see ClipCache.recipe_checks
 FLOW_MEAN, FLOW_STD = 0.5, 0.226  # flow JPEGs: 128 = no motion; (x / 255 - 0.5) / 0.226, so a flip negates u exactly
 
 
@@ -79,6 +83,46 @@ class RGBFlowTransform:
         return rgb_out, flow_out, diff
 
 
+# --- the options that reproduce the released loaders (docs/method.md §9; conf/fidelity/ sets them) -----------
+class FrameTimes(str, enum.Enum):
+    centre = "centre"  # the frame at the centre of each second (DATA.md)
+    second_start = "second_start"  # the first frame of each second (the released extraction scripts)
+
+
+class FrameCrops(str, enum.Enum):
+    shared = "shared"  # one crop box and flip per clip
+    per_frame = "per_frame"  # each frame its own (the CVPR VGGSound / Kinetics-Sounds loaders)
+
+
+class EvalResize(str, enum.Enum):
+    squash = "squash"  # Resize((S, S))
+    crop = "crop"  # Resize(S) + CenterCrop(S) (the journal's Kinetics-Sounds loader)
+
+
+class Downmix(str, enum.Enum):
+    pyav = "pyav"  # FFmpeg's mono mix (each of two channels x 0.707)
+    mean = "mean"  # the channel mean (librosa)
+    first = "first"  # channel 0 (torchaudio's kaldi fbank)
+
+
+class Resample(str, enum.Enum):
+    sinc = "sinc"  # torchaudio's default
+    kaiser_best = "kaiser_best"  # librosa's default before 0.10 (the CVPR CREMA-D loader)
+
+
+class AudioEvalWindow(str, enum.Enum):
+    centre = "centre"  # the centred window
+    random = "random"  # a random window per clip (seeded: the same in every evaluation), as the CVPR VGGSound loader
+
+
+def waveform_segment_spectrogram(wave: np.ndarray, recipe: dict, start: int) -> np.ndarray:
+    """The ``waveform`` recipe at load time: ``recipe['window']`` samples from ``start``, clipped to [-1, 1], ->
+    log(|STFT| + eps) of that segment alone (the CVPR VGGSound loader): float32 [n_fft / 2 + 1, frames]."""
+    seg = torch.from_numpy(np.ascontiguousarray(wave[start : start + int(recipe["window"])], dtype=np.float32))
+    spec = log_spectrogram(seg, int(recipe["n_fft"]), int(recipe["hop_length"]), float(recipe["eps"]))
+    return spec.numpy()
+
+
 class CachedClips(Dataset):
     """One split of a cache: items {modality: tensor, "label": int, "index": int}.
 
@@ -96,6 +140,9 @@ class CachedClips(Dataset):
         self.modalities = list(options.modalities)
         self.train, self.num_frames, self.sampling = train, options.num_frames, Sampling(options.sampling)
         self.audio_crop = getattr(options, "audio_crop", None)  # only datasets with audio have this option
+        self.audio_recipe = reader.recipe.get("audio") or {}
+        # where the audio window is random: training, and evaluation under audio_eval_window=random
+        self.random_window = train or getattr(options, "audio_eval_window", "centre") == AudioEvalWindow.random
         self.streams = reader.streams
         # UCF-101's streams are decoded together for one shared crop and flip
         self.joint = bool({"flow", "rgb_diff"} & set(self.modalities))
@@ -103,7 +150,9 @@ class CachedClips(Dataset):
         if self.joint:
             self.transform = RGBFlowTransform(train, options.image_size, scale)
         else:
-            self.transform = FrameTransform(train, options.image_size, scale)
+            per_frame = getattr(options, "frame_crops", FrameCrops.shared) == FrameCrops.per_frame
+            eval_resize = EvalResize(getattr(options, "eval_resize", EvalResize.squash)).value
+            self.transform = FrameTransform(train, options.image_size, scale, per_frame, eval_resize)
         # plain arrays: a DataLoader worker reads them without touching pandas
         self._parts = self.rows["array_part"].to_numpy()
         self._array_rows = self.rows["array_row"].to_numpy()
@@ -116,10 +165,22 @@ class CachedClips(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _window_start(self, i: int, total: int, size: int) -> int:
+        """Where a window of ``size`` starts in ``total``: random in training (the item's seeded stream), the centre
+        in evaluation, or under audio_eval_window=random a random start fixed per clip (its own generator, so the
+        evaluation stays deterministic and the global stream untouched)."""
+        if self.train or not self.random_window:
+            return crop_start(total, size, self.train)
+        generator = torch.Generator().manual_seed(mix_seed(0x5E6, i))
+        return crop_start(total, size, True, generator)
+
     def _audio(self, i: int) -> torch.Tensor:
         x = np.array(self.reader.array(int(self._parts[i]), int(self._array_rows[i])), dtype=np.float32)  # a copy
+        if self.audio_recipe.get("kind") == "waveform":  # the segment's spectrogram, computed here
+            window = int(self.audio_recipe["window"])
+            x = waveform_segment_spectrogram(x, self.audio_recipe, self._window_start(i, x.shape[-1], window))
         if self.audio_crop is not None and x.shape[-1] > self.audio_crop:
-            start = crop_start(x.shape[-1], self.audio_crop, self.train)
+            start = self._window_start(i, x.shape[-1], self.audio_crop)
             x = x[..., start : start + self.audio_crop]
         return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0)
 
@@ -190,20 +251,30 @@ class ClipCache:
 
     def recipe_checks(self) -> dict[str, tuple[Any, str]]:
         """What the cache's recipe.json must hold for these options: {dotted key: (value, the prep argument
-        that makes such a cache)}. Subclasses add theirs."""
+        that makes such a cache)}; a value of ``FIX_ONLY`` only names the prep argument for a key compared as part
+        of another (a field of the ``audio`` recipe). Subclasses add theirs."""
         return {"dataset": (self.name, ""),
                 "frames.short_side": (self.frame_short_side, f"ARGS=short_side={self.frame_short_side}")}
 
+    def usable_rows(self, ok: pd.DataFrame) -> pd.DataFrame:
+        """The cache's usable rows this dataset reads (a subclass may leave some out)."""
+        return ok
+
+    def prep_args(self) -> list[str]:
+        """The prep arguments (make variables) a cache for these options needs beyond the defaults, for the
+        command a missing cache's message names."""
+        return [] if self.frame_short_side == 256 else [f"ARGS=short_side={self.frame_short_side}"]
+
     def open(self) -> CacheReader:
-        reader = CacheReader(self.root, self.name)
+        reader = CacheReader(self.root, self.name, prep_command(self.name, self.root, make_args(self.prep_args())))
         checks = self.recipe_checks()
-        reader.check({key: value for key, (value, _) in checks.items()},
+        reader.check({key: value for key, (value, _) in checks.items() if value is not FIX_ONLY},
                      {key: arg for key, (_, arg) in checks.items() if arg})
         return reader
 
     def splits(self) -> DataSplits:
         reader = self.open()
-        ok = reader.ok_rows().reset_index(drop=True)
+        ok = self.usable_rows(reader.ok_rows()).reset_index(drop=True)
         classes = reader.classes
         lookup = {c: i for i, c in enumerate(classes)}
         unknown = sorted(set(ok["label"]) - set(lookup))
@@ -229,21 +300,61 @@ class ClipCache:
 @dataclass(eq=False)
 class AudioClipCache(ClipCache):
     """A clip cache with a spectrogram per clip, computed by the prep with the named ``audio_recipe`` (the
-    cache must hold that one); each sample takes ``audio_crop`` frames of its time axis (null: all of them)."""
+    cache must hold that one); each sample takes ``audio_crop`` frames of its time axis (null: all of them).
+
+    The options that reproduce the released loaders (docs/method.md §9), each on its own (their defaults are the
+    clean protocol): ``frame_times`` and ``downmix`` say how the cache was prepared (checked against its recipe);
+    ``frame_crops``, ``eval_resize``, ``audio_eval_window`` and ``min_frames`` act at load time.
+    """
 
     audio_recipe: str = ""
     audio_crop: Annotated[Optional[int], Range(ge=1)] = None
+    frame_times: FrameTimes = FrameTimes.centre
+    downmix: Downmix = Downmix.pyav
+    frame_crops: FrameCrops = FrameCrops.shared
+    eval_resize: EvalResize = EvalResize.squash
+    audio_eval_window: AudioEvalWindow = AudioEvalWindow.centre
+    min_frames: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.frame_times, self.downmix = FrameTimes(self.frame_times), Downmix(self.downmix)
+        self.frame_crops, self.eval_resize = FrameCrops(self.frame_crops), EvalResize(self.eval_resize)
+        self.audio_eval_window = AudioEvalWindow(self.audio_eval_window)
         audio_recipe(self.name, self.audio_recipe)  # an unknown recipe name fails here, before any file is read
         if self.audio_crop is not None and self.audio_crop < 1:
             raise ValueError(f"dataset.audio_crop must be at least 1 (or null: the whole spectrogram), got "
                              f"{self.audio_crop}")
 
     def recipe_checks(self) -> dict[str, tuple[Any, str]]:
-        return {**super().recipe_checks(),
-                "audio": (audio_recipe(self.name, self.audio_recipe), f"AUDIO={self.audio_recipe}")}
+        checks = {**super().recipe_checks(),
+                  "audio": (audio_recipe(self.name, self.audio_recipe, **self.audio_prep()), f"AUDIO={self.audio_recipe}"),
+                  "frames.times": (FRAME_TIMES[self.frame_times.value], f"ARGS=frame_times={self.frame_times.value}")}
+        for option, value in self.audio_prep().items():  # compared within "audio"; named for the fix
+            checks[f"audio.{option}"] = (FIX_ONLY, f"ARGS={option}={value}")
+        return checks
+
+    def prep_args(self) -> list[str]:
+        args = super().prep_args()
+        if self.audio_recipe != type(self).audio_recipe:  # the dataset's default recipe
+            args.append(f"AUDIO={self.audio_recipe}")
+        if self.frame_times is not FrameTimes.centre:
+            args.append(f"ARGS=frame_times={self.frame_times.value}")
+        args += [f"ARGS={k}={v}" for k, v in self.audio_prep().items() if v != AUDIO_PREP_DEFAULTS[k]]
+        return args
+
+    def audio_prep(self) -> dict[str, str]:
+        """The prep's audio options these options ask for (``audio_recipe``'s keyword arguments)."""
+        return {"downmix": self.downmix.value}
+
+    def usable_rows(self, ok: pd.DataFrame) -> pd.DataFrame:
+        if self.min_frames > 1 and "visual" in self.modalities:
+            short = ok["n_frames"] < self.min_frames
+            if short.any():
+                log.info("%s: %d clips with fewer than %d frames left out (dataset.min_frames)", self.name,
+                         int(short.sum()), self.min_frames)
+            ok = ok[~short]
+        return ok
 
 
 def split_positions(split: np.ndarray, root: Path, unit: str, val_fraction: float,

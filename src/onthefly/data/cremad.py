@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from onthefly.config import PositiveInt, configurable
-from onthefly.data.clips import AudioClipCache
+from onthefly.data.clips import AudioClipCache, Resample
 
 
 @configurable("dataset")
@@ -24,9 +24,26 @@ class CremaD(AudioClipCache):
     num_frames: PositiveInt = 1
     audio_recipe: str = "ogm_ge"
     split: Optional[str] = None
+    resample: Resample = Resample.sinc
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.resample = Resample(self.resample)
+
+    def audio_prep(self) -> dict[str, str]:
+        return {**super().audio_prep(), "resample": self.resample.value}
+
+    def prep_args(self) -> list[str]:
+        args = super().prep_args()
+        if self.split == "lists":
+            args.append("SPLITS=/path/to/lists")
+        elif self.split is not None and self.split != "random":
+            args.append(f"SPLIT={self.split}")
+        return args
 
     def recipe_checks(self) -> dict[str, tuple[Any, str]]:
         checks = super().recipe_checks()
         if self.split is not None:
-            checks["splits.mode"] = (self.split, f"SPLIT={self.split}")
+            fix = "SPLITS=/path/to/lists" if self.split == "lists" else f"SPLIT={self.split}"
+            checks["splits.mode"] = (self.split, fix)
         return checks

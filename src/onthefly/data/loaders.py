@@ -63,13 +63,18 @@ class SampleSeeded(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
+        """The item of ``(epoch, index)``. An index past the end, ``i + k * len`` (a method's tagged copy of sample
+        i, see ``Modulation.train_indices``), reads sample i and reports the tagged index."""
         epoch, index = key
         state = torch.get_rng_state()  # CPU generator only: CUDA streams stay untouched
         torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
         try:
-            return self.dataset[index]
+            item = self.dataset[index % len(self.dataset)]
         finally:
             torch.set_rng_state(state)
+        if index >= len(self.dataset):
+            item = {**item, "index": index}
+        return item
 
 
 @dataclass

@@ -51,7 +51,12 @@ def probe(model, splits, device, batch_size: int = 256) -> dict[str, dict]:
 
     Returns {modality: {"acc", "val_acc", "l2"}}."""
     (ftr, ytr), (fva, yva), (fte, yte) = (_features(model, splits, device, batch_size, s) for s in ("train", "val", "test"))
-    return {m: linear_probe((ftr[m], ytr), (fva[m], yva), (fte[m], yte), splits.num_classes) for m in model.modalities}
+
+    def vec(f):  # token features [N, T, d] (attention fusion) are probed through their mean token
+        return f.flatten(1, -2).mean(1) if f.dim() > 2 else f
+
+    return {m: linear_probe((vec(ftr[m]), ytr), (vec(fva[m]), yva), (vec(fte[m]), yte), splits.num_classes)
+            for m in model.modalities}
 
 
 def robustness(model, splits, device, ratios: Iterable[float] = RATIOS, batch_size: int = 256, seed: int = 0,

@@ -146,7 +146,8 @@ def robustness_curve(
         removed = torch.zeros(n, dtype=torch.bool, device=labels.device)
         removed[order[: int(round(r * n))]] = True
         f = dict(feats)
-        f[modality] = torch.where(removed[:, None], torch.zeros_like(f[modality]), f[modality])
+        gone = removed.view(-1, *([1] * (f[modality].dim() - 1)))  # features of any rank (tokens: [N, T, d])
+        f[modality] = torch.where(gone, torch.zeros_like(f[modality]), f[modality])
         accs.append(accuracy(task.class_logits(head(f)), labels))
     return accs
 

@@ -32,10 +32,11 @@ from onthefly.engine import checkpoint as ckpt
 from onthefly.engine import distributed as ddp
 from onthefly.engine.distributed import DistInfo
 from onthefly.engine.errors import TrainingError
-from onthefly.engine.evaluation import evaluate, iterate, metrics_from_features
+from onthefly.engine.evaluation import extract_features, iterate, metrics_from_features
+from onthefly.engine.imbalance import ImbalanceMetrics
 from onthefly.logging import RunLogger
 from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, StepContext
-from onthefly.modulation.discrepancy import discrepancy
+from onthefly.modulation.discrepancy import discrepancy, ratios
 from onthefly.progress import bar as progress_bar
 from onthefly.tasks import Task, build_task
 
@@ -62,6 +63,17 @@ class TrainForward(nn.Module):
 
     def forward(self, ctx: StepContext, fn) -> torch.Tensor:
         return fn(ctx)
+
+
+class _Unimodal(nn.Module):
+    """A head's uni-modal logits as a module call (so torch.func.functional_call can hold its weights fixed)."""
+
+    def __init__(self, head: nn.Module, estimator):
+        super().__init__()
+        self.head, self.estimator = head, estimator
+
+    def forward(self, feats: dict) -> dict:
+        return self.head.unimodal_logits(feats, self.estimator)
 
 
 class Trainer:
@@ -106,6 +118,8 @@ class Trainer:
         self.schedule = modulation.schedule() or EpochSchedule()
         self.phase, self.phase_epoch = self.schedule.phase(0), 0  # the optimizer's groups were made for this epoch
         self._train_indices = None  # the sample list of the current training loader (None: the whole split)
+        self._steps_in_epoch: Optional[int] = None
+        self.imbalance = ImbalanceMetrics(self, self.tc.imbalance)  # Shapley, utilisation, cost (trainer.imbalance)
         self.forward_module: nn.Module = TrainForward(self, model, self.extra)
         if self.dist.enabled:
             self.forward_module = nn.parallel.DistributedDataParallel(
@@ -167,9 +181,31 @@ class Trainer:
         return len(found) if limit is None else min(limit, len(found))
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
-        return StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
-                           modalities=self.modalities, device=self.device, batches=self._batches,
-                           num_batches=self._num_batches, phase=self.phase)
+        ctx = StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
+                          modalities=self.modalities, device=self.device, batches=self._batches,
+                          num_batches=self._num_batches, phase=self.phase, shared_rng=lambda: self._rng(3),
+                          steps_in_epoch=self._steps_in_epoch, train_size=len(self.splits["train"]))
+        ctx.discrepancy_of = lambda feats: self.discrepancy_with_grad(feats, ctx.labels, ctx.keep)
+        return ctx
+
+    def discrepancy_with_grad(self, feats: dict, labels: torch.Tensor,
+                              keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_m, ρ_m) of ``feats`` as :meth:`joint_loss` computes them, but differentiable w.r.t. the features, the
+        head's weights held fixed (a hook that needs the gradient of ρ, docs/method.md §9). Under DDP the value is
+        the global one and the gradient this rank's share times the world size, so that DDP's mean over ranks
+        gives a single process's gradient on the whole batch."""
+        head = self.model.head
+        fixed = {f"head.{n}": p.detach() for n, p in head.named_parameters()}
+        logits = torch.func.functional_call(_Unimodal(head, self.estimator), fixed, (feats,))
+        idx = labels.view(-1, 1)
+        weight = None if keep is None else keep.all(dim=1).float()  # as joint_loss: altered samples leave the scores
+        probs = [torch.softmax(self.task.class_logits(z).float(), dim=1).gather(1, idx).squeeze(1)
+                 for z in logits.values()]
+        local = torch.stack([(p if weight is None else p * weight).sum() for p in probs])
+        if self._all_reduce is not None:
+            world = self.dist.world_size
+            local = world * local - (world - 1) * local.detach() + (self._all_reduce(local) - local).detach()
+        return local, ratios(local, self.cfg.discrepancy.reduce)
 
     def _rng(self, phase: int):
         """Under DDP: the forward hooks draw from a stream of this rank's own (phase 1: OPM's masks differ between
@@ -194,12 +230,17 @@ class Trainer:
                 detached = {m: f.detach() for m, f in ctx.features.items()}
                 ctx.unimodal = {m: task.class_logits(z)
                                 for m, z in model.head.unimodal_logits(detached, self.estimator).items()}
+                # samples whose forward a method altered (a modality dropped inside the model) leave the scores
+                weight = None if ctx.keep is None else ctx.keep.all(dim=1)
                 ctx.scores, ctx.rho = discrepancy(ctx.unimodal, labels, self.cfg.discrepancy.reduce,
-                                                  all_reduce=self._all_reduce)
+                                                  all_reduce=self._all_reduce, weight=weight)
             ctx.log_per_modality("rho", ctx.rho)
             ctx.log_per_modality("acc", torch.stack([(z.argmax(1) == labels).float().mean() for z in ctx.unimodal.values()]))
         hooks.on_features(ctx)
         ctx.logits = model.head(ctx.features)
+        terms = getattr(model.head, "training_terms", None)
+        if terms is not None:  # a head's own loss terms (CentralNet's branch classifiers)
+            terms(ctx, task)
         hooks.after_forward(ctx)
         per_sample = task.loss(ctx.logits, labels, ctx.features)
         if ctx.sample_weight is None:
@@ -281,6 +322,7 @@ class Trainer:
         batches_in_epoch = math.ceil(sampler.num_samples / self.local_batch)
         limit = self.tc.limit_train_batches
         total = batches_in_epoch if limit is None else min(limit, batches_in_epoch)
+        self._steps_in_epoch = total
         sampler.start = min(start * self.local_batch, sampler.num_samples)
         every = self.tc.checkpoint_every_n_steps
         try:
@@ -288,7 +330,8 @@ class Trainer:
                                total=max(total - start, 0), desc=f"epoch {epoch}", leave=False,
                                enabled=self.tc.progress and self.dist.is_main)
             for step, (inputs, labels, indices) in enumerate(bar, start=start):
-                values = self.train_step(self._ctx(epoch, step), inputs, labels, indices)
+                with self.imbalance.counting() if step == start else contextlib.nullcontext():  # its FLOPs
+                    values = self.train_step(self._ctx(epoch, step), inputs, labels, indices)
                 self.global_step += 1
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -333,10 +376,11 @@ class Trainer:
             ddp.broadcast_buffers(self.model, self.dist)
             feats, labels = ddp.gathered_features(self.model, self.loaders[split], self.device,
                                                   self.tc.limit_eval_batches, self.dist)
-            m = metrics_from_features(self.model.head, feats, labels, self.estimator, self.task)
         else:
-            m = evaluate(self.model, self.loaders[split], self.device, self.estimator, self.tc.limit_eval_batches,
-                         self.task, progress=self.tc.progress, desc=split)
+            feats, labels = extract_features(self.model, self.loaders[split], self.device, self.tc.limit_eval_batches,
+                                             progress=self.tc.progress, desc=split)
+        m = metrics_from_features(self.model.head, feats, labels, self.estimator, self.task)
+        m.update(self.imbalance.on_split(split, feats, labels))
         return {f"{split}/{k}": v for k, v in m.items()}
 
     def fit(self) -> dict:
@@ -361,7 +405,12 @@ class Trainer:
             if select == "test":
                 row.update(self.metrics_on("test"))
             self.scheduler.step()
-            self.modulation.epoch_end(self._ctx(epoch, 0))
+            end = self._ctx(epoch, 0)
+            self.modulation.epoch_end(end)
+            if end.metrics:  # the method's epoch-level quantities (one host sync)
+                values = torch.stack([torch.as_tensor(v, device=self.device).detach().float()
+                                      for v in end.metrics.values()]).tolist()
+                row.update({f"train/{k}": v for k, v in zip(end.metrics, values)})
             row["time/epoch_s"] = time.time() - te
             score = row[f"{select}/acc"]
             if self.best is None or score > self.best["score"]:
@@ -383,6 +432,7 @@ class Trainer:
             test = self.metrics_on("test")
             results["test"] = {k.split("/", 1)[1]: v for k, v in test.items()}
             self.logger.log_test(test, self.tc.epochs)
+        results.update(self.imbalance.results(results))
         return results
 
     # --- checkpoints ------------------------------------------------------------------------------------------
@@ -410,6 +460,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "modulation": self.modulation.state_dict(),
+            "imbalance": self.imbalance.state_dict(),
             "best": self.best,
             "best_state": self.best_state,
             "history": self.history,
@@ -434,6 +485,7 @@ class Trainer:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.modulation.load_state_dict(state["modulation"])
+        self.imbalance.load_state_dict(state.get("imbalance", {}))
         self.global_step, self.nonfinite_steps = state["global_step"], state["nonfinite_steps"]
         self.overflow_steps = state.get("overflow_steps", 0)
         self.best, self.best_state, self.history = state["best"], state["best_state"], list(state["history"])

@@ -11,7 +11,9 @@ metrics.csv        epoch: ``epoch``, ``lr``, ``train/<scalar>`` (the epoch's MEA
                    ``epoch`` = trainer.epochs, with the selected checkpoint's ``test/<metric>`` (its other columns
                    empty).
 results.json       the run: ``best`` {epoch, score, split}, ``test`` {metric: value of the selected checkpoint},
-                   ``last`` (the last epoch's row), status, times, config, ``wandb`` {id, project, group, ...}.
+                   ``last`` (the last epoch's row), status, times, config, ``wandb`` {id, project, group, ...};
+                   ``cost`` (parameters, FLOPs per step) and ``imbalance`` (the test split's Shapley and utilisation
+                   values under ``shapley/<m>``, ``cur/<m'>_given_<m>``, ... and ``cost/<name>``: docs/method.md §15).
 =================  =============================================================================================
 
 W&B (each key has one meaning and one x-axis, see :data:`WANDB_AXES`):
@@ -23,7 +25,7 @@ history, per epoch ``epoch``, and at x = ``epoch``: ``train_epoch/<scalar>`` (th
 summary            the SELECTED checkpoint: ``best/epoch``, ``best/score`` (its val accuracy, or the selection
                    split's), ``best/split``; ``val/<metric>`` and ``train_epoch/<scalar>`` of that epoch;
                    ``test/<metric>`` of that checkpoint (test metrics are never history rows); ``train_time_s``,
-                   ``nonfinite_steps``
+                   ``nonfinite_steps``; results.json's ``imbalance`` keys (``shapley/<m>``, ``cost/<name>``, ...)
 =================  =============================================================================================
 """
 from __future__ import annotations
@@ -71,4 +73,5 @@ def summary_for_wandb(results: dict, history: list[dict]) -> dict:
     for key in ("train_time_s", "nonfinite_steps", "overflow_steps"):
         if key in results:
             out[key] = results[key]
+    out.update(results.get("imbalance") or {})  # shapley/<m>, cur/..., cost/<name> (docs/method.md §15)
     return out

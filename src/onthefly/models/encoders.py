@@ -72,15 +72,48 @@ class ResNet18(nn.Module):
         self.out_dim = 8 * width
         init_weights(self)
 
+    # --- stage-wise API (mid-fusion models run two encoders in lockstep; docs/method.md §10) -------------------
+    # The stages are the modules the plain forward runs, so parameter names and checkpoints are unchanged.
+    num_stages = 4
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        """Output channels of layer1..layer4."""
+        return tuple(self.layers[2 * i + 1].conv2.out_channels for i in range(self.num_stages))
+
+    def fold(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(input as a 4-D batch, frames per clip T): [B, T, C, H, W] frames are folded to [B·T, C, H, W]; a
+        [B, C, H, W] input (a spectrogram) has T = 1."""
+        t = 1
+        if x.dim() == 5:
+            t = x.shape[1]
+            x = x.flatten(0, 1)
+        # the input in the model's memory format: NHWC when the model was moved to channels_last, else NCHW. A
+        # decoded image is HWC underneath, and an NHWC-strided input would make PyTorch run an NCHW model through
+        # NHWC convolution kernels, whose AVX-512 oneDNN backward crashes on some shapes (docs/troubleshooting)
+        nhwc = self.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format), t
+
+    def stage(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """Stage ``index`` on a folded batch: 0 = the stem, 1..4 = layer1..layer4 (two BasicBlocks each)."""
+        if index == 0:
+            return self.stem(h)
+        if not 1 <= index <= self.num_stages:
+            raise IndexError(f"ResNet18 has stages 0 (stem) to {self.num_stages}, got {index}")
+        first = 2 * (index - 1)
+        return self.layers[first + 1](self.layers[first](h))
+
+    @staticmethod
+    def pool(h: torch.Tensor, frames: int) -> torch.Tensor:
+        """Global average of a folded map [B·T, C, H, W] over time and space -> [B, C] (the plain forward's output)."""
+        pooled = h.mean(dim=(2, 3))
+        return pooled.view(-1, frames, pooled.shape[1]).mean(dim=1) if frames > 1 else pooled
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frames = x.dim() == 5
-        if frames:
-            b, t = x.shape[:2]
-            x = x.flatten(0, 1)
-        if self.stem[0].weight.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)  # the model was moved to channels_last
+        x, t = self.fold(x)
         h = self.layers(self.stem(x)).mean(dim=(2, 3))  # [B*T, D]
-        return h.view(b, t, -1).mean(dim=1) if frames else h
+        return h.view(-1, t, h.shape[-1]).mean(dim=1) if frames else h
 
 
 @configurable("encoder")

@@ -42,6 +42,14 @@ class FusionHead(nn.Module):
         stacked.update({k: torch.cat([v] * len(mods)) for k, v in feats.items() if k not in stacked})
         return dict(zip(mods, self.forward(stacked).split(b)))
 
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        """The head's parameters that act on ``modality`` alone (a per-branch classifier); [] if none."""
+        return []
+
+    def training_terms(self, ctx, task) -> None:
+        """Called once per training step after the fused logits: a head with loss terms of its own (CentralNet's
+        branch losses) adds them to ``ctx.extra_losses`` and may log into ``ctx.metrics``. Default: none."""
+
     def unimodal_logits(self, feats: Dict[str, torch.Tensor], estimator: Estimator | str = Estimator.natural):
         if Estimator(estimator) is Estimator.zero_out:
             return self.zero_out_unimodal(feats)
@@ -91,12 +99,46 @@ class SumFusion(FusionHead):
         return {m: self.fc[m](feats[m]) for m in self.modalities}
 
 
-class _TwoModalityHead(FusionHead):
-    """Heads in which one modality (``condition``) modulates the other's per-branch logits."""
+@configurable("fusion", runtime=("feature_dims", "num_classes"))
+class LateAverageFusion(FusionHead):
+    """f = (1/M) Σ_m (W_m φ_m + b_m): one classifier per modality, logits averaged (the MMTM and Greedy models).
+    Uni-modal: each branch's own logits, not divided by M."""
 
     natural_estimator = "branch"
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None):
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int):
+        super().__init__(feature_dims, num_classes)
+        self.branch = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in feature_dims.items()})
+        init_weights(self)
+
+    def forward(self, feats):
+        return sum(self.branch[m](feats[m]) for m in self.modalities) / len(self.modalities)
+
+    def natural_unimodal(self, feats):
+        return {m: self.branch[m](feats[m]) for m in self.modalities}
+
+    def modality_parameters(self, modality: str) -> list[nn.Parameter]:
+        return list(self.branch[modality].parameters())
+
+
+class FusionLevel(str, enum.Enum):
+    logit = "logit"  # the conditioning acts on per-modality branch logits (our default heads)
+    feature = "feature"  # the conditioning acts on the features, as the CVPR 2022 release builds FiLM and gated
+
+
+class _TwoModalityHead(FusionHead):
+    """Heads in which one modality (``condition``) modulates the other (the target).
+
+    ``level=logit``: on per-branch logits z_m = W_m φ_m + b_m, which are also the uni-modal logits (``branch``
+    estimator). ``level=feature``: on the features themselves, as the CVPR 2022 release builds these heads (docs/method.md
+    §9); there is no per-modality branch, so the uni-modal logits are zero-out estimates (the release's W-slice of
+    its output layer does not fit these shapes).
+    """
+
+    natural_estimator = "branch"
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None,
+                 level: FusionLevel = FusionLevel.logit):
         super().__init__(feature_dims, num_classes)
         if len(feature_dims) != 2:
             raise ValueError(
@@ -107,39 +149,73 @@ class _TwoModalityHead(FusionHead):
         if self.cond not in feature_dims:
             raise ValueError(f"fusion.condition={self.cond!r} is not one of the modalities {self.modalities}")
         self.target = next(m for m in self.modalities if m != self.cond)
-        self.branch = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in feature_dims.items()})
+        self.level = FusionLevel(level)
+        if self.level is FusionLevel.logit:
+            self.branch = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in feature_dims.items()})
+        else:
+            self.natural_estimator = "zero_out"
 
     def natural_unimodal(self, feats):
+        if self.level is FusionLevel.feature:
+            return self.zero_out_unimodal(feats)
         return {m: self.branch[m](feats[m]) for m in self.modalities}
 
 
 @configurable("fusion", runtime=("feature_dims", "num_classes"))
 class FiLMFusion(_TwoModalityHead):
-    """f = γ(φ_c) ⊙ z_t + z_c: the conditioning modality c scales the target's branch logits z_t = W_t φ_t + b_t
-    feature-wise (γ = 1 + W_γ φ_c) and adds its own branch logits z_c. Uni-modal: the branches z_c, z_t."""
+    """FiLM, conditioned on modality c (``condition``), of the target t.
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None):
-        super().__init__(feature_dims, num_classes, condition)
-        self.gamma = nn.Linear(feature_dims[self.cond], num_classes)
-        init_weights(self)
-        nn.init.zeros_(self.gamma.weight)  # start as plain sum fusion
+    ``level=logit`` (default): f = γ(φ_c) ⊙ z_t + z_c, the branch logits z_t = W_t φ_t + b_t scaled feature-wise
+    (γ = 1 + W_γ φ_c) plus the conditioning branch z_c. Uni-modal: the branches z_c, z_t.
+    ``level=feature`` (the CVPR 2022 release): γ, β = split(W φ_c + b) with W: d_c -> 2 d_t, f = W_out (γ ⊙ φ_t + β)
+    + b_out. Uni-modal: zero-out.
+    """
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None,
+                 level: FusionLevel = FusionLevel.logit):
+        super().__init__(feature_dims, num_classes, condition, level)
+        if self.level is FusionLevel.logit:
+            self.gamma = nn.Linear(feature_dims[self.cond], num_classes)
+            init_weights(self)
+            nn.init.zeros_(self.gamma.weight)  # start as plain sum fusion
+        else:
+            d_t = feature_dims[self.target]
+            self.film = nn.Linear(feature_dims[self.cond], 2 * d_t)
+            self.out = nn.Linear(d_t, num_classes)
+            init_weights(self)
 
     def forward(self, feats):
+        if self.level is FusionLevel.feature:
+            gamma, beta = self.film(feats[self.cond]).chunk(2, dim=1)
+            return self.out(gamma * feats[self.target] + beta)
         z_c, z_t = self.branch[self.cond](feats[self.cond]), self.branch[self.target](feats[self.target])
         return (1 + self.gamma(feats[self.cond])) * z_t + z_c
 
 
 @configurable("fusion", runtime=("feature_dims", "num_classes"))
 class GatedFusion(_TwoModalityHead):
-    """f = W_o (σ(z_c) ⊙ z_t) + b_o: the conditioning modality's branch logits gate the target's (the CVPR
-    paper's gated baseline, on branch logits). Uni-modal: the branches z_c, z_t."""
+    """Gated fusion, the conditioning modality c (``condition``) gating the target t.
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None):
-        super().__init__(feature_dims, num_classes, condition)
-        self.out = nn.Linear(num_classes, num_classes)
+    ``level=logit`` (default): f = W_o (σ(z_c) ⊙ z_t) + b_o on the branch logits. Uni-modal: the branches.
+    ``level=feature`` (the CVPR 2022 release): u_m = W_m φ_m + b_m (width ``hidden``, null: the target's feature
+    width), f = W_out (σ(u_c) ⊙ u_t) + b_out. Uni-modal: zero-out.
+    """
+
+    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None,
+                 level: FusionLevel = FusionLevel.logit, hidden: Optional[PositiveInt] = None):
+        super().__init__(feature_dims, num_classes, condition, level)
+        if self.level is FusionLevel.logit:
+            self.out = nn.Linear(num_classes, num_classes)
+        else:
+            width = hidden or feature_dims[self.target]
+            self.proj = nn.ModuleDict({m: nn.Linear(d, width) for m, d in feature_dims.items()})
+            self.out = nn.Linear(width, num_classes)
         init_weights(self)
 
     def forward(self, feats):
+        if self.level is FusionLevel.feature:
+            gate = torch.sigmoid(self.proj[self.cond](feats[self.cond]))
+            return self.out(gate * self.proj[self.target](feats[self.target]))
         gate = torch.sigmoid(self.branch[self.cond](feats[self.cond]))
         return self.out(gate * self.branch[self.target](feats[self.target]))
 

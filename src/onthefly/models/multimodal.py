@@ -1,8 +1,10 @@
-"""The multimodal model: one encoder per modality (by name), optional context encoders, and a fusion head.
+"""The multimodal model: one encoder per modality (by name), optional context encoders, an optional interaction
+module (mid-fusion: the modalities exchange information inside the encoders), and a fusion head.
 
-``encode(inputs)`` returns one dict: each modality's features (the ones OGM/OPM balance), each context input's
-encoding (AVQA's question: what the head is asked, never balanced), and every other input entry unchanged
-(side targets such as MOSI's score, which the task reads). Heads read the keys they know.
+``encode(inputs, ctx)`` returns one dict: each modality's features (the ones OGM/OPM balance), each context
+input's encoding (AVQA's question: what the head is asked, never balanced), every other input entry unchanged
+(side targets such as MOSI's score, which the task reads), and any side entries the interaction adds. Heads read
+the keys they know.
 """
 from __future__ import annotations
 
@@ -12,15 +14,17 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from onthefly.config import ConfigError
 from onthefly.models.fusion import FusionHead
 
 
 class MultimodalModel(nn.Module):
     def __init__(self, encoders: Dict[str, nn.Module], head: FusionHead, context: Optional[Dict[str, nn.Module]] = None,
-                 passthrough: Iterable[str] = ()):
+                 passthrough: Iterable[str] = (), interaction: Optional[nn.Module] = None):
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         self.context = nn.ModuleDict(context or {})
+        self.interaction = interaction  # None: late fusion (no parameter of its own, state_dict unchanged)
         self.head = head
         self.passthrough = list(passthrough)
 
@@ -35,13 +39,29 @@ class MultimodalModel(nn.Module):
 
     @property
     def feature_dims(self) -> Dict[str, int]:
+        if self.interaction is not None:
+            return dict(self.interaction.feature_dims)
         return {m: enc.out_dim for m, enc in self.encoders.items()}
+
+    @property
+    def reads_keep_masks(self) -> bool:
+        """True when the interaction applies a method's keep masks (``ctx.keep``) inside the forward (MMTM)."""
+        return bool(getattr(self.interaction, "reads_keep_masks", False))
+
+    @property
+    def shares_parameters(self) -> bool:
+        """True when the modalities' feature paths share parameters (a shared transformer)."""
+        return bool(getattr(self.interaction, "shares_parameters", False))
 
     def encode(self, inputs: Dict[str, Any], ctx: Any = None) -> Dict[str, torch.Tensor]:
         """Features of every modality and context input, plus the passed-through entries. ``ctx``: the training
-        step's context (None at evaluation), for models whose modules read the step's state (e.g. a method's
-        keep masks inside a mid-fusion model); these plain encoders ignore it."""
-        out = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+        step's context (None at evaluation), the one argument through which a method reaches inside the forward:
+        the interaction reads ``ctx.keep`` (OPM's keep masks) and ``ctx.curation`` (Greedy's curated branch) and may
+        log into ``ctx.metrics``; plain encoders ignore it."""
+        if self.interaction is not None:
+            out = self.interaction(self.encoders, inputs, ctx)
+        else:
+            out = {m: enc(inputs[m]) for m, enc in self.encoders.items()}
         out.update({k: enc(inputs[k]) for k, enc in self.context.items()})
         out.update({k: inputs[k] for k in self.passthrough if k in inputs})
         return out
@@ -89,14 +109,24 @@ def build_model(cfg, modalities: list[str], num_classes: int, *, encoder_args: O
     runtime: dict[str, Any] = {"feature_dims": {m: e.out_dim for m, e in encoders.items()}, "num_classes": num_classes}
     if context_encoders:
         runtime["context_dims"] = {k: e.out_dim for k, e in context_encoders.items()}
+    head_cfg, interaction = cfg.fusion, None
+    if "interaction" in cfg.fusion:  # mid-fusion: conf/fusion/<name>.yaml names an interaction module and a head
+        try:
+            interaction = instantiate(cfg.fusion.interaction, encoders=encoders)
+        except Exception as err:  # noqa: BLE001 (Hydra wraps the module's refusal of the setting; give that one)
+            if not isinstance(err.__cause__, ConfigError):
+                raise
+            raise ConfigError(str(err.__cause__)) from err
+        runtime.update(feature_dims=dict(interaction.feature_dims), **interaction.head_args)
+        head_cfg = cfg.fusion.head
     try:
-        head = instantiate(cfg.fusion, **runtime)
+        head = instantiate(head_cfg, **runtime)
     except Exception as err:  # noqa: BLE001 (Hydra wraps the TypeError of an unexpected argument)
         if "context_dims" not in runtime:
             raise
         raise ValueError(f"fusion head {cfg.fusion._target_} cannot use the dataset's context inputs {context} "
                          f"({err}); use a question-conditioned head (fusion=qa).") from err
-    return MultimodalModel(encoders, head, context_encoders, passthrough)
+    return MultimodalModel(encoders, head, context_encoders, passthrough, interaction)
 
 
 def model_for(cfg, modalities: list[str], splits, task) -> MultimodalModel:

@@ -14,10 +14,12 @@ Once, when the run is built (before the optimizer exists):
 Per epoch:
     train_start(ctx)            once before the very first epoch (not again after a resume)
     epoch_start(ctx)            before each epoch's first step (not when a run resumes in the middle of that epoch)
-    epoch_end(ctx)              after each epoch's validation
+    epoch_end(ctx)              after each epoch's validation; scalars it writes into ctx.metrics join the epoch's
+                                row (metrics.csv `train/<name>`)
     train_indices(epoch)        the training samples of the coming epoch (None: the whole train split once)
 In each training step (the default step; a step strategy calls the same hooks through the trainer):
-    before_forward(ctx)   inputs, labels and sample indices are set
+    before_forward(ctx)   inputs, labels and sample indices are set; may set ctx.keep / ctx.curation, which the
+                          model's interaction module reads inside the forward (mid-fusion models)
     on_features(ctx)      encoder features, uni-modal logits, scores and ρ are set; may edit ctx.features
                           (OPM drops them), ctx.sample_weight (samples to leave out of the loss)
     after_forward(ctx)    fused logits are set; may add ctx.extra_losses and set ctx.loss_weight
@@ -32,9 +34,9 @@ everything its hooks change (a resumed run must equal an uninterrupted one).
 from __future__ import annotations
 
 import abc
-
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -65,6 +67,18 @@ class StepContext:
     batches: Optional[Callable[..., Iterator[tuple]]] = None
     num_batches: Optional[Callable[[str], int]] = None  # how many batches batches(split) yields (limits applied)
     phase: str = "train"  # the epoch's phase (EpochSchedule.phase)
+    steps_in_epoch: Optional[int] = None  # the epoch's number of training steps (schedules within an epoch)
+    train_size: Optional[int] = None  # N, the number of samples in the train split (tagged train_indices)
+    # runs a block on an RNG stream that every data-parallel rank shares (one draw per global batch; in one
+    # process: the global stream, unchanged)
+    shared_rng: Callable[[], ContextManager] = contextlib.nullcontext
+    # (s_m, ρ_m) of given features as the loop computes them (estimator, task, ρ reduction, scores summed over
+    # ranks), differentiable w.r.t. the features with the head's weights held fixed (None outside a training step)
+    discrepancy_of: Optional[Callable[[Dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]] = None
+    # what a method hands the model for this step's forward (set in before_forward; model.encode reads them):
+    keep: Optional[torch.Tensor] = None  # [B, M] bool: modalities kept per sample (OPM inside a mid-fusion model);
+    #                                      samples with a dropped modality are left out of the scores and ρ
+    curation: Optional[str] = None  # the modality whose branch this step curates (Greedy; None: a regular step)
 
     def log_per_modality(self, name: str, values: torch.Tensor) -> None:
         for m, v in zip(self.modalities, values.detach().unbind(0)):
@@ -181,7 +195,9 @@ class Modulation:
 
     def train_indices(self, epoch: int) -> Optional[Iterable[int]]:
         """The train-split indices of ``epoch``, repeats allowed (None: every sample once). Must follow from the
-        method's state, so that a resumed run rebuilds the same loader."""
+        method's state, so that a resumed run rebuilds the same loader. To tell its repeats apart, a method may tag
+        an entry: ``i + k * N`` (N the split's size, k >= 0) reads sample i, and the step sees ``i + k * N`` in
+        ``ctx.indices`` (each tagged copy also gets its own augmentation draw)."""
         return None
 
     def train_start(self, ctx: StepContext) -> None: ...

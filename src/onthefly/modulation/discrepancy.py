@@ -14,12 +14,15 @@ from onthefly.config import RhoReduce
 EPS = 1e-8
 
 
-def scores(unimodal_logits: Dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """s_m = Σ_i softmax(z_m,i)[y_i], stacked in the dict's modality order -> [M] float32."""
+def scores(unimodal_logits: Dict[str, torch.Tensor], labels: torch.Tensor,
+           weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """s_m = Σ_i w_i softmax(z_m,i)[y_i] (w_i = 1 unless ``weight`` [B] is given: 0 leaves sample i out), stacked in
+    the dict's modality order -> [M] float32."""
     idx = labels.view(-1, 1)
-    return torch.stack(
-        [torch.softmax(z.detach().float(), dim=1).gather(1, idx).sum() for z in unimodal_logits.values()]
-    )
+    probs = [torch.softmax(z.detach().float(), dim=1).gather(1, idx).squeeze(1) for z in unimodal_logits.values()]
+    if weight is not None:
+        probs = [p * weight.to(p.dtype) for p in probs]
+    return torch.stack([p.sum() for p in probs])
 
 
 def ratios(s: torch.Tensor, reduce: RhoReduce | str = RhoReduce.pairwise, eps: float = EPS) -> torch.Tensor:
@@ -49,9 +52,11 @@ def discrepancy(
     labels: torch.Tensor,
     reduce: RhoReduce | str = RhoReduce.pairwise,
     all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [M], ρ [M]) for one batch; ``all_reduce`` sums the scores over data-parallel ranks."""
-    s = scores(unimodal_logits, labels)
+    """(scores [M], ρ [M]) for one batch; ``all_reduce`` sums the scores over data-parallel ranks; ``weight`` [B]
+    weighs the samples (0: left out)."""
+    s = scores(unimodal_logits, labels, weight)
     if all_reduce is not None:
         s = all_reduce(s)
     return s, ratios(s, reduce)

@@ -15,10 +15,15 @@ class OPMOGM(Modulation):
         self.opm, self.ogm = opm, ogm
 
     def setup(self, model, num_classes: int) -> None:
+        self.opm.setup(model, num_classes)
         self.ogm.setup(model, num_classes)
+
+    def before_forward(self, ctx: StepContext) -> None:
+        self.opm.before_forward(ctx)
 
     def on_features(self, ctx: StepContext) -> None:
         self.opm.on_features(ctx)
+        self.ogm.on_features(ctx)
 
     def after_backward(self, ctx: StepContext) -> None:
         self.ogm.after_backward(ctx)

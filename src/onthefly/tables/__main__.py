@@ -7,6 +7,10 @@
                                       and say which jobs failed, are still running or were never run
   report NAME                         a W&B report for the table (offline: its specification as JSON)
 
+Every command takes --fidelity clean|official (default: the spec's own, its `fidelity` key): the protocol the
+table's cells run under (docs/method.md §9). A fidelity other than clean keeps its runs and tables in
+experiments/results/<NAME>/<fidelity>/ and its W&B runs in the group <NAME>-<fidelity>.
+
 Launchers (conf/hydra/launcher/): serial (one job after another in one process), parallel (joblib, local
 processes), local (submitit on this machine), slurm (submitit, one Slurm job array). Outputs go to
 experiments/results/<NAME>/: table.md, table.tex, table.csv, summary.csv, records.csv, table.png, plots/*.png; the
@@ -20,7 +24,7 @@ import sys
 from pathlib import Path
 
 from onthefly.tables import aggregate, render, sweep
-from onthefly.tables.spec import EXPERIMENTS_DIR, SpecError, load_spec, projected_hours, spec_path
+from onthefly.tables.spec import EXPERIMENTS_DIR, FIDELITIES, SpecError, load_spec, projected_hours, spec_path
 
 
 def _seeds(text, spec):
@@ -33,7 +37,7 @@ def cmd_list(args) -> int:
     status = 0
     for path in sorted(EXPERIMENTS_DIR.glob("*.yaml")):
         try:
-            spec = load_spec(path)
+            spec = load_spec(path, args.fidelity)
         except SpecError as err:
             print(f"{path.stem:<16} INVALID: {err}")
             status = 2
@@ -45,7 +49,7 @@ def cmd_list(args) -> int:
         data = sorted({c.col.id + ("" if not c.no_data else " (no data)") for c in cells})
         print(f"{spec.name:<16} {len(spec.rows)} rows × {len(spec.columns)} cols, seeds {spec.seeds}, "
               f"{counts[sweep.DONE]}/{len(jobs)} runs done{', ' + extra if extra else ''}  [{', '.join(data)}]")
-        print(f"{'':<16} {spec.title}")
+        print(f"{'':<16} {spec.heading}")
         hours = projected_hours(spec, args.throughput)
         known = {c: h for c, h in hours.items() if h is not None}
         if known:
@@ -70,7 +74,8 @@ def status_lines(spec, cells, results: Path) -> list[str]:
                      + ", ".join(j.name for j in started[:10]) + (" …" if len(started) > 10 else ""))
     todo = [j for j in jobs if j.state == sweep.TODO]
     if todo:
-        lines.append(f"{len(todo)} job(s) never run: `make reproduce-table-{spec.name}` runs them")
+        make = f"make reproduce-table-{spec.name}{_make_fidelity(spec)}"
+        lines.append(f"{len(todo)} job(s) never run: `{make}` runs them")
     no_data = [j for j in jobs if j.state == sweep.NO_DATA]
     if no_data:
         lines.append(f"{len(no_data)} job(s) wait for data (see the table's notes)")
@@ -90,18 +95,18 @@ def build(spec, results: Path, seeds, source: str = "local", project: str = "ont
         jobs = sweep.all_jobs(cells)
     summary = aggregate.summarise(spec, records, seeds=seeds, jobs=jobs, source=source)
     wide = render.wide_table(spec, summary)
-    out = results / spec.name
+    out = results / spec.folder
     out.mkdir(parents=True, exist_ok=True)
     markdown = render.to_markdown(wide)
     footer = _footer(spec, seeds, source)
-    (out / "table.md").write_text(f"### {spec.title}\n\n{markdown}\n\n{footer}\n")
-    (out / "table.tex").write_text(render.to_latex(wide, spec.title, spec.name) + "\n")
+    (out / "table.md").write_text(f"### {spec.heading}\n\n{markdown}\n\n{footer}\n")
+    (out / "table.tex").write_text(render.to_latex(wide, spec.heading, spec.group) + "\n")
     wide.to_csv(out / "table.csv")
     summary.to_csv(out / "summary.csv", index=False)
     records.to_csv(out / "records.csv", index=False)
     pngs = [p for p in [render.table_png(spec, summary, out / "table.png")] if p]
     pngs += render.spec_plots(spec, records, out / "plots")
-    log(f"\n### {spec.title}\n\n{markdown}\n\n{footer}\n")
+    log(f"\n### {spec.heading}\n\n{markdown}\n\n{footer}\n")
     if source == "local":
         for line in status_lines(spec, cells, results):
             log(line)
@@ -112,11 +117,26 @@ def build(spec, results: Path, seeds, source: str = "local", project: str = "ont
     return {"summary": summary, "wide": wide, "markdown": markdown, "pngs": pngs, "cells": cells}
 
 
+def _make_fidelity(spec) -> str:
+    """The make variable that selects the table's fidelity, where it is not the spec's default."""
+    return "" if spec.fidelity == spec.default_fidelity else f" FIDELITY={spec.fidelity}"
+
+
+def _selection(spec) -> str:
+    """Where the rows' checkpoints were selected: val (clean), test (official, as the released code)."""
+    chosen = {spec.row_fidelity(r) for r in spec.rows}
+    if chosen == {"clean"}:
+        return "checkpoint selected on val"
+    if "clean" not in chosen:
+        return "checkpoint selected on TEST, as the released code does (fidelity official)"
+    return "checkpoint selected on val (clean rows) or on TEST (official rows)"
+
+
 def _footer(spec, seeds, source) -> str:
     pub = f"; paper: {spec.published_source} {spec.published_table}" if spec.published_source else ""
-    return (f"Protocol {spec.protocol or '—'}; mean ± std (population) over seeds {','.join(map(str, seeds))} "
-            f"((n=k): a cell with only k of them; [k]: see the notes); test split, checkpoint selected on val; "
-            f"source: {source}{pub}. {spec.notes}".strip())
+    return (f"Protocol {spec.protocol or '—'}, fidelity {spec.fidelity_text}; mean ± std (population) over seeds "
+            f"{','.join(map(str, seeds))} ((n=k): a cell with only k of them; [k]: see the notes); test split, "
+            f"{_selection(spec)}; source: {source}{pub}. {spec.notes}".strip())
 
 
 def _log_table(spec, wide, pngs, project, entity, mode, out: Path) -> None:
@@ -125,9 +145,9 @@ def _log_table(spec, wide, pngs, project, entity, mode, out: Path) -> None:
     from onthefly.logging.sinks import open_wandb_run
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    run, _ = open_wandb_run(out, {"table": spec.name}, {"mode": mode, "project": project, "entity": entity,
-                                                         "group": spec.name, "job_type": "table",
-                                                         "name": f"table:{spec.name}"})
+    run, _ = open_wandb_run(out, {"table": spec.name, "fidelity": spec.fidelity_text},
+                            {"mode": mode, "project": project, "entity": entity, "group": spec.group,
+                             "job_type": "table", "name": f"table:{spec.group}"})
     if run is None:
         return
     try:
@@ -151,7 +171,7 @@ def _launch_overrides(args) -> list[str]:
 
 def cmd_run(args) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")  # the analyses resume each run's W&B run: keep it quiet
-    spec = load_spec(spec_path(args.name))
+    spec = load_spec(spec_path(args.name), args.fidelity)
     seeds = _seeds(args.seeds, spec)
     extra = _launch_overrides(args)
     results = Path(args.results)
@@ -171,7 +191,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_build(args) -> int:
-    spec = load_spec(spec_path(args.name))
+    spec = load_spec(spec_path(args.name), args.fidelity)
     build(spec, Path(args.results), _seeds(args.seeds, spec), args.source, args.project, args.entity, args.wandb)
     return 0
 
@@ -179,7 +199,7 @@ def cmd_build(args) -> int:
 def cmd_report(args) -> int:
     from onthefly.tables import report
 
-    spec = load_spec(spec_path(args.name))
+    spec = load_spec(spec_path(args.name), args.fidelity)
     return report.make_report(spec, Path(args.results), project=args.project, entity=args.entity,
                               offline=args.offline)
 
@@ -195,6 +215,9 @@ def main(argv=None) -> int:
     for name in ("run", "build", "report"):
         p = sub.add_parser(name)
         p.add_argument("name", help="table spec name (experiments/<name>.yaml)")
+    for p in sub.choices.values():
+        p.add_argument("--fidelity", default=None, choices=list(FIDELITIES),
+                       help="clean (ours) | official (the released code's choices); default: the spec's own")
         p.add_argument("--project", default="onthefly")
         p.add_argument("--entity", default=None)
     for name in ("run", "build"):

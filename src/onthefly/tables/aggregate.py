@@ -13,9 +13,8 @@ from typing import Iterable, Optional
 
 import pandas as pd
 
-from onthefly.tables.spec import TableSpec
-
-PUBLISHED_CSV = Path(__file__).resolve().parents[3] / "experiments" / "published_results.csv"
+from onthefly.resources import PUBLISHED_CSV
+from onthefly.tables.spec import IMBALANCE_PREFIXES, TableSpec
 ID_COLUMNS = ["table", "row", "col", "seed"]
 
 
@@ -32,6 +31,7 @@ def record_from_run_dir(run_dir: Path) -> Optional[dict]:
     rec = {f"test/{k}": v for k, v in (results.get("test") or {}).items()}
     rec.update({f"best/{k}": v for k, v in (results.get("best") or {}).items() if k in ("epoch", "score")})
     rec.update({k: v for k, v in (results.get("last") or {}).items() if k.startswith(("train/", "val/"))})
+    rec.update({k: v for k, v in (results.get("imbalance") or {}).items() if isinstance(v, (int, float))})
     probe = run_dir / "probe.json"
     if probe.exists():
         rec.update({f"probe/acc_{m}": r["acc"] for m, r in json.loads(probe.read_text()).items()})
@@ -50,7 +50,7 @@ def record_from_run_dir(run_dir: Path) -> Optional[dict]:
 def local_records(spec: TableSpec, results: Path, seeds: Optional[Iterable[int]] = None) -> pd.DataFrame:
     rows = []
     for row, col in spec.run_cells():
-        cell = results / spec.name / "runs" / f"{row.id}__{col.id}"
+        cell = results / spec.folder / "runs" / f"{row.id}__{col.id}"
         for s in seeds if seeds is not None else spec.seeds:
             rec = record_from_run_dir(cell / f"seed{s}")
             if rec is not None:
@@ -59,7 +59,8 @@ def local_records(spec: TableSpec, results: Path, seeds: Optional[Iterable[int]]
 
 
 def wandb_records(spec: TableSpec, api, project: str, entity: Optional[str] = None) -> pd.DataFrame:
-    """Records from W&B runs of group = table name; row and column come from the run's tags.
+    """Records from W&B runs of the table's group (its name, ``<name>-<fidelity>`` beyond clean); row and column
+    come from the run's tags.
 
     ``api`` is a ``wandb.Api()`` (or anything with the same ``runs(path, filters=...)`` method whose runs have
     ``.tags``, ``.config``, ``.summary`` and ``.state``).
@@ -67,7 +68,7 @@ def wandb_records(spec: TableSpec, api, project: str, entity: Optional[str] = No
     path = f"{entity}/{project}" if entity else project
     row_ids, col_ids = {r.id for r in spec.rows}, {c.id for c in spec.columns}
     rows = []
-    for run in api.runs(path, filters={"group": spec.name}):
+    for run in api.runs(path, filters={"group": spec.group}):
         if getattr(run, "state", "finished") != "finished":
             continue
         tags = set(run.tags or [])
@@ -76,7 +77,8 @@ def wandb_records(spec: TableSpec, api, project: str, entity: Optional[str] = No
             continue
         summary = dict(run.summary)
         values = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                  and k.split("/")[0] in ("test", "best", "probe", "robustness", "estimator", "val", "train")}
+                  and k.split("/")[0] in ("test", "best", "probe", "robustness", "estimator", "val", "train",
+                                          *IMBALANCE_PREFIXES)}
         rows.append({"table": spec.name, "row": row.pop(), "col": col.pop(), "seed": run.config.get("seed"),
                      **values, "run_dir": f"wandb:{path}/{run.id}"})
     return pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
@@ -172,7 +174,7 @@ def summarise(spec: TableSpec, records: pd.DataFrame, published: Optional[dict] 
         sub = records[(records["row"] == src) & (records["col"] == col.id)] if len(records) else records
         for key in spec.value_keys(row):
             values = pd.to_numeric(sub[key], errors="coerce") if key in sub else pd.Series(dtype=float)
-            vals = values.dropna() * 100
+            vals = values.dropna() * (1 if key.startswith("cost/") else 100)  # counts stay counts
             have = sorted(int(s) for s in sub.loc[vals.index, "seed"]) if len(vals) else []
             missing = [s for s in seeds if s not in have]
             pub = published.get((row.id, col.id, key))

@@ -115,7 +115,7 @@ def table_png(spec: TableSpec, summary: pd.DataFrame, path: Path) -> Optional[Pa
         ax.grid(axis="y", alpha=0.3)
         if pub.notna().any():
             ax.legend(fontsize=7)
-    fig.suptitle(spec.title, fontsize=9)
+    fig.suptitle(spec.heading, fontsize=9)
     return _save(fig, path)
 
 

@@ -61,18 +61,20 @@ def report_spec(spec: TableSpec, results: Path, project: str = "onthefly", entit
         panels.append({"kind": "val_acc", "title": METRICS["val_acc"]["title"], "x": METRICS["val_acc"]["x"],
                        "y": [METRICS["val_acc"]["key"]], "groupby": GROUP_BY})
         sections.append({"column": col.id, "label": col.label or col.id,
-                         "filter": {"group": spec.name, "tag": col.id}, "panels": panels})
-    table_md = results / spec.name / "table.md"
+                         "filter": {"group": spec.group, "tag": col.id}, "panels": panels})
+    table_md = results / spec.folder / "table.md"
+    make_fidelity = "" if spec.fidelity == spec.default_fidelity else f" FIDELITY={spec.fidelity}"
     return {
-        "title": spec.title[:128],
-        "description": f"Runs of `make reproduce-table-{spec.name}` (W&B group {spec.name}), by dataset and method.",
+        "title": spec.heading[:128],
+        "description": f"Runs of `make reproduce-table-{spec.name}{make_fidelity}` (W&B group {spec.group}), by "
+                       "dataset and method.",
         "project": project,
         "entity": entity,
-        "group": spec.name,
+        "group": spec.group,
         "sections": sections,
-        "runs_table": {"filter": {"group": spec.name}},
+        "runs_table": {"filter": {"group": spec.group}},
         "published_vs_ours": table_md.read_text() if table_md.exists() else
-        f"(no table yet: run `make build-table-{spec.name}` and then this command again)",
+        f"(no table yet: run `make build-table-{spec.name}{make_fidelity}` and then this command again)",
         "metrics": METRICS,
     }
 
@@ -124,7 +126,7 @@ def make_report(spec: TableSpec, results: Path, project: str = "onthefly", entit
     from onthefly.logging.sinks import wandb_logged_in
 
     rspec = report_spec(spec, results, project, entity)
-    path = results / spec.name / "report.json"
+    path = results / spec.folder / "report.json"
     if offline:
         write_offline(rspec, path, "offline (--offline)", spec.name)
         return 0

@@ -1,22 +1,26 @@
 """Expand a table spec into training jobs, launch every missing one at once, and run the post-training analyses.
 
-One job per (row, column, seed), written to ``<results>/<table>/runs/<row>__<column>/seed<k>/``. A job's state is
+One job per (row, column, seed), written to ``<results>/<table>/runs/<row>__<column>/seed<k>/`` (under a fidelity
+other than clean: ``<results>/<table>/<fidelity>/runs/...``, see `spec.py`). A job's state is
 read from its folder (:func:`job_state`): done (results.json status ok), failed (status failed: the error is
 kept), started (a folder without a result: still running, queued on a cluster, or stopped) or to do.
 
 All the jobs to run go into ONE Hydra multirun, so a Slurm launch is one job array: each job becomes a generated
 preset ``<results>/<table>/launch/experiment/table_job/<job>.yaml`` (a ``# @package _global_`` config that
-includes the column's experiment preset, selects the cell's group options, sets its values, the seed, the W&B
-group / tags / job type and its output folder), the folder is added with ``hydra.searchpath``, and the multirun
-sweeps ``experiment`` over the job names. The launcher is one of the repository's presets
+includes the column's experiment preset, selects the cell's group options, its fidelity among them, and its
+``table_cell`` option, whose values file ``table_cell/values/<job>.yaml`` holds the cell's values, the seed, the
+W&B group / tags / job type; conf/config.yaml applies it after fidelity's options, so a cell's own value wins over
+them as on a command line), the folder is added with ``hydra.searchpath``, and the multirun sweeps
+``experiment`` over the job names; jobs of different fidelities share one multirun. The launcher is one of the repository's presets
 (conf/hydra/launcher/: serial, parallel, local, slurm), and every table job resumes from its own newest checkpoint
 (``trainer.resume=auto``), so a preempted, timed-out or interrupted job continues where it stopped.
 
 A failed job is not run again unless asked (``retry_failed``): a job that fails deterministically would fail
-again. W&B: group = table name, tags = [row, column], job_type = row.
+again. W&B: group = table name (+ ``-<fidelity>`` beyond clean), tags = [row, column], job_type = row.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -31,14 +35,14 @@ from typing import Callable, Optional
 from omegaconf import OmegaConf
 
 from onthefly.config import CONF_DIR, validate
+from onthefly.resources import RESULTS_DIR
 from onthefly.tables.spec import Column, Row, SpecError, TableSpec
-
-RESULTS_DIR = Path(__file__).resolve().parents[3] / "experiments" / "results"
 LAUNCHER_DIR = CONF_DIR / "hydra" / "launcher"
 # --launcher NAME -> hydra/launcher=NAME: the presets in conf/hydra/launcher/ are the one vocabulary
 LAUNCHERS = sorted(p.stem for p in LAUNCHER_DIR.glob("*.yaml"))
 SUBMITIT = {"local", "slurm"}  # presets over hydra-submitit-launcher (they take a job name)
 JOB_GROUP = "table_job"  # generated presets: experiment/<JOB_GROUP>/<job>.yaml under <results>/<table>/launch/
+CELL_GROUP = "table_cell"  # and the job's values: table_cell/values/<job>.yaml (conf/config.yaml applies them last)
 # errors that mean the job was stopped from outside, not that it failed: it runs again (and resumes)
 INTERRUPTED = ("KeyboardInterrupt", "SystemExit")
 
@@ -91,7 +95,7 @@ class CellPlan:
 
 
 def cell_dir(results: Path, spec: TableSpec, row: Row, col: Column) -> Path:
-    return results / spec.name / "runs" / f"{row.id}__{col.id}"
+    return results / spec.folder / "runs" / f"{row.id}__{col.id}"
 
 
 def job_state(run_dir: Path) -> tuple[str, Optional[str]]:
@@ -144,10 +148,14 @@ def plan(spec: TableSpec, seeds: list[int], results: Path = RESULTS_DIR, root: O
     for row, col in spec.run_cells():
         d = cell_dir(results, spec, row, col)
         no_data = None
+        data = spec.data_folder(row, col)
         if col.pending:
             no_data = f"not available yet: {col.pending}"
-        elif col.data and not (root / col.data).exists():
-            no_data = f"no data: run {col.prep or 'the prep command for ' + col.data} (looked in {root / col.data})"
+        elif data and not (root / data).exists():
+            prep = col.prep or f"the prep command for {col.data}"
+            if data != col.data:  # the official cache: its own folder, prepared with the official options
+                prep = f"{prep} FIDELITY={spec.row_fidelity(row)}"
+            no_data = f"no data: run {prep} (looked in {root / data})"
         jobs = []
         for s in seeds:
             state, error = job_state(d / f"seed{s}")
@@ -170,7 +178,7 @@ def to_run(cells: list[CellPlan], retry_failed: bool = False) -> list[Job]:
 # --- the generated job presets -----------------------------------------------------------------------------
 def launch_dir(results: Path, spec: TableSpec) -> Path:
     """The search-path folder of a table's generated job presets."""
-    return results / spec.name / "launch"
+    return results / spec.folder / "launch"
 
 
 def job_option(job: Job) -> str:
@@ -181,12 +189,15 @@ def job_option(job: Job) -> str:
 def job_overrides(spec: TableSpec, job: Job) -> list[str]:
     """The job as command-line overrides (what its preset holds), for dry runs and checks."""
     return [*spec.cell_overrides(job.row, job.col), f"seed={job.seed}",
-            f"logger.name={spec.name}:{job.row.id}:{job.col.id}:s{job.seed}", f"logger.group={spec.name}",
+            f"logger.name={spec.group}:{job.row.id}:{job.col.id}:s{job.seed}", f"logger.group={spec.group}",
             f"logger.tags=[{job.row.id},{job.col.id}]", f"logger.job_type={job.row.id}"]
 
 
-def job_preset(spec: TableSpec, job: Job) -> str:
-    """A ``# @package _global_`` config equal to the job's overrides, and the job's output folder."""
+def job_preset(spec: TableSpec, job: Job) -> tuple[str, str]:
+    """The job as two generated configs: its ``experiment`` option (includes the column's experiment preset, selects
+    the cell's group options, fidelity included, and its ``table_cell`` option; sets the job's output folder) and
+    its ``table_cell`` values (applied after fidelity=official's options, so the cell's own values win over them
+    as a command line's would; conf/config.yaml)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
 
@@ -208,19 +219,29 @@ def job_preset(spec: TableSpec, job: Job) -> str:
             groups[key] = value
         else:
             OmegaConf.update(body, key, value, merge=True, force_add=True)
-    OmegaConf.update(body, "hydra.sweep.subdir", f"{job.run_dir.parent.name}/{job.run_dir.name}", force_add=True)
+    groups[CELL_GROUP] = job.name
+    hydra = OmegaConf.create({"hydra": {"sweep": {"subdir": f"{job.run_dir.parent.name}/{job.run_dir.name}"}}})
     defaults = [*includes, *({f"override /{k}": v} for k, v in groups.items()), "_self_"]
-    text = OmegaConf.to_yaml(OmegaConf.create({"defaults": defaults, **OmegaConf.to_container(body)}))
-    return (f"# @package _global_\n# Generated by `python -m onthefly.tables run {spec.name}` from {spec.path.name}: "
-            f"{job.describe()}. Regenerated at every launch; edit the spec, not this file.\n{text}")
+    head = (f"# @package _global_\n# Generated by `python -m onthefly.tables run {spec.name}` from {spec.path.name}: "
+            f"{job.describe()}, fidelity {spec.row_fidelity(job.row)}. Regenerated at every launch; edit the spec, "
+            "not this file.\n")
+    preset = head + OmegaConf.to_yaml(OmegaConf.create({"defaults": defaults, **OmegaConf.to_container(hydra)}))
+    values = f"# {job.describe()}: the cell's own values (see {JOB_GROUP}/{job.name}.yaml)\n" + OmegaConf.to_yaml(body)
+    return preset, values
 
 
 def write_presets(spec: TableSpec, jobs: list[Job], results: Path) -> Path:
-    folder = launch_dir(results, spec) / "experiment" / JOB_GROUP
-    folder.mkdir(parents=True, exist_ok=True)
+    root = launch_dir(results, spec)
+    folders = [root / "experiment" / JOB_GROUP, root / CELL_GROUP, root / CELL_GROUP / "values"]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
     for job in jobs:
-        (folder / f"{job.name}.yaml").write_text(job_preset(spec, job))
-    return launch_dir(results, spec)
+        preset, values = job_preset(spec, job)
+        (folders[0] / f"{job.name}.yaml").write_text(preset)
+        (folders[1] / f"{job.name}.yaml").write_text("# @package _global_\n# a generated table job (its values: "
+                                                      f"values/{job.name}.yaml)\n")
+        (folders[2] / f"{job.name}.yaml").write_text(values)
+    return root
 
 
 def check_cells(spec: TableSpec, jobs: list[Job], extra: list[str]) -> dict[tuple[str, str], str]:
@@ -246,7 +267,10 @@ def launcher_overrides(launcher: str, spec: TableSpec) -> list[str]:
         raise ValueError(f"unknown launcher {launcher!r}; choose from {LAUNCHERS} (conf/hydra/launcher/)")
     out = [f"hydra/launcher={launcher}"]
     if launcher in SUBMITIT:
-        out.append(f"hydra.launcher.name=otf-{spec.name}")  # the job (array) name in squeue
+        if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+            raise ValueError(f"launcher {launcher!r} needs hydra-submitit-launcher, an optional dependency: "
+                             "pip install 'onthefly[cluster]' (or use --launcher serial / parallel)")
+        out.append(f"hydra.launcher.name=otf-{spec.group}")  # the job (array) name in squeue
     return out
 
 
@@ -274,14 +298,14 @@ def sweep_command(spec: TableSpec, jobs: list[Job], launcher: str, extra: list[s
         sys.executable, "-m", "onthefly.train", "-m",
         *launcher_overrides(launcher, spec),
         f"hydra.searchpath=[file://{launch_dir(results, spec).resolve()}]",
-        f"hydra.sweep.dir={(results / spec.name / 'runs').resolve()}",
+        f"hydra.sweep.dir={(results / spec.folder / 'runs').resolve()}",
         *common, *extra,
         "experiment=" + ",".join(job_option(j) for j in jobs),
     ]
 
 
 def _lock(results: Path, spec: TableSpec) -> Path:
-    return results / spec.name / "launch.json"
+    return results / spec.folder / "launch.json"
 
 
 def running_launch(results: Path, spec: TableSpec) -> Optional[dict]:
@@ -321,8 +345,9 @@ def run_sweep(spec: TableSpec, seeds: list[int], launcher: str = "serial", extra
     jobs = all_jobs(cells)
     count = {s: sum(j.state == s for j in jobs) for s in (DONE, FAILED, STARTED, TODO, NO_DATA)}
     todo = to_run(cells, retry_failed)
-    log(f"{spec.name}: {len(cells)} cells, {len(jobs)} jobs: {count[DONE]} done, {count[FAILED]} failed, "
-        f"{count[STARTED]} started, {count[TODO]} not started, {count[NO_DATA]} without data; {len(todo)} to run")
+    log(f"{spec.name} (fidelity {spec.fidelity_text}): {len(cells)} cells, {len(jobs)} jobs: {count[DONE]} done, "
+        f"{count[FAILED]} failed, {count[STARTED]} started, {count[TODO]} not started, {count[NO_DATA]} without data; "
+        f"{len(todo)} to run")
     for c in cells:
         if c.no_data:
             log(f"  {c.row.id} × {c.col.id}: {c.no_data}")
@@ -364,7 +389,7 @@ def run_sweep(spec: TableSpec, seeds: list[int], launcher: str = "serial", extra
     for job in todo:  # a retried job's old failure record is kept beside it, so progress reads the new attempt
         if job.state == FAILED:
             (job.run_dir / "results.json").replace(job.run_dir / "results.previous.json")
-    sweep_log = results / spec.name / "sweep.log"
+    sweep_log = results / spec.folder / "sweep.log"
     lock = _lock(results, spec)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "finished": None, "launcher": launcher, "settings": settings, "command": cmd,
