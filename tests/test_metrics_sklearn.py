@@ -10,13 +10,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats as scipy_stats
+from sklearn import metrics as sklearn_metrics
 
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
-scipy_stats = pytest.importorskip("scipy.stats")
-
-from onthefly.engine.metrics import (accuracy, average_precision, binary_scores, macro_map,  # noqa: E402
-                                     pearson, seven_class_accuracy)
-from onthefly.tasks import Classification  # noqa: E402
+from onthefly.engine.metrics import (
+    accuracy,
+    average_precision,
+    binary_scores,
+    macro_map,
+    pearson,
+    seven_class_accuracy,
+)
+from onthefly.tasks import Classification
 
 CASES = range(40)
 

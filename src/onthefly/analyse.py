@@ -111,7 +111,6 @@ def robustness_table(result: dict) -> str:
 def main(argv=None) -> int:
     command, run_dir, device, seed = _parse(argv)
     register_configs()
-    from onthefly.engine import analysis
     from onthefly.plots import run_plots
 
     if command == "plots":
