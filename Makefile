@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv (once) and install onthefly with its dev extras
 
-demo: $(STAMP)  ## train + evaluate every method on the synthetic benchmark (3 seeds) and print the table
+demo: $(STAMP)  ## train + evaluate OGM-GE, OPM, OPM+OGM, joint and uni-modal models on the synthetic benchmark (4 seeds, ~4 min on 2 cores) and print the table
 	$(PY) -m onthefly.demo
 
 test: $(STAMP)  ## run the whole test suite (what CI runs), slow end-to-end tests included

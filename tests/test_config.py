@@ -267,7 +267,7 @@ def test_step_scheduler_decays_after_step_size():
 
 def test_debug_preset_wins_over_experiment():
     cfg = compose(["experiment=demo", "debug=fast"])
-    assert cfg.trainer.epochs == 2  # demo says 10, debug is applied last
+    assert cfg.trainer.epochs == 2  # demo says 12, debug is applied last
     assert cfg.trainer.threads == 1  # from demo, untouched by debug
     assert cfg.optim._target_ == "torch.optim.AdamW"
     assert cfg.logger.mode.value == "disabled"

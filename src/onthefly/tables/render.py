@@ -122,7 +122,7 @@ def table_png(spec: TableSpec, summary: pd.DataFrame, path: Path) -> Optional[Pa
 def spec_plots(spec: TableSpec, records: pd.DataFrame, out: Path) -> list[Path]:
     """The figures the spec asks for, from local run folders: curves per row (mean over seeds), robustness
     curves and probe bars."""
-    from onthefly.plots import grouped_bars, line_plot
+    from onthefly.plots import QUANTITIES, grouped_bars, line_plot
 
     paths = []
     if not len(records) or "run_dir" not in records:
@@ -147,9 +147,14 @@ def spec_plots(spec: TableSpec, records: pd.DataFrame, out: Path) -> list[Path]:
                         series[f"{label}: {c.split('_', 1)[1]}" if plot != "acc_curves" else f"{label}: {c[len(prefix):]}"] = (
                             mean.index, mean[c].values, std[c].values)
                 if series:
-                    paths.append(line_plot(series, out / f"{col}_{plot}.png", "epoch",
-                                           "val accuracy" if plot == "acc_curves" else plot,
-                                           f"{spec.name} · {col} · {plot}", hline=1.0 if plot == "rho" else None))
+                    if plot == "acc_curves":
+                        ylabel, what = "val accuracy", "per-modality val accuracy"
+                    else:
+                        ylabel = f"{QUANTITIES.get(plot, plot)}, epoch mean"
+                        what = f"{QUANTITIES.get(plot, plot)}: epoch mean of the per-step values"
+                    paths.append(line_plot(series, out / f"{col}_{plot}.png", "epoch", ylabel,
+                                           f"{spec.name} · {col} · {what}, mean ± std over seeds",
+                                           hline=1.0 if plot == "rho" else None))
         if "robustness" in spec.plots:
             series = {}
             for rid, g in by_col.groupby("row", sort=False):
