@@ -1,8 +1,9 @@
-"""The audio recipes of DATA.md, computed from their parameters in ``onthefly.data.cache.AUDIO_RECIPES``.
+"""The audio recipes of docs/data.md, computed from their parameters in ``onthefly.data.cache.AUDIO_RECIPES``.
 
 The parameters live with the cache format (so a reader can refuse a cache made differently); this module only
 turns a waveform into the recipe's array.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,9 +33,15 @@ def compute(wave: np.ndarray, recipe: dict[str, Any]) -> np.ndarray:
         feats = log_spectrogram(x, int(recipe["n_fft"]), int(recipe["hop_length"]), float(recipe["eps"]))
     elif kind == "fbank":
         feats = kaldi.fbank(
-            x.unsqueeze(0), sample_frequency=float(recipe["sample_rate"]), num_mel_bins=int(recipe["num_mel_bins"]),
-            frame_length=float(recipe["frame_length_ms"]), frame_shift=float(recipe["frame_shift_ms"]),
-            window_type="hanning", dither=0.0, use_energy=False, htk_compat=True,
+            x.unsqueeze(0),
+            sample_frequency=float(recipe["sample_rate"]),
+            num_mel_bins=int(recipe["num_mel_bins"]),
+            frame_length=float(recipe["frame_length_ms"]),
+            frame_shift=float(recipe["frame_shift_ms"]),
+            window_type="hanning",
+            dither=0.0,
+            use_energy=False,
+            htk_compat=True,
         )
         frames = int(recipe["frames"])
         if feats.shape[0] < frames:

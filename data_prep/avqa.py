@@ -36,6 +36,7 @@ Arrays are padded with 0 to ``max_question_len`` (default: the longest train que
 A choice with no word is stored as one ``<unk>`` (length 1, counted). Re-running reuses the media cache and
 rewrites the question tables.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,18 +56,50 @@ import pandas as pd
 from data_prep.cache import Clip, code_version
 from data_prep.errors import PrepError, UsageError
 from data_prep.ids import VideoFiles, parse
-from data_prep.pipeline import (CommonOptions, cli, default_out, existing_folder, frame_recipe, parse_args, process_av,
-                                run_prep)
-from onthefly.data.avqa import (DATASETS, INDEX_COLUMNS, MEDIA_AUDIO, MEDIA_DATASET, MEDIA_DIR, N_CHOICES, PAD,
-                                TOKENS_FILE, UNK, VOCAB_FILE, tokenize)
+from data_prep.pipeline import (
+    CommonOptions,
+    cli,
+    default_out,
+    existing_folder,
+    frame_recipe,
+    parse_args,
+    process_av,
+    run_prep,
+)
+from onthefly.data.avqa import (
+    DATASETS,
+    INDEX_COLUMNS,
+    MEDIA_AUDIO,
+    MEDIA_DATASET,
+    MEDIA_DIR,
+    N_CHOICES,
+    PAD,
+    TOKENS_FILE,
+    UNK,
+    VOCAB_FILE,
+    tokenize,
+)
 from onthefly.data.base import CacheMissingError
-from onthefly.data.cache import (FORMAT_VERSION, INDEX_FILE, OK, RECIPE_FILE, SPLITS, CacheReader, audio_recipe,
-                                 read_json, write_json)
+from onthefly.data.cache import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    OK,
+    RECIPE_FILE,
+    SPLITS,
+    CacheReader,
+    audio_recipe,
+    read_json,
+    write_json,
+)
 
-FILES = {"yang": {"train": "train_qa.json", "test": "val_qa.json"},
-         "music": {"train": "avqa-train.json", "val": "avqa-val.json", "test": "avqa-test.json"}}
-ITEM_KEYS = {"yang": "{id, video_name, question_text, multi_choice, answer, question_type, question_relation}",
-             "music": "{video_id, question_id, type, question_content, templ_values, anser}"}
+FILES = {
+    "yang": {"train": "train_qa.json", "test": "val_qa.json"},
+    "music": {"train": "avqa-train.json", "val": "avqa-val.json", "test": "avqa-test.json"},
+}
+ITEM_KEYS = {
+    "yang": "{id, video_name, question_text, multi_choice, answer, question_type, question_relation}",
+    "music": "{video_id, question_id, type, question_content, templ_values, anser}",
+}
 QUESTION_CAP, CHOICE_CAP = 32, 8  # default lengths: the longest train question / choice, at most these
 CLIP_LABEL = "avqa_clip"  # the media cache's one placeholder class (clips have no label of their own)
 SLOT = re.compile(r"<[^<>\s]+>")  # MUSIC-AVQA's template slots: <Object>, <LR>, <FL>, ...
@@ -105,8 +138,10 @@ def find_file(ann: Path, name: str, fmt: str) -> Path:
     found = sorted(ann.rglob(name))
     if not found:
         other = "music" if fmt == "yang" else "yang"
-        raise PrepError(f"format={fmt} needs {' and '.join(FILES[fmt].values())} in ann={ann}; {name} is not "
-                         f"there (for the other release pass format={other})")
+        raise PrepError(
+            f"format={fmt} needs {' and '.join(FILES[fmt].values())} in ann={ann}; {name} is not "
+            f"there (for the other release pass format={other})"
+        )
     return found[0]
 
 
@@ -148,8 +183,16 @@ def parse_yang(item: dict, split: str) -> Question:
     answer = int(item["answer"])
     if not 0 <= answer < N_CHOICES:
         raise ValueError(f"answer {answer} is not a choice index 0-{N_CHOICES - 1}")
-    return Question(str(item["id"]), clip_id(str(item["video_name"])), split, str(item["question_text"]),
-                    str(answer), str(item["question_type"]), str(item["question_relation"]), choices)
+    return Question(
+        str(item["id"]),
+        clip_id(str(item["video_name"])),
+        split,
+        str(item["question_text"]),
+        str(answer),
+        str(item["question_type"]),
+        str(item["question_relation"]),
+        choices,
+    )
 
 
 def parse_music(item: dict, split: str) -> Question:
@@ -158,8 +201,9 @@ def parse_music(item: dict, split: str) -> Question:
         raise ValueError(f"type {item['type']!r} should name a relation and a question type")
     answer = item["anser"] if "anser" in item else item["answer"]
     text = fill_slots(str(item["question_content"]), json_list(item.get("templ_values", "[]")))
-    return Question(str(item["question_id"]), str(item["video_id"]), split, text, str(answer), str(kind[1]),
-                    str(kind[0]))
+    return Question(
+        str(item["question_id"]), str(item["video_id"]), split, text, str(answer), str(kind[1]), str(kind[0])
+    )
 
 
 def read_annotations(ann: Path, fmt: str) -> tuple[list[Question], dict[str, str]]:
@@ -178,8 +222,9 @@ def read_annotations(ann: Path, fmt: str) -> tuple[list[Question], dict[str, str
             except (KeyError, ValueError, TypeError) as err:
                 key = item.get("id", item.get("question_id", "")) if isinstance(item, dict) else ""
                 what = f"missing key {err}" if isinstance(err, KeyError) else str(err)
-                questions.append(Question(str(key) or f"{name}#{k}", "", split, status="bad_item",
-                                          reason=f"{name} item {k}: {what}"))
+                questions.append(
+                    Question(str(key) or f"{name}#{k}", "", split, status="bad_item", reason=f"{name} item {k}: {what}")
+                )
                 continue
             if q.id in seen:
                 q.status, q.reason = "duplicate", f"{name} item {k}: id {q.id} occurs earlier in the file"
@@ -228,18 +273,33 @@ def decode_media(questions: list[Question], media: Path, out: Path, opts: Option
     clips = []
     for video in sorted(first_split):
         path = files.find(video)
-        clip = Clip(video, CLIP_LABEL, first_split[video], {"video": str(path)} if path else {},
-                    source=path.relative_to(media).as_posix() if path else "")
+        clip = Clip(
+            video,
+            CLIP_LABEL,
+            first_split[video],
+            {"video": str(path)} if path else {},
+            source=path.relative_to(media).as_posix() if path else "",
+        )
         if path is None:
             clip.status, clip.reason = "missing", f"no video file for {video} under {media}"
         clips.append(clip)
     rec = audio_recipe(MEDIA_DATASET, MEDIA_AUDIO)
     recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
-    summary = run_prep(dataset=MEDIA_DATASET, clips=clips, out_root=out, recipe=recipe, streams=["visual"],
-                       array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=[CLIP_LABEL],
-                       splits={"mode": "avqa", "media": str(media)}, work=process_av, opts=opts, raw_root=media,
-                       expected=f"the clips the questions name, as <video>.mp4 (or .mkv, .webm, ...) files anywhere "
-                                f"under media={media}")
+    summary = run_prep(
+        dataset=MEDIA_DATASET,
+        clips=clips,
+        out_root=out,
+        recipe=recipe,
+        streams=["visual"],
+        array={"shape": rec["shape"], "dtype": rec["dtype"]},
+        classes=[CLIP_LABEL],
+        splits={"mode": "avqa", "media": str(media)},
+        work=process_av,
+        opts=opts,
+        raw_root=media,
+        expected=f"the clips the questions name, as <video>.mp4 (or .mkv, .webm, ...) files anywhere "
+        f"under media={media}",
+    )
     return CacheReader(out, MEDIA_DATASET), summary
 
 
@@ -266,8 +326,10 @@ def prep(opts: Options) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             there = f"unknown (its recipe.json is damaged: {err})"
         if there != dataset:
-            raise PrepError(f"{out} holds a {there} cache: pick another out_root= (OUT=), or pass overwrite=true "
-                            "(ARGS=overwrite=true) to replace its question tables")
+            raise PrepError(
+                f"{out} holds a {there} cache: pick another out_root= (OUT=), or pass overwrite=true "
+                "(ARGS=overwrite=true) to replace its question tables"
+            )
     questions, files = read_annotations(ann, opts.format)
     music = opts.format == "music"
 
@@ -280,11 +342,14 @@ def prep(opts: Options) -> dict[str, Any]:
     train = [q for q in questions if q.split == "train" and q.status == OK]
     if not train:
         usable = sum(q.status == OK for q in questions)
-        raise PrepError(f"{dataset}: no usable train question in {files['train']} ({len(questions)} questions read "
-                        f"in all, {usable} usable): the vocabulary and the answers come from the train split. Expected "
-                        f"a JSON list of {ITEM_KEYS[opts.format]}.")
-    vocab, counts = build_vocab([words[id(q)] for q in train] + [c for q in train for c in choice_words[id(q)]],
-                                opts.min_count)
+        raise PrepError(
+            f"{dataset}: no usable train question in {files['train']} ({len(questions)} questions read "
+            f"in all, {usable} usable): the vocabulary and the answers come from the train split. Expected "
+            f"a JSON list of {ITEM_KEYS[opts.format]}."
+        )
+    vocab, counts = build_vocab(
+        [words[id(q)] for q in train] + [c for q in train for c in choice_words[id(q)]], opts.min_count
+    )
     lookup = {w: i for i, w in enumerate(vocab)}
     longest_choice = max((len(c) for q in train for c in choice_words[id(q)]), default=1)
     q_len = opts.max_question_len or min(QUESTION_CAP, max((len(words[id(q)]) for q in train), default=1))
@@ -337,9 +402,20 @@ def prep(opts: Options) -> dict[str, Any]:
             label = class_names.index(q.answer) if music else int(q.answer)
         else:
             label = -1
-        rows.append({"id": q.id, "video": q.video, "split": q.split, "status": q.status, "reason": q.reason,
-                     "answer": q.answer, "label": label, "qtype": q.qtype, "relation": q.relation,
-                     "question": q.text})
+        rows.append(
+            {
+                "id": q.id,
+                "video": q.video,
+                "split": q.split,
+                "status": q.status,
+                "reason": q.reason,
+                "answer": q.answer,
+                "label": label,
+                "qtype": q.qtype,
+                "relation": q.relation,
+                "question": q.text,
+            }
+        )
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS)
     arrays = {"question": question, "question_length": question_length}
     if not music:
@@ -347,39 +423,76 @@ def prep(opts: Options) -> dict[str, Any]:
 
     parsed = [q for q in questions if q.status not in ("bad_item", "duplicate")]
     usable = index["status"] == OK
-    per_split = {s: {"listed": int((index["split"] == s).sum()), "usable": int((usable & (index["split"] == s)).sum())}
-                 for s in SPLITS if (index["split"] == s).any()}
+    per_split = {
+        s: {"listed": int((index["split"] == s).sum()), "usable": int((usable & (index["split"] == s)).sum())}
+        for s in SPLITS
+        if (index["split"] == s).any()
+    }
     summary = {
-        "dataset": dataset, "out_root": str(out), "questions": n, "usable": int(usable.sum()),
+        "dataset": dataset,
+        "out_root": str(out),
+        "questions": n,
+        "usable": int(usable.sum()),
         "skipped": {k: int(v) for k, v in Counter(index.loc[~usable, "status"]).most_common()},
         "example_reason": {k: str(v) for k, v in index[~usable].groupby("status")["reason"].first().items()},
-        "per_split": per_split, "clips_used": int(index.loc[usable, "video"].nunique()),
-        "vocab_size": len(vocab), "max_question_len": int(q_len), "max_choice_len": None if music else int(c_len),
+        "per_split": per_split,
+        "clips_used": int(index.loc[usable, "video"].nunique()),
+        "vocab_size": len(vocab),
+        "max_question_len": int(q_len),
+        "max_choice_len": None if music else int(c_len),
         "truncated": {"questions": cut["questions"], **({} if music else {"choices": cut["choices"]})},
-        "empty_choices": cut["empty_choices"], "seconds": round(time.time() - t0, 2),
-        "media": None if media_summary is None else {k: media_summary[k] for k in
-                                                     ("found", "cached", "processed_now", "reused", "skipped")},
+        "empty_choices": cut["empty_choices"],
+        "seconds": round(time.time() - t0, 2),
+        "media": None
+        if media_summary is None
+        else {k: media_summary[k] for k in ("found", "cached", "processed_now", "reused", "skipped")},
     }
     recipe = {
-        "format": FORMAT_VERSION, "dataset": dataset, "code_version": code_version(),
+        "format": FORMAT_VERSION,
+        "dataset": dataset,
+        "code_version": code_version(),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "annotations": {"format": opts.format, "root": str(ann.resolve()), "files": files},
-        "media_cache": {"path": str(media.root), "relative": relative, **source, "dataset": MEDIA_DATASET,
-                        "audio": MEDIA_AUDIO, "frames": media.recipe.get("frames")},
-        "tokenizer": {"rule": "lower-case; words are runs of letters and digits, inner apostrophes kept",
-                      "min_count": opts.min_count, "pad": 0, "unk": 1},
-        "vocab_size": len(vocab), "max_question_len": int(q_len), "max_choice_len": None if music else int(c_len),
-        "num_choices": None if music else N_CHOICES, "class_names": class_names,
-        "question_types": sorted({q.qtype for q in parsed}), "relations": sorted({q.relation for q in parsed}),
-        "splits": {"source": ({"train": "train_qa.json", "test": "val_qa.json",
-                               "val": "held out by the reader: dataset.val_fraction of the train videos"}
-                              if not music else dict(FILES["music"])),
-                   "usable": {s: c["usable"] for s, c in per_split.items()}},
+        "media_cache": {
+            "path": str(media.root),
+            "relative": relative,
+            **source,
+            "dataset": MEDIA_DATASET,
+            "audio": MEDIA_AUDIO,
+            "frames": media.recipe.get("frames"),
+        },
+        "tokenizer": {
+            "rule": "lower-case; words are runs of letters and digits, inner apostrophes kept",
+            "min_count": opts.min_count,
+            "pad": 0,
+            "unk": 1,
+        },
+        "vocab_size": len(vocab),
+        "max_question_len": int(q_len),
+        "max_choice_len": None if music else int(c_len),
+        "num_choices": None if music else N_CHOICES,
+        "class_names": class_names,
+        "question_types": sorted({q.qtype for q in parsed}),
+        "relations": sorted({q.relation for q in parsed}),
+        "splits": {
+            "source": (
+                {
+                    "train": "train_qa.json",
+                    "test": "val_qa.json",
+                    "val": "held out by the reader: dataset.val_fraction of the train videos",
+                }
+                if not music
+                else dict(FILES["music"])
+            ),
+            "usable": {s: c["usable"] for s, c in per_split.items()},
+        },
         "summary": summary,
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / VOCAB_FILE, {"tokens": vocab, "train_counts": [counts.get(w, 0) for w in vocab],
-                                  "min_count": opts.min_count})
+    write_json(
+        out / VOCAB_FILE,
+        {"tokens": vocab, "train_counts": [counts.get(w, 0) for w in vocab], "min_count": opts.min_count},
+    )
     tmp = out / (TOKENS_FILE + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, out / TOKENS_FILE)
@@ -389,25 +502,34 @@ def prep(opts: Options) -> dict[str, Any]:
     write_json(out / RECIPE_FILE, recipe)
     print(format_summary(summary, recipe))
     if not summary["usable"]:
-        raise PrepError(f"{dataset}: no question is usable ({', '.join(f'{k} {v}' for k, v in summary['skipped'].items())}); "
-                        f"each question's status and reason: {out / INDEX_FILE}. Expected their clips in "
-                        f"{source.get('media') or source.get('vggsound_cache')}.")
+        raise PrepError(
+            f"{dataset}: no question is usable ({', '.join(f'{k} {v}' for k, v in summary['skipped'].items())}); "
+            f"each question's status and reason: {out / INDEX_FILE}. Expected their clips in "
+            f"{source.get('media') or source.get('vggsound_cache')}."
+        )
     return summary
 
 
 def format_summary(s: dict[str, Any], recipe: dict[str, Any]) -> str:
     skipped = sum(s["skipped"].values())
-    lines = [f"{s['dataset']}: {s['questions']} questions -> {s['out_root']}  ({s['seconds']:.1f} s)",
-             f"  usable   {s['usable']:>7}   over {s['clips_used']} clips of the media cache "
-             f"{recipe['media_cache']['path']}",
-             f"  skipped  {skipped:>7}   " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items())]
+    lines = [
+        f"{s['dataset']}: {s['questions']} questions -> {s['out_root']}  ({s['seconds']:.1f} s)",
+        f"  usable   {s['usable']:>7}   over {s['clips_used']} clips of the media cache "
+        f"{recipe['media_cache']['path']}",
+        f"  skipped  {skipped:>7}   " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items()),
+    ]
     lines += [f"    {status}: e.g. {reason}" for status, reason in s["example_reason"].items()]
-    lines.append(f"  vocabulary {s['vocab_size']} (with <pad>, <unk>); question length {s['max_question_len']} "
-                 f"({s['truncated']['questions']} cut)"
-                 + (f"; choice length {s['max_choice_len']} ({s['truncated']['choices']} cut, "
-                    f"{s['empty_choices']} empty)" if s["max_choice_len"] else "")
-                 + f"; {len(recipe['class_names'])} classes, {len(recipe['question_types'])} question types, "
-                   f"{len(recipe['relations'])} relations")
+    lines.append(
+        f"  vocabulary {s['vocab_size']} (with <pad>, <unk>); question length {s['max_question_len']} "
+        f"({s['truncated']['questions']} cut)"
+        + (
+            f"; choice length {s['max_choice_len']} ({s['truncated']['choices']} cut, {s['empty_choices']} empty)"
+            if s["max_choice_len"]
+            else ""
+        )
+        + f"; {len(recipe['class_names'])} classes, {len(recipe['question_types'])} question types, "
+        f"{len(recipe['relations'])} relations"
+    )
     lines.append(f"  {'split':<8} {'listed':>7} {'usable':>7}")
     lines += [f"  {split:<8} {c['listed']:>7} {c['usable']:>7}" for split, c in s["per_split"].items()]
     lines.append(f"  index (a status and reason per question): {Path(s['out_root']) / INDEX_FILE}")
@@ -416,8 +538,10 @@ def format_summary(s: dict[str, Any], recipe: dict[str, Any]) -> str:
 
 def run(argv: list[str]) -> dict[str, Any]:
     """The prep of ``argv`` (key=value options): its summary, or a PrepError."""
-    usage = ("python -m data_prep.avqa ann=/path/to/annotations (media=/path/to/videos | "
-             "vggsound_cache=/path/to/vggsound/cache) [format=yang|music] [out_root=...]")
+    usage = (
+        "python -m data_prep.avqa ann=/path/to/annotations (media=/path/to/videos | "
+        "vggsound_cache=/path/to/vggsound/cache) [format=yang|music] [out_root=...]"
+    )
     return prep(parse_args(argv, Options, usage))
 
 

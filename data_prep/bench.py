@@ -13,6 +13,7 @@ segment of the cached waveform, fidelity=official): milliseconds per clip on one
 :func:`build_cache` makes a real cache the same way (the prep's own writer over such clips) for `make bench`,
 which times the reader that training uses on it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -50,19 +51,45 @@ def generate_clips(root: Path, kind: str, n: int, spec: Optional[dict] = None) -
     out = []
     for i in range(n + 1):  # + a warm-up clip
         if kind == "cremad":
-            video = write_video(root / "cremad" / f"{i}.flv", seconds, size=size, fps=fps, audio_rate=22050,
-                                noise=2.0, shift=i, seed=i, textured=True)
+            video = write_video(
+                root / "cremad" / f"{i}.flv",
+                seconds,
+                size=size,
+                fps=fps,
+                audio_rate=22050,
+                noise=2.0,
+                shift=i,
+                seed=i,
+                textured=True,
+            )
             wav = write_wav(root / "cremad" / f"{i}.wav", seconds, freq=440.0, rate=16000)
             out.append(Clip(str(i), "ANG", "train", {"video": str(video), "audio": str(wav)}))
         else:
-            video = write_video(root / "k" / f"{i}.mp4", seconds, size=size, fps=fps, audio_rate=44100, noise=2.0,
-                                shift=i, seed=i, textured=True)
+            video = write_video(
+                root / "k" / f"{i}.mp4",
+                seconds,
+                size=size,
+                fps=fps,
+                audio_rate=44100,
+                noise=2.0,
+                shift=i,
+                seed=i,
+                textured=True,
+            )
             out.append(Clip(str(i), "x", "train", {"video": str(video)}))
     return out
 
 
-def build_cache(out: Path, dataset: str, recipe: str, sources: list[Clip], clips: int, classes: int = 6,
-                workers: int = 1, test_every: int = 8) -> Path:
+def build_cache(
+    out: Path,
+    dataset: str,
+    recipe: str,
+    sources: list[Clip],
+    clips: int,
+    classes: int = 6,
+    workers: int = 1,
+    test_every: int = 8,
+) -> Path:
     """A cache of ``dataset`` with audio ``recipe`` at ``out``, made by the prep's own code (decode, recipe,
     1-fps frames as JPEG, the cache writer) from ``clips`` entries that cycle over the generated ``sources``
     (:func:`generate_clips`). Labels cycle over ``classes`` names; every ``test_every``-th clip is in test, the others
@@ -71,17 +98,33 @@ def build_cache(out: Path, dataset: str, recipe: str, sources: list[Clip], clips
     import io
 
     names = [f"class{k}" for k in range(classes)]
-    entries = [Clip(f"{dataset}{i:05d}", names[i % classes], "test" if i % test_every == test_every - 1 else "train",
-                    dict(sources[i % len(sources)].sources), source=Path(sources[i % len(sources)].sources["video"]).name)
-               for i in range(clips)]
+    entries = [
+        Clip(
+            f"{dataset}{i:05d}",
+            names[i % classes],
+            "test" if i % test_every == test_every - 1 else "train",
+            dict(sources[i % len(sources)].sources),
+            source=Path(sources[i % len(sources)].sources["video"]).name,
+        )
+        for i in range(clips)
+    ]
     rec = audio_recipe(dataset, recipe)
     opts = CommonOptions(raw_root=str(out), workers=workers, progress=False)
     with contextlib.redirect_stdout(io.StringIO()):
-        run_prep(dataset=dataset, clips=entries, out_root=Path(out),
-                 recipe={"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s},
-                 streams=["visual"], array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=names,
-                 splits={"mode": "generated for the bench"}, work=process_av, opts=opts, raw_root=Path(out),
-                 expected="generated clips")
+        run_prep(
+            dataset=dataset,
+            clips=entries,
+            out_root=Path(out),
+            recipe={"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s},
+            streams=["visual"],
+            array={"shape": rec["shape"], "dtype": rec["dtype"]},
+            classes=names,
+            splits={"mode": "generated for the bench"},
+            work=process_av,
+            opts=opts,
+            raw_root=Path(out),
+            expected="generated clips",
+        )
     return Path(out)
 
 
@@ -95,8 +138,15 @@ def measure(clips: list[Clip], dataset: str, recipe: str) -> dict:
         sizes.append(result.array.nbytes + frame_sizes[-1])
     seconds = time.perf_counter() - t0
     n = len(clips) - 1
-    return {"dataset": dataset, "recipe": recipe, "clips_per_s": n / seconds, "ms_per_clip": 1000 * seconds / n,
-            "bytes_per_clip": sum(sizes) / n, "frame_bytes_per_clip": sum(frame_sizes) / n, "frames": result.n_frames}
+    return {
+        "dataset": dataset,
+        "recipe": recipe,
+        "clips_per_s": n / seconds,
+        "ms_per_clip": 1000 * seconds / n,
+        "bytes_per_clip": sum(sizes) / n,
+        "frame_bytes_per_clip": sum(frame_sizes) / n,
+        "frames": result.n_frames,
+    }
 
 
 def load_cost(clips: list[Clip], repeats: int = 50) -> list[dict]:
@@ -133,19 +183,28 @@ def main(argv=None) -> list[dict]:
         t0 = time.perf_counter()
         cremad, kinetics = generate_clips(root, "cremad", opts.clips), generate_clips(root, "kinetics", opts.clips)
         print(f"generated {2 * (opts.clips + 1)} clips in {time.perf_counter() - t0:.1f} s (not timed below)")
-        rows = [measure(cremad, "cremad", "ogm_ge"), measure(cremad, "cremad", "fbank"),
-                measure(kinetics, "kinetics_sounds", "fbank"), measure(kinetics, "kinetics_sounds", "stft"),
-                measure(kinetics, "vggsound", "ogm_ge"), measure(kinetics, "vggsound", "segment")]
+        rows = [
+            measure(cremad, "cremad", "ogm_ge"),
+            measure(cremad, "cremad", "fbank"),
+            measure(kinetics, "kinetics_sounds", "fbank"),
+            measure(kinetics, "kinetics_sounds", "stft"),
+            measure(kinetics, "vggsound", "ogm_ge"),
+            measure(kinetics, "vggsound", "segment"),
+        ]
         loads = load_cost(kinetics[1:])
     print(f"\nprep throughput, one process (torch threads 1), {opts.clips} clips each:")
     print(f"  {'dataset':<16} {'recipe':<7} {'clips/s':>8} {'ms/clip':>8} {'frames':>6} {'KB/clip':>8} {'of JPEG':>8}")
     for r in rows:
-        print(f"  {r['dataset']:<16} {r['recipe']:<7} {r['clips_per_s']:>8.2f} {r['ms_per_clip']:>8.0f} "
-              f"{r['frames']:>6} {r['bytes_per_clip'] / 1024:>8.0f} {r['frame_bytes_per_clip'] / 1024:>8.0f}")
+        print(
+            f"  {r['dataset']:<16} {r['recipe']:<7} {r['clips_per_s']:>8.2f} {r['ms_per_clip']:>8.0f} "
+            f"{r['frames']:>6} {r['bytes_per_clip'] / 1024:>8.0f} {r['frame_bytes_per_clip'] / 1024:>8.0f}"
+        )
     print("\nVGGSound audio at load time, one core (train or eval, per clip):")
     for r in loads:
-        print(f"  {r['recipe']:<8} {r['ms_per_clip']:>6.2f} ms, cache {r['bytes_per_clip'] / 1024:>5.0f} KB/clip of audio, "
-              f"sample {list(r['shape'])}")
+        print(
+            f"  {r['recipe']:<8} {r['ms_per_clip']:>6.2f} ms, cache {r['bytes_per_clip'] / 1024:>5.0f} KB/clip of audio, "
+            f"sample {list(r['shape'])}"
+        )
     p = opts.processes
     print(f"\nprojected wall time on {p} processes (linear scaling; needs {p} free cores and a disk that keeps up):")
     for r in rows:

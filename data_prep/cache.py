@@ -12,6 +12,7 @@ truncated by a full disk or a broken copy) is forgotten when the writer opens, a
 verify-cache ARGS=mark=true`` marked ``damaged`` (bytes that do not decode); the next run re-prepares exactly
 those clips into new parts.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,24 @@ import pandas as pd
 
 from data_prep.errors import PrepError
 from onthefly import __version__
-from onthefly.data.cache import (ARRAY_DIR, FORMAT_VERSION, FRAME_DIR, FRAME_TABLE_FILE, INDEX_COLUMNS, INDEX_FILE,
-                                 JOURNAL_FILE, LAYOUT_FILE, OK, RECIPE_FILE, index_counts, npy_layout, read_json,
-                                 write_json)
+from onthefly.data.cache import (
+    ARRAY_DIR,
+    FORMAT_VERSION,
+    FRAME_DIR,
+    FRAME_TABLE_FILE,
+    INDEX_COLUMNS,
+    INDEX_FILE,
+    JOURNAL_FILE,
+    LAYOUT_FILE,
+    OK,
+    RECIPE_FILE,
+    index_counts,
+    npy_layout,
+    read_json,
+    write_json,
+)
 
-MAX_PART_BYTES = 2 << 30  # no storage file over 2 GiB (DATA.md: no single file over a few GB)
+MAX_PART_BYTES = 2 << 30  # no storage file over 2 GiB (docs/data.md: no single file over a few GB)
 DAMAGED = "damaged"  # a journal status: stored bytes that do not decode (make verify-cache ARGS=mark=true)
 
 
@@ -70,10 +84,21 @@ def code_version() -> str:
     """The package version and, in a git checkout, the commit (``+dirty`` when tracked files have changed)."""
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "data_prep", "src"],
-                               capture_output=True, timeout=30).returncode != 0
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "data_prep", "src"],
+                capture_output=True,
+                timeout=30,
+            ).returncode
+            != 0
+        )
     except (OSError, subprocess.SubprocessError):
         return __version__
     return f"{__version__}+{commit}{'.dirty' if dirty else ''}"
@@ -92,9 +117,18 @@ def signature(sources: dict[str, str]) -> list:
 
 
 class CacheWriter:
-    def __init__(self, root: Path | str, dataset: str, recipe: dict[str, Any], streams: list[str],
-                 array: Optional[dict[str, Any]] = None, overwrite: bool = False, retry_failed: bool = False,
-                 max_part_bytes: int = MAX_PART_BYTES, flush_every: int = 64):
+    def __init__(
+        self,
+        root: Path | str,
+        dataset: str,
+        recipe: dict[str, Any],
+        streams: list[str],
+        array: Optional[dict[str, Any]] = None,
+        overwrite: bool = False,
+        retry_failed: bool = False,
+        max_part_bytes: int = MAX_PART_BYTES,
+        flush_every: int = 64,
+    ):
         """``recipe``: everything that decides the cached values (compared with an existing cache's);
         ``array``: {"shape": [...], "dtype": "..."} of the fixed-size tensor per clip, or None."""
         self.root = Path(root)
@@ -112,8 +146,11 @@ class CacheWriter:
                         "rebuild it, or pick another out_root= (OUT=)."
                     ) from None
                 old = {}
-            same = (old.get("format") == FORMAT_VERSION and old.get("dataset") == dataset
-                    and _features(old) == _features(recipe))
+            same = (
+                old.get("format") == FORMAT_VERSION
+                and old.get("dataset") == dataset
+                and _features(old) == _features(recipe)
+            )
             if not same and not overwrite:
                 raise CacheConflict(
                     f"{self.root} holds a {old.get('dataset')} cache made with another recipe:\n"
@@ -140,8 +177,15 @@ class CacheWriter:
 
     # --- state ------------------------------------------------------------------------------------------
     def _recipe_doc(self, **extra) -> dict[str, Any]:
-        return {"format": FORMAT_VERSION, "dataset": self.dataset, "code_version": code_version(),
-                "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "streams": self.streams, **self.recipe, **extra}
+        return {
+            "format": FORMAT_VERSION,
+            "dataset": self.dataset,
+            "code_version": code_version(),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "streams": self.streams,
+            **self.recipe,
+            **extra,
+        }
 
     def _wipe(self) -> None:
         for name in (RECIPE_FILE, INDEX_FILE, LAYOUT_FILE, JOURNAL_FILE):
@@ -216,8 +260,9 @@ class CacheWriter:
             row_bytes = int(np.prod(self.array["shape"])) * np.dtype(self.array["dtype"]).itemsize
             rows = max(1, min(self.max_part_bytes // row_bytes, self._remaining))
             self._array_name = self._next_name(ARRAY_DIR, ".npy")
-            self._array_part = np.lib.format.open_memmap(self.root / self._array_name, mode="w+",
-                                                         dtype=self.array["dtype"], shape=(rows, *self.array["shape"]))
+            self._array_part = np.lib.format.open_memmap(
+                self.root / self._array_name, mode="w+", dtype=self.array["dtype"], shape=(rows, *self.array["shape"])
+            )
             self._array_used = 0
         self._array_used += 1
         return self._array_name, self._array_used - 1
@@ -233,9 +278,14 @@ class CacheWriter:
 
     def add(self, clip: Clip, result: Result) -> None:
         self._remaining = max(0, self._remaining - 1)
-        entry: dict[str, Any] = {"id": clip.id, "status": result.status, "reason": result.reason,
-                                 "duration": round(float(result.duration), 3), "n_frames": result.n_frames,
-                                 "sig": signature(clip.sources)}
+        entry: dict[str, Any] = {
+            "id": clip.id,
+            "status": result.status,
+            "reason": result.reason,
+            "duration": round(float(result.duration), 3),
+            "n_frames": result.n_frames,
+            "sig": signature(clip.sources),
+        }
         if result.status == OK:  # CRC-32s of the bytes as stored let `make verify-cache` find any later change
             if self.array is not None:
                 name, row = self._array_slot()
@@ -276,22 +326,41 @@ class CacheWriter:
         self._journal.close()
 
     # --- the readable side ----------------------------------------------------------------------------------
-    def finalise(self, clips: Iterable[Clip], classes: list[str], splits: dict[str, Any],
-                 summary: Optional[dict[str, Any]] = None) -> pd.DataFrame:
+    def finalise(
+        self,
+        clips: Iterable[Clip],
+        classes: list[str],
+        splits: dict[str, Any],
+        summary: Optional[dict[str, Any]] = None,
+    ) -> pd.DataFrame:
         """Write index.csv, layout.json, the frame table and recipe.json for the clips of this listing."""
         rows, table = [], []
         array_parts: dict[str, int] = {}
         frame_parts: dict[str, int] = {}
         for clip in clips:
-            row = {"id": clip.id, "label": clip.label or "", "split": clip.split or "", "n_frames": 0,
-                   "duration": 0.0, "status": clip.status, "reason": clip.reason, "source": clip.source,
-                   "array_part": -1, "array_row": -1, "frame_start": -1}
+            row = {
+                "id": clip.id,
+                "label": clip.label or "",
+                "split": clip.split or "",
+                "n_frames": 0,
+                "duration": 0.0,
+                "status": clip.status,
+                "reason": clip.reason,
+                "source": clip.source,
+                "array_part": -1,
+                "array_row": -1,
+                "frame_start": -1,
+            }
             entry = self.done.get(clip.id) if clip.status == OK else None
             if clip.status == OK and entry is None:
                 row.update(status="not_processed", reason="the prep stopped before this clip; run it again")
             elif entry is not None:
-                row.update(status=entry["status"], reason=entry["reason"], duration=entry["duration"],
-                           n_frames=entry["n_frames"])
+                row.update(
+                    status=entry["status"],
+                    reason=entry["reason"],
+                    duration=entry["duration"],
+                    n_frames=entry["n_frames"],
+                )
                 if entry["status"] == OK:
                     if "array" in entry:
                         name, r = entry["array"]
@@ -309,8 +378,10 @@ class CacheWriter:
         tmp = self.root / (INDEX_FILE + ".tmp")
         index.to_csv(tmp, index=False)
         os.replace(tmp, self.root / INDEX_FILE)
-        write_json(self.root / RECIPE_FILE, self._recipe_doc(classes=list(classes), splits=splits,
-                                                             summary=summary or {}, index=index_counts(index)))
+        write_json(
+            self.root / RECIPE_FILE,
+            self._recipe_doc(classes=list(classes), splits=splits, summary=summary or {}, index=index_counts(index)),
+        )
         return index
 
 

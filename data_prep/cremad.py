@@ -10,6 +10,7 @@ is split with ``seed``: ``random`` (default) is a stratified split of the OGM-GE
 of the clips, the same share of each emotion; not the papers' own clips); ``speaker`` holds out the same share of
 actors (speaker-independent).
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,8 +30,10 @@ DATASET = "cremad"
 EMOTIONS = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]  # label index = this order
 NAME = re.compile(r"^(?P<actor>\d{4})_(?P<sentence>[A-Z]{3})_(?P<emotion>[A-Z]{3})_(?P<level>[A-Z]{1,2})$")
 PUBLISHED_TEST_SHARE = 744 / 7442
-EXPECTED = ("VideoFlash/<clip>.flv and AudioWAV/<clip>.wav files under raw_root={raw}, named "
-            "ACTOR_SENTENCE_EMOTION_LEVEL (e.g. 1001_DFA_ANG_XX)")
+EXPECTED = (
+    "VideoFlash/<clip>.flv and AudioWAV/<clip>.wav files under raw_root={raw}, named "
+    "ACTOR_SENTENCE_EMOTION_LEVEL (e.g. 1001_DFA_ANG_XX)"
+)
 
 
 @dataclass
@@ -76,13 +79,14 @@ def read_lists(folder: Path) -> tuple[list[tuple[str, Optional[str], str]], list
                 entries.append((name, fields[1] if len(fields) > 1 and fields[1] else None, split))
     if twice:
         shown = ", ".join(twice[:5]) + (f" and {len(twice) - 5} more" if len(twice) > 5 else "")
-        raise PrepError(f"splits={folder}: {len(twice)} clip(s) are listed in two splits: {shown}. A clip in train "
-                        "and test would leak into the evaluation; fix the lists so each clip is in one of them.")
+        raise PrepError(
+            f"splits={folder}: {len(twice)} clip(s) are listed in two splits: {shown}. A clip in train "
+            "and test would leak into the evaluation; fix the lists so each clip is in one of them."
+        )
     return entries, files
 
 
-def make_clip(raw: Path, name: str, split: Optional[str], listed_label: Optional[str] = None,
-              where: str = "") -> Clip:
+def make_clip(raw: Path, name: str, split: Optional[str], listed_label: Optional[str] = None, where: str = "") -> Clip:
     video, wav = raw / "VideoFlash" / f"{name}.flv", raw / "AudioWAV" / f"{name}.wav"
     clip = Clip(name, None, split, {"video": str(video), "audio": str(wav)}, source=f"VideoFlash/{name}.flv")
     m = NAME.match(name)
@@ -111,8 +115,9 @@ def list_clips(raw: Path, opts: Options) -> tuple[list[Clip], dict]:
             seen.add(name)
             clips.append(make_clip(raw, name, split, emotion, where=f"{split} list"))
         return clips, {"mode": "lists", "files": files}
-    names = sorted({p.stem for p in (raw / "VideoFlash").glob("*.flv")}
-                   | {p.stem for p in (raw / "AudioWAV").glob("*.wav")})
+    names = sorted(
+        {p.stem for p in (raw / "VideoFlash").glob("*.flv")} | {p.stem for p in (raw / "AudioWAV").glob("*.wav")}
+    )
     if not names:
         raise PrepError(f"cremad: no clip found. Expected {EXPECTED.format(raw=raw)}; is it the CREMA-D folder?")
     clips = [make_clip(raw, n, None) for n in names]

@@ -4,6 +4,7 @@ Library code raises these and never calls ``sys.exit`` (a test or a caller that 
 exception, not a dead process); each module's ``main()`` turns them into a message and a non-zero exit code
 (:func:`data_prep.pipeline.cli`).
 """
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@
 A YouTube id is 11 characters from [A-Za-z0-9_-] (it may itself hold ``_`` or start with ``-``), so a name is
 parsed from its first 11 characters rather than by splitting on ``_``.
 """
+
 from __future__ import annotations
 
 import os

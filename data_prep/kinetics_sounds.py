@@ -13,6 +13,7 @@ split; readers hold out part of train). With ``lists``: a folder of train / val 
 An id may be ``<ytid>_<start:06d>_<end:06d>`` or ``<ytid>_<start>`` (the lab's test lists): both resolve to the
 same file. A clip listed in two splits is refused.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,12 +33,37 @@ DATASET = "kinetics_sounds"
 # "Look, Listen and Learn"'s 34 classes minus typing, fingerpicking and patting, in Kinetics-400 names;
 # the label index is this (alphabetical) order.
 CLASSES = [
-    "blowing_nose", "blowing_out_candles", "bowling", "chopping_wood", "dribbling_basketball", "laughing",
-    "mowing_lawn", "playing_accordion", "playing_bagpipes", "playing_bass_guitar", "playing_clarinet",
-    "playing_drums", "playing_guitar", "playing_harmonica", "playing_keyboard", "playing_organ", "playing_piano",
-    "playing_saxophone", "playing_trombone", "playing_trumpet", "playing_violin", "playing_xylophone",
-    "ripping_paper", "shoveling_snow", "shuffling_cards", "singing", "stomping_grapes", "tap_dancing",
-    "tapping_guitar", "tapping_pen", "tickling",
+    "blowing_nose",
+    "blowing_out_candles",
+    "bowling",
+    "chopping_wood",
+    "dribbling_basketball",
+    "laughing",
+    "mowing_lawn",
+    "playing_accordion",
+    "playing_bagpipes",
+    "playing_bass_guitar",
+    "playing_clarinet",
+    "playing_drums",
+    "playing_guitar",
+    "playing_harmonica",
+    "playing_keyboard",
+    "playing_organ",
+    "playing_piano",
+    "playing_saxophone",
+    "playing_trombone",
+    "playing_trumpet",
+    "playing_violin",
+    "playing_xylophone",
+    "ripping_paper",
+    "shoveling_snow",
+    "shuffling_cards",
+    "singing",
+    "stomping_grapes",
+    "tap_dancing",
+    "tapping_guitar",
+    "tapping_pen",
+    "tickling",
 ]
 SUBSETS = {"training": "train", "validation": "val", "testing": "test", "train": "train", "val": "val", "test": "test"}
 
@@ -46,7 +72,9 @@ SUBSETS = {"training": "train", "validation": "val", "testing": "test", "train":
 class Options(CommonOptions):
     audio: str = "fbank"  # fbank: 1,024 x 128 normalised kaldi fbank | stft: 257 x 1,004 log spectrogram
     downmix: str = "pyav"  # stereo to mono: pyav (FFmpeg, 0.707 each) | mean (librosa) | first (channel 0)
-    lists: Optional[str] = None  # a folder of train/val/test `<id>,10,<label or class number>` lists, or a JSON database
+    lists: Optional[str] = (
+        None  # a folder of train/val/test `<id>,10,<label or class number>` lists, or a JSON database
+    )
 
 
 def normal_label(label: str) -> str:
@@ -88,8 +116,9 @@ def split_of(file: Path) -> Optional[str]:
     words = set(re.split(r"[_\-.\s]+", file.stem.lower()))
     found = [s for s in ("train", "val", "test") if file.stem.lower().startswith(s) or s in words]
     if len(found) > 1:
-        raise PrepError(f"lists={file.parent}: {file.name} names several splits ({', '.join(found)}); give each split "
-                        "its own file")
+        raise PrepError(
+            f"lists={file.parent}: {file.name} names several splits ({', '.join(found)}); give each split its own file"
+        )
     return found[0] if found else None
 
 
@@ -109,8 +138,9 @@ def read_lists(path: Path) -> list[tuple[str, str, str]]:
     files = [p for p in sorted(path.iterdir()) if p.suffix in (".txt", ".csv") and split_of(p)]
     for split in ("train", "test"):
         if not any(split_of(p) == split for p in files):
-            raise PrepError(f"lists={path}: no {split} list there (a .txt or .csv named like {split}.txt or "
-                            f"my_{split}.txt)")
+            raise PrepError(
+                f"lists={path}: no {split} list there (a .txt or .csv named like {split}.txt or my_{split}.txt)"
+            )
     where: dict[str, str] = {}
     twice: list[str] = []
     for file in files:
@@ -142,8 +172,13 @@ def list_clips(raw: Path, opts: Options) -> tuple[list[Clip], dict]:
             continue
         seen.add(clip_id)
         path = files.find(clip_id)
-        clip = Clip(clip_id, label, split, {"video": str(path)} if path else {},
-                    source=path.relative_to(raw).as_posix() if path else "")
+        clip = Clip(
+            clip_id,
+            label,
+            split,
+            {"video": str(path)} if path else {},
+            source=path.relative_to(raw).as_posix() if path else "",
+        )
         if label not in CLASSES:
             clip.status, clip.reason = "unknown_label", f"{label!r} is not one of the 31 Kinetics-Sounds classes"
         elif path is None:
@@ -155,8 +190,10 @@ def list_clips(raw: Path, opts: Options) -> tuple[list[Clip], dict]:
 def run(argv: list[str]) -> dict:
     """The prep of ``argv`` (key=value options): its summary, or a PrepError."""
     usage = "python -m data_prep.kinetics_sounds raw_root=/path/to/kinetics400 [lists=...] [audio=fbank|stft]"
-    expected = ("clips of the 31 Kinetics-Sounds classes listed in annotations/{{train,val}}.csv (or lists=), as "
-                "<ytid>_<start:06d>_<end:06d>.mp4 files under raw_root={raw}")
+    expected = (
+        "clips of the 31 Kinetics-Sounds classes listed in annotations/{{train,val}}.csv (or lists=), as "
+        "<ytid>_<start:06d>_<end:06d>.mp4 files under raw_root={raw}"
+    )
     return prep_audio_visual(DATASET, CLASSES, Options, list_clips, usage, argv, expected)
 
 

@@ -4,6 +4,7 @@ Everything that can go wrong with one file raises a :class:`MediaError` whose ``
 failure (it becomes the index's status column) and whose message says what to do; the prep records it and
 moves on to the next clip.
 """
+
 from __future__ import annotations
 
 import io
@@ -156,9 +157,17 @@ def downmix_channels(channels: np.ndarray, downmix: str) -> np.ndarray:
     raise ValueError(f"downmix must be pyav, mean or first, got {downmix!r}")
 
 
-def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int] = None,
-                     short_side: Optional[int] = 256, min_coverage: float = 0.9, with_next: bool = False,
-                     frame_times: str = "centre", downmix: str = "pyav") -> Decoded:
+def decode_container(
+    path: Path,
+    *,
+    video: bool = True,
+    audio_rate: Optional[int] = None,
+    short_side: Optional[int] = 256,
+    min_coverage: float = 0.9,
+    with_next: bool = False,
+    frame_times: str = "centre",
+    downmix: str = "pyav",
+) -> Decoded:
     """One demux pass over a container: 1-fps frames (resized) and/or the audio resampled to mono ``audio_rate``
     Hz (``audio_rate`` None: no audio wanted). ``with_next`` also keeps the video frame that follows each kept one
     (for TSN-style RGB differences; the last frame is its own successor).
@@ -201,8 +210,11 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
         own_mix = downmix != "pyav"
         resampler = None
         if audio_rate:  # planar float keeps the channels apart for our own downmix
-            resampler = (av.AudioResampler(format="fltp", rate=audio_rate) if own_mix
-                         else av.AudioResampler(format="flt", layout="mono", rate=audio_rate))
+            resampler = (
+                av.AudioResampler(format="fltp", rate=audio_rate)
+                if own_mix
+                else av.AudioResampler(format="flt", layout="mono", rate=audio_rate)
+            )
         chunks: list[np.ndarray] = []
         prev = None  # the last decoded video frame, shown until the next one starts
         last_time = None
@@ -262,8 +274,10 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
                 keep(waiting, waiting)
             frame_span = 1.0 / out.fps if out.fps else 0.0
             if out.duration and last_time + frame_span < min_coverage * out.duration:
-                raise Truncated(f"{path}: video stops at {last_time + frame_span:.2f} s of a declared "
-                                f"{out.duration:.2f} s (truncated download?)")
+                raise Truncated(
+                    f"{path}: video stops at {last_time + frame_span:.2f} s of a declared "
+                    f"{out.duration:.2f} s (truncated download?)"
+                )
             while k < len(targets):  # the last frame is still on screen at the remaining centres
                 keep(prev, prev)
                 out.times.append(targets[k])
@@ -273,8 +287,12 @@ def decode_container(path: Path, *, video: bool = True, audio_rate: Optional[int
 
 # librosa's kaiser_best (resampy) as torchaudio's Kaiser-windowed sinc: the parameters torchaudio's documentation
 # gives for matching it
-KAISER_BEST = {"lowpass_filter_width": 64, "rolloff": 0.9475937167399596, "resampling_method": "sinc_interp_kaiser",
-               "beta": 14.769656459379492}
+KAISER_BEST = {
+    "lowpass_filter_width": 64,
+    "rolloff": 0.9475937167399596,
+    "resampling_method": "sinc_interp_kaiser",
+    "beta": 14.769656459379492,
+}
 
 
 def _resample(wave: np.ndarray, rate: int, target: int, method: str = "sinc") -> np.ndarray:

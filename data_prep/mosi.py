@@ -23,6 +23,7 @@ left out and listed in index.csv with its reason.
 Re-running with an unchanged pickle (same size and modification time) does nothing; a cache made from another
 file is replaced only with ``overwrite=true``.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -40,10 +41,9 @@ import pandas as pd
 from data_prep.cache import code_version
 from data_prep.errors import PrepError, UsageError
 from data_prep.pipeline import cli, default_out, parse_args
-from onthefly.data.cache import INDEX_FILE, OK, RECIPE_FILE, SPLITS, read_json, write_json
 from onthefly.data.base import CacheMissingError
-from onthefly.data.mosi import (DATASET, FORMAT_VERSION, MODALITIES, MOSI, array_path, label_of, lengths_path,
-                                score_path)
+from onthefly.data.cache import INDEX_FILE, OK, RECIPE_FILE, SPLITS, read_json, write_json
+from onthefly.data.mosi import DATASET, FORMAT_VERSION, MODALITIES, MOSI, array_path, label_of, lengths_path, score_path
 
 USAGE = "python -m data_prep.mosi pkl=/path/to/mosi_data.pkl [out_root=...] [overwrite=true]"
 SOURCE_SPLITS = {"train": ("train",), "val": ("valid", "val"), "test": ("test",)}  # ours -> the pickle's names
@@ -79,8 +79,12 @@ def load_pickle(path: Path) -> Any:
 
 def source_info(path: Path) -> dict[str, Any]:
     st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(st.st_mtime))}
+    return {
+        "path": str(path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(st.st_mtime)),
+    }
 
 
 # --- reading the pickle -------------------------------------------------------------------------------------
@@ -105,8 +109,10 @@ def detect_format(splits: dict[str, tuple[str, Mapping]]) -> str:
         return "mmsa"
     if "labels" in first:
         return "mult"
-    fail(f"split {name!r} has neither 'labels' (MulT) nor 'regression_labels' (MMSA); its keys: "
-         f"{sorted(map(str, first))}.\n{FORMATS_HELP}")
+    fail(
+        f"split {name!r} has neither 'labels' (MulT) nor 'regression_labels' (MMSA); its keys: "
+        f"{sorted(map(str, first))}.\n{FORMATS_HELP}"
+    )
 
 
 def _text(value: Any) -> str:
@@ -158,17 +164,25 @@ def read_split(split: str, name: str, d: Mapping, fmt: str) -> dict[str, Any]:
     label_key = LABEL_KEYS[fmt]
     for key in [*SOURCE_KEYS.values(), label_key]:
         if key not in d:
-            fail(f"split {name!r} has no {key!r} array (its keys: {sorted(map(str, d))}); this looks like the "
-                 f"{FORMAT_NAMES[fmt]} release, whose splits all have {key!r}.\n{FORMATS_HELP}")
+            fail(
+                f"split {name!r} has no {key!r} array (its keys: {sorted(map(str, d))}); this looks like the "
+                f"{FORMAT_NAMES[fmt]} release, whose splits all have {key!r}.\n{FORMATS_HELP}"
+            )
     labels = np.asarray(d[label_key], dtype=np.float64)
     n = len(labels)
     labels = labels.reshape(n, -1)
     if labels.shape[1] != 1:
         fail(f"split {name!r}: {label_key!r} has shape {np.shape(d[label_key])}, expected one score per segment")
     sizes = {label_key: n}
-    out: dict[str, Any] = {"score": labels[:, 0], "features": {}, "lengths": {}, "length_source": {},
-                           "moved": {}, "replaced": {}}
-    for m, key in SOURCE_KEYS.items():
+    out: dict[str, Any] = {
+        "score": labels[:, 0],
+        "features": {},
+        "lengths": {},
+        "length_source": {},
+        "moved": {},
+        "replaced": {},
+    }
+    for key in SOURCE_KEYS.values():
         x = np.asarray(d[key])
         if x.ndim != 3:
             fail(f"split {name!r}: {key!r} has shape {x.shape}; expected [segments, time steps, features]")
@@ -184,15 +198,19 @@ def read_split(split: str, name: str, d: Mapping, fmt: str) -> dict[str, Any]:
         steps = x.shape[1]
         given, source = None, "inferred (first to last non-zero step)"
         if m in ("audio", "visual") and f"{key}_lengths" in d:
-            given, source = _given_lengths(d[f"{key}_lengths"], n, f"split {name!r}: '{key}_lengths'"), \
-                f"given ({key}_lengths)"
+            given, source = (
+                _given_lengths(d[f"{key}_lengths"], n, f"split {name!r}: '{key}_lengths'"),
+                f"given ({key}_lengths)",
+            )
         elif m == "text" and "text_bert" in d:
             bert = np.asarray(d["text_bert"])
             if bert.ndim == 3 and bert.shape[:2] == (n, 3):
                 given, source = bert[:, 1].sum(axis=1).astype(np.int64), "given (text_bert attention mask)"
             else:
-                print(f"  note: split {name!r}: 'text_bert' has shape {bert.shape}, not [{n}, 3, steps]; "
-                      "text lengths are inferred instead")
+                print(
+                    f"  note: split {name!r}: 'text_bert' has shape {bert.shape}, not [{n}, 3, steps]; "
+                    "text lengths are inferred instead"
+                )
         moved = 0
         if given is None:
             start, lengths = valid_span(x)
@@ -213,8 +231,12 @@ def read_split(split: str, name: str, d: Mapping, fmt: str) -> dict[str, Any]:
 # --- the cache ----------------------------------------------------------------------------------------------
 def _same_source(old: dict[str, Any], src: dict[str, Any]) -> bool:
     there = old.get("source") or {}
-    return (old.get("dataset") == DATASET and old.get("format_version") == FORMAT_VERSION
-            and there.get("size") == src["size"] and there.get("mtime_ns") == src["mtime_ns"])
+    return (
+        old.get("dataset") == DATASET
+        and old.get("format_version") == FORMAT_VERSION
+        and there.get("size") == src["size"]
+        and there.get("mtime_ns") == src["mtime_ns"]
+    )
 
 
 def _wipe(out: Path) -> None:
@@ -225,8 +247,9 @@ def _wipe(out: Path) -> None:
         shutil.rmtree(out / split, ignore_errors=True)
 
 
-def write_cache(out: Path, fmt: str, src: dict[str, Any], parts: dict[str, dict[str, Any]],
-                names: dict[str, str]) -> dict[str, Any]:
+def write_cache(
+    out: Path, fmt: str, src: dict[str, Any], parts: dict[str, dict[str, Any]], names: dict[str, str]
+) -> dict[str, Any]:
     """Arrays and index.csv first, recipe.json last (its presence marks a finished cache)."""
     _wipe(out)
     rows, seen = [], set()
@@ -246,9 +269,17 @@ def write_cache(out: Path, fmt: str, src: dict[str, Any], parts: dict[str, dict[
                 k += 1
                 unique = f"{seg}#{k}"
             seen.add(unique)
-            entry = {"id": unique, "split": split, "label": -1, "score": round(float(score), 6),
-                     **{f"len_{m}": int(p["lengths"][m][i]) for m in MODALITIES},
-                     "row": -1, "source_row": i, "status": OK, "reason": ""}
+            entry = {
+                "id": unique,
+                "split": split,
+                "label": -1,
+                "score": round(float(score), 6),
+                **{f"len_{m}": int(p["lengths"][m][i]) for m in MODALITIES},
+                "row": -1,
+                "source_row": i,
+                "status": OK,
+                "reason": "",
+            }
             if ok[i]:
                 entry.update(label=label_of(score), row=row)
                 row += 1
@@ -260,12 +291,17 @@ def write_cache(out: Path, fmt: str, src: dict[str, Any], parts: dict[str, dict[
 
     first = parts["train"]
     steps = {m: int(first["features"][m].shape[1]) for m in MODALITIES}
-    replaced = {m: {k: sum(parts[s]["replaced"][m][k] for s in SPLITS) for k in ("nan", "+inf", "-inf")}
-                for m in MODALITIES}
+    replaced = {
+        m: {k: sum(parts[s]["replaced"][m][k] for s in SPLITS) for k in ("nan", "+inf", "-inf")} for m in MODALITIES
+    }
     recipe = {
-        "dataset": DATASET, "format_version": FORMAT_VERSION, "code_version": code_version(),
-        "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "source_format": fmt,
-        "aligned": len(set(steps.values())) == 1, "source": src,
+        "dataset": DATASET,
+        "format_version": FORMAT_VERSION,
+        "code_version": code_version(),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source_format": fmt,
+        "aligned": len(set(steps.values())) == 1,
+        "source": src,
         "split_names": {s: names[s] for s in SPLITS},
         "dims": {m: int(first["features"][m].shape[2]) for m in MODALITIES},
         "max_len": steps,
@@ -281,21 +317,23 @@ def write_cache(out: Path, fmt: str, src: dict[str, Any], parts: dict[str, dict[
 def format_summary(s: dict[str, Any]) -> str:
     dims = ", ".join(f"{m} {s['dims'][m]}" for m in MODALITIES)
     steps = " / ".join(str(s["max_len"][m]) for m in MODALITIES)
-    lines = [f"{DATASET}: {FORMAT_NAMES[s['source_format']]} pickle, {'aligned' if s['aligned'] else 'unaligned'}"
-             f" -> {s['out_root']}  ({s['seconds']:.1f} s)",
-             f"  features  {dims}   (time steps {steps})",
-             f"  {'split':<8} {'listed':>7} {'cached':>7} {'skipped':>8}"]
+    lines = [
+        f"{DATASET}: {FORMAT_NAMES[s['source_format']]} pickle, {'aligned' if s['aligned'] else 'unaligned'}"
+        f" -> {s['out_root']}  ({s['seconds']:.1f} s)",
+        f"  features  {dims}   (time steps {steps})",
+        f"  {'split':<8} {'listed':>7} {'cached':>7} {'skipped':>8}",
+    ]
     for split, c in s["counts"].items():
         lines.append(f"  {split:<8} {c['listed']:>7} {c['cached']:>7} {c['skipped']:>8}")
     replaced = {m: {k: v for k, v in r.items() if v} for m, r in s["replaced_nonfinite"].items()}
-    text = "; ".join(f"{m} {sum(r.values())} ({', '.join(f'{k} {v}' for k, v in r.items())})"
-                     for m, r in replaced.items() if r)
+    text = "; ".join(
+        f"{m} {sum(r.values())} ({', '.join(f'{k} {v}' for k, v in r.items())})" for m, r in replaced.items() if r
+    )
     lines.append(f"  non-finite values set to 0: {text or 'none'}")
     lines.append("  lengths: " + "; ".join(f"{m} {s['lengths'][m]}" for m in MODALITIES))
     moved = {m: v for m, v in s["moved_to_front"].items() if v}
     if moved:
-        lines.append("  front-padded sequences stored left-aligned: "
-                     + ", ".join(f"{m} {v}" for m, v in moved.items()))
+        lines.append("  front-padded sequences stored left-aligned: " + ", ".join(f"{m} {v}" for m, v in moved.items()))
     lines.append(f"  index (a status and reason per segment): {Path(s['out_root']) / INDEX_FILE}")
     return "\n".join(lines)
 
@@ -316,8 +354,10 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
             old = read_json(out / RECIPE_FILE)
         except (OSError, ValueError) as err:
             if not opts.overwrite:
-                fail(f"{out / RECIPE_FILE} is damaged ({err}): it records which file the cache in {out} was made "
-                     "from. Pass overwrite=true (ARGS=overwrite=true) to rebuild it, or pick another out_root= (OUT=).")
+                fail(
+                    f"{out / RECIPE_FILE} is damaged ({err}): it records which file the cache in {out} was made "
+                    "from. Pass overwrite=true (ARGS=overwrite=true) to rebuild it, or pick another out_root= (OUT=)."
+                )
             old = {}
         if _same_source(old, src) and not opts.overwrite:
             try:
@@ -325,17 +365,23 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
             except CacheMissingError as err:
                 print(f"{DATASET}: {out} was prepared from {path}, but is damaged; rebuilding it\n  ({err})")
             else:
-                print(f"{DATASET}: {out} was already prepared from {path} (same size and modification time): "
-                      "nothing to do (overwrite=true rebuilds it)")
+                print(
+                    f"{DATASET}: {out} was already prepared from {path} (same size and modification time): "
+                    "nothing to do (overwrite=true rebuilds it)"
+                )
                 return {**old.get("summary", {}), "up_to_date": True}
         elif not opts.overwrite:
             there = old.get("source") or {}
-            fail(f"{out} holds a {old.get('dataset')} cache made from another file:\n"
-                 f"  there: {there.get('path')} ({there.get('size')} bytes, modified {there.get('mtime')})\n"
-                 f"  asked: {src['path']} ({src['size']} bytes, modified {src['mtime']})\n"
-                 "Pick another out_root= (OUT=), or pass overwrite=true (ARGS=overwrite=true) to replace it.")
-    print(f"{DATASET}: loading {path} ({src['size'] / 2**20:.1f} MiB; unpickling runs code from the file, so "
-          "load only files you trust)")
+            fail(
+                f"{out} holds a {old.get('dataset')} cache made from another file:\n"
+                f"  there: {there.get('path')} ({there.get('size')} bytes, modified {there.get('mtime')})\n"
+                f"  asked: {src['path']} ({src['size']} bytes, modified {src['mtime']})\n"
+                "Pick another out_root= (OUT=), or pass overwrite=true (ARGS=overwrite=true) to replace it."
+            )
+    print(
+        f"{DATASET}: loading {path} ({src['size'] / 2**20:.1f} MiB; unpickling runs code from the file, so "
+        "load only files you trust)"
+    )
     try:
         data = load_pickle(path)
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as err:
@@ -354,14 +400,28 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     usable = {s: int(np.isfinite(parts[s]["score"]).sum()) for s in SPLITS}
     empty = [found[s][0] for s in SPLITS if usable[s] == 0]
     if empty:  # training needs every split: nothing is written
-        fail(f"{path}: split{'s' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} of the pickle "
-             f"hold{'' if len(empty) > 1 else 's'} no segment with a finite score (usable per split: {usable}); "
-             f"expected {FORMAT_NAMES[fmt]} arrays with one score per segment.\n{FORMATS_HELP}")
+        fail(
+            f"{path}: split{'s' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} of the pickle "
+            f"hold{'' if len(empty) > 1 else 's'} no segment with a finite score (usable per split: {usable}); "
+            f"expected {FORMAT_NAMES[fmt]} arrays with one score per segment.\n{FORMATS_HELP}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     print(f"  writing {out}")
     recipe = write_cache(out, fmt, src, parts, {s: n for s, (n, _) in found.items()})
-    summary = {key: recipe[key] for key in ("source_format", "aligned", "dims", "max_len", "lengths",
-                                            "moved_to_front", "splits", "replaced_nonfinite", "counts")}
+    summary = {
+        key: recipe[key]
+        for key in (
+            "source_format",
+            "aligned",
+            "dims",
+            "max_len",
+            "lengths",
+            "moved_to_front",
+            "splits",
+            "replaced_nonfinite",
+            "counts",
+        )
+    }
     summary.update(dataset=DATASET, out_root=str(out), pkl=str(path), seconds=round(time.time() - t0, 2))
     recipe["summary"] = summary
     write_json(out / RECIPE_FILE, recipe)

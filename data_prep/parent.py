@@ -5,6 +5,7 @@ holds both ends of the pool's pipes itself, so it never sees them close. Kept fr
 worker calls :func:`exit_with_parent` from ``data_prep/__init__.py``, before it imports torch or PyAV (seconds on
 a busy machine), and again from the pool's initializer.
 """
+
 import ctypes
 import os
 import signal

@@ -10,6 +10,7 @@ Worker processes end with the main process: on SIGTERM the main process stops it
 journal first (what was finished is kept); if it is killed outright (SIGKILL, a crash), each worker notices
 that its parent is gone and exits (:mod:`data_prep.parent`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,12 +30,21 @@ import numpy as np
 from data_prep import audio as recipes
 from data_prep.cache import CacheWriter, Clip, Result
 from data_prep.errors import PrepError, UsageError
+from data_prep.media import MediaError, check_audio, decode_container, encode_frame, read_wav
 from data_prep.parent import PARENT_ENV, exit_with_parent
-from data_prep.media import check_audio, decode_container, encode_frame, read_wav, MediaError
-from onthefly.data.cache import (DOWNMIX, FRAME_TIMES, INDEX_FILE, OK, RECIPE_FILE, RESAMPLE, SPLITS, read_json,
-                                 write_json)
-from onthefly.progress import bar as progress_bar
+from onthefly.data.cache import (
+    DOWNMIX,
+    FRAME_TIMES,
+    INDEX_FILE,
+    OK,
+    RECIPE_FILE,
+    RESAMPLE,
+    SPLITS,
+    read_json,
+    write_json,
+)
 from onthefly.data.cache import audio_recipe as recipes_for
+from onthefly.progress import bar as progress_bar
 
 
 # --- arguments --------------------------------------------------------------------------------------------------
@@ -125,8 +135,12 @@ def default_out(dataset: str) -> Path:
 
 
 def frame_recipe(opts: CommonOptions) -> dict[str, Any]:
-    return {"fps": 1, "times": FRAME_TIMES[opts.frame_times], "short_side": opts.short_side or None,
-            "jpeg_quality": opts.jpeg_quality}
+    return {
+        "fps": 1,
+        "times": FRAME_TIMES[opts.frame_times],
+        "short_side": opts.short_side or None,
+        "jpeg_quality": opts.jpeg_quality,
+    }
 
 
 # --- workers ----------------------------------------------------------------------------------------------------
@@ -206,12 +220,21 @@ def process_av(clip: Clip, config: dict) -> Result:
     rate, downmix, resample = int(rec["sample_rate"]), rec.get("downmix", "pyav"), rec.get("resample", "sinc")
     times = config.get("frame_times", "centre")
     if "audio" in clip.sources:  # a separate file (CREMA-D's WAV): check it before decoding any video
-        wave = check_audio(read_wav(Path(clip.sources["audio"]), rate, downmix, resample), rate, config["min_audio_s"],
-                           Path(clip.sources["audio"]))
+        wave = check_audio(
+            read_wav(Path(clip.sources["audio"]), rate, downmix, resample),
+            rate,
+            config["min_audio_s"],
+            Path(clip.sources["audio"]),
+        )
         decoded = decode_container(Path(clip.sources["video"]), short_side=config["short_side"], frame_times=times)
     else:
-        decoded = decode_container(Path(clip.sources["video"]), audio_rate=rate, short_side=config["short_side"],
-                                   frame_times=times, downmix=downmix)
+        decoded = decode_container(
+            Path(clip.sources["video"]),
+            audio_rate=rate,
+            short_side=config["short_side"],
+            frame_times=times,
+            downmix=downmix,
+        )
         wave = check_audio(decoded.audio, rate, config["min_audio_s"], Path(clip.sources["video"]))
     array = recipes.compute(wave, rec)
     jpegs = [encode_frame(f, config["jpeg_quality"]) for f in decoded.frames]
@@ -219,9 +242,21 @@ def process_av(clip: Clip, config: dict) -> Result:
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
-def run_prep(*, dataset: str, clips: list[Clip], out_root: Path, recipe: dict[str, Any], streams: list[str],
-             array: Optional[dict[str, Any]], classes: list[str], splits: dict[str, Any], work: Callable,
-             opts: CommonOptions, raw_root: Path, expected: str) -> dict[str, Any]:
+def run_prep(
+    *,
+    dataset: str,
+    clips: list[Clip],
+    out_root: Path,
+    recipe: dict[str, Any],
+    streams: list[str],
+    array: Optional[dict[str, Any]],
+    classes: list[str],
+    splits: dict[str, Any],
+    work: Callable,
+    opts: CommonOptions,
+    raw_root: Path,
+    expected: str,
+) -> dict[str, Any]:
     """Process every clip that needs it, write the cache, print and return the summary. ``expected`` says
     what the listing looked for where (``"VideoFlash/<clip>.flv ... under raw_root=..."``): a run that finds
     no clip, or ends with none cached, raises :class:`PrepError` with it (after writing the index, whose
@@ -230,22 +265,31 @@ def run_prep(*, dataset: str, clips: list[Clip], out_root: Path, recipe: dict[st
         raise PrepError(f"{dataset}: no clip found. Expected {expected}.")
     t0 = time.time()
     workers = opts.workers or os.cpu_count() or 1
-    writer = CacheWriter(out_root, dataset, recipe, streams, array, overwrite=opts.overwrite,
-                         retry_failed=opts.retry_failed)
+    writer = CacheWriter(
+        out_root, dataset, recipe, streams, array, overwrite=opts.overwrite, retry_failed=opts.retry_failed
+    )
     if writer.damaged:
-        print(f"{dataset}: {len(writer.damaged)} finished clips have damaged or missing stored data (e.g. "
-              f"{writer.damaged[0]}): preparing them again")
+        print(
+            f"{dataset}: {len(writer.damaged)} finished clips have damaged or missing stored data (e.g. "
+            f"{writer.damaged[0]}): preparing them again"
+        )
     todo = [c for c in clips if c.status == OK and writer.needs(c)]
     writer.begin(len(todo))
     by_id = {c.id: c for c in todo}
-    config = {**recipe, "short_side": opts.short_side or None, "jpeg_quality": opts.jpeg_quality,
-              "min_audio_s": opts.min_audio_s, "audio": recipe.get("audio"),
-              "frame_times": getattr(opts, "frame_times", "centre")}
+    config = {
+        **recipe,
+        "short_side": opts.short_side or None,
+        "jpeg_quality": opts.jpeg_quality,
+        "min_audio_s": opts.min_audio_s,
+        "audio": recipe.get("audio"),
+        "frame_times": getattr(opts, "frame_times", "centre"),
+    }
     results = _results(todo, work, config, workers)
     try:
         with _TermAsException():
-            bar = progress_bar(results, total=len(todo), desc=f"prep {dataset}", unit="clip",
-                               enabled=opts.progress and bool(todo))
+            bar = progress_bar(
+                results, total=len(todo), desc=f"prep {dataset}", unit="clip", enabled=opts.progress and bool(todo)
+            )
             for clip_id, result in bar:
                 writer.add(by_id[clip_id], result)
     finally:
@@ -258,7 +302,9 @@ def run_prep(*, dataset: str, clips: list[Clip], out_root: Path, recipe: dict[st
     write_json(out_root / RECIPE_FILE, doc)
     print(format_summary(summary, raw_root))
     if summary["cached"] == 0:
-        reasons = "; ".join(f"{k} {v}: e.g. {summary['example_reason'].get(k, '')}" for k, v in summary["skipped"].items())
+        reasons = "; ".join(
+            f"{k} {v}: e.g. {summary['example_reason'].get(k, '')}" for k, v in summary["skipped"].items()
+        )
         raise PrepError(
             f"{dataset}: none of the {summary['found']} clips found could be cached ({reasons}). Expected "
             f"{expected}. Each clip's status and reason: {out_root / INDEX_FILE}. Fix the files and run the same "
@@ -267,8 +313,15 @@ def run_prep(*, dataset: str, clips: list[Clip], out_root: Path, recipe: dict[st
     return summary
 
 
-def prep_audio_visual(dataset: str, classes: Sequence[str], options_cls: type, list_clips: Callable,
-                      usage: str, argv: Sequence[str], expected: str) -> dict:
+def prep_audio_visual(
+    dataset: str,
+    classes: Sequence[str],
+    options_cls: type,
+    list_clips: Callable,
+    usage: str,
+    argv: Sequence[str],
+    expected: str,
+) -> dict:
     """The whole prep of a dataset whose clips are one container with an audio and a video stream (plus an
     optional WAV): parse key=value options, list the clips, cache audio + frames with the dataset's recipe.
     ``expected`` (formatted with ``raw``): what the listing looks for where."""
@@ -278,9 +331,20 @@ def prep_audio_visual(dataset: str, classes: Sequence[str], options_cls: type, l
     rec = recipes_for(dataset, opts.audio, getattr(opts, "downmix", "pyav"), getattr(opts, "resample", "sinc"))
     recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
     out = Path(opts.out_root).expanduser() if opts.out_root else default_out(dataset)
-    return run_prep(dataset=dataset, clips=clips, out_root=out, recipe=recipe, streams=["visual"],
-                    array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=list(classes), splits=splits,
-                    work=process_av, opts=opts, raw_root=raw, expected=expected.format(raw=raw))
+    return run_prep(
+        dataset=dataset,
+        clips=clips,
+        out_root=out,
+        recipe=recipe,
+        streams=["visual"],
+        array={"shape": rec["shape"], "dtype": rec["dtype"]},
+        classes=list(classes),
+        splits=splits,
+        work=process_av,
+        opts=opts,
+        raw_root=raw,
+        expected=expected.format(raw=raw),
+    )
 
 
 def existing_folder(path: str, option: str) -> Path:
@@ -301,25 +365,34 @@ def summarise(index, dataset: str, out_root: Path, processed: set[str], seconds:
             per_split[split or "(none)"] = {"listed": int(len(rows)), "cached": int((rows["status"] == OK).sum())}
     first_reason = failed.groupby("status")["reason"].first().to_dict() if len(failed) else {}
     return {
-        "dataset": dataset, "out_root": str(out_root), "found": int(len(index)), "cached": int(ok.sum()),
-        "processed_now": len(processed), "reused": int((ok & ~index["id"].isin(processed)).sum()),
+        "dataset": dataset,
+        "out_root": str(out_root),
+        "found": int(len(index)),
+        "cached": int(ok.sum()),
+        "processed_now": len(processed),
+        "reused": int((ok & ~index["id"].isin(processed)).sum()),
         "skipped": {k: int(v) for k, v in Counter(failed["status"]).most_common()},
         "example_reason": {k: str(v) for k, v in first_reason.items()},
-        "per_split": per_split, "seconds": round(seconds, 2), "workers": workers,
+        "per_split": per_split,
+        "seconds": round(seconds, 2),
+        "workers": workers,
     }
 
 
 def format_summary(s: dict[str, Any], raw_root: Path) -> str:
     skipped = sum(s["skipped"].values())
-    lines = [f"{s['dataset']}: {s['found']} clips found -> {s['out_root']}  ({s['seconds']:.1f} s, "
-             f"{s['workers']} workers)",
-             f"  cached   {s['cached']:>7}   (processed in this run: {s['processed_now']}, reused: {s['reused']})",
-             f"  skipped  {skipped:>7}   " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items())]
+    lines = [
+        f"{s['dataset']}: {s['found']} clips found -> {s['out_root']}  ({s['seconds']:.1f} s, {s['workers']} workers)",
+        f"  cached   {s['cached']:>7}   (processed in this run: {s['processed_now']}, reused: {s['reused']})",
+        f"  skipped  {skipped:>7}   " + ", ".join(f"{k} {v}" for k, v in s["skipped"].items()),
+    ]
     for status, reason in s["example_reason"].items():
         lines.append(f"    {status}: e.g. {reason}")
     if "lfs_pointer" in s["skipped"]:
-        lines.append(f"  {s['skipped']['lfs_pointer']} clips are git-LFS pointer files: run `git lfs pull` in "
-                     f"{raw_root}, then this command again (only the changed clips are redone)")
+        lines.append(
+            f"  {s['skipped']['lfs_pointer']} clips are git-LFS pointer files: run `git lfs pull` in "
+            f"{raw_root}, then this command again (only the changed clips are redone)"
+        )
     lines.append(f"  {'split':<8} {'listed':>7} {'cached':>7}")
     for split, counts in s["per_split"].items():
         lines.append(f"  {split:<8} {counts['listed']:>7} {counts['cached']:>7}")

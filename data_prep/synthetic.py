@@ -5,6 +5,7 @@ Containers and codecs as the datasets ship them: FLV (Sorenson flv1 video + MP3 
 (H.264 + AAC) for Kinetics and VGGSound, AVI (MPEG-4 part 2, no audio) for UCF-101; WAV (16-bit PCM) via
 soundfile.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,15 +40,31 @@ def _scene(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         cols = np.linspace(0, small.shape[1] - 1.001, w)
         r0, c0 = rows.astype(int), cols.astype(int)
         fr, fc = (rows - r0)[:, None], (cols - c0)[None, :]
-        up = (small[r0][:, c0] * (1 - fr) * (1 - fc) + small[r0 + 1][:, c0] * fr * (1 - fc)
-              + small[r0][:, c0 + 1] * (1 - fr) * fc + small[r0 + 1][:, c0 + 1] * fr * fc)
+        up = (
+            small[r0][:, c0] * (1 - fr) * (1 - fc)
+            + small[r0 + 1][:, c0] * fr * (1 - fc)
+            + small[r0][:, c0 + 1] * (1 - fr) * fc
+            + small[r0 + 1][:, c0 + 1] * fr * fc
+        )
         scene += weight * up
     return np.clip(scene / 2.0, -1, 1)
 
 
-def write_video(path: Path, seconds: float, *, size=(64, 48), fps: int = 10, audio_freq: Optional[float] = 440.0,
-                audio_rate: int = 22050, shift: int = 0, noise: float = 0.0, seed: int = 0,
-                textured: bool = False, right: Optional[np.ndarray] = None, frame_colours: bool = False) -> Path:
+def write_video(
+    path: Path,
+    seconds: float,
+    *,
+    size=(64, 48),
+    fps: int = 10,
+    audio_freq: Optional[float] = 440.0,
+    audio_rate: int = 22050,
+    shift: int = 0,
+    noise: float = 0.0,
+    seed: int = 0,
+    textured: bool = False,
+    right: Optional[np.ndarray] = None,
+    frame_colours: bool = False,
+) -> Path:
     """A clip whose frames are colour_at(second) and whose audio is a sine. ``textured``: the colour tints a
     smooth scene panning sideways (realistic JPEG sizes); ``noise``: pixel noise of that standard deviation.
     ``right``: a stereo track, the sine on the left channel and these samples (at ``audio_rate``) on the right.
@@ -112,5 +129,3 @@ def write_wav(path: Path, seconds: float, freq: float = 1000.0, rate: int = 1600
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), sine(freq, seconds, rate), rate, subtype="PCM_16")
     return path
-
-

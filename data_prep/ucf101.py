@@ -9,8 +9,9 @@ the precomputed TV-L1 release ``{u,v}/v_<video>/frame%06d.jpg`` (grayscale, 128 
 case-insensitively (folder HandstandPushups holds files spelled HandStandPushups). For each RGB frame time t
 the flow frame between video frames floor(t * fps) and the next one is stored. Another fold re-indexes the same
 clips: re-running with ``fold=2`` decodes nothing again. ``rgb_diff=true`` also stores the video frame after
-each RGB frame, for the RGB-difference modality (DATA.md's open three-modality variant).
+each RGB frame, for the RGB-difference modality (the journal's open three-modality variant).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,10 @@ from data_prep.pipeline import CommonOptions, cli, default_out, existing_folder,
 
 DATASET = "ucf101"
 EXPECTED = "<Class>/v_<Class>_gXX_cYY.avi files under raw_root={raw}"
-FLOW_RECIPE = {"source": "precomputed TV-L1 JPEGs ({u,v}/v_<video>/frame%06d.jpg)",
-               "time": "flow frame floor(t * fps) + 1 (1-based) at each RGB frame time t"}
+FLOW_RECIPE = {
+    "source": "precomputed TV-L1 JPEGs ({u,v}/v_<video>/frame%06d.jpg)",
+    "time": "flow frame floor(t * fps) + 1 (1-based) at each RGB frame time t",
+}
 
 
 @dataclass
@@ -41,16 +44,19 @@ class Options(CommonOptions):
 def read_classes(folder: Path) -> list[str]:
     path = folder / "classInd.txt"
     if not path.is_file():
-        raise PrepError(f"splits={folder}: no classInd.txt there. Expected the ucfTrainTestlist folder of the "
-                        "release: classInd.txt (`1 ApplyEyeMakeup` lines), trainlist01-03.txt and testlist01-03.txt")
+        raise PrepError(
+            f"splits={folder}: no classInd.txt there. Expected the ucfTrainTestlist folder of the "
+            "release: classInd.txt (`1 ApplyEyeMakeup` lines), trainlist01-03.txt and testlist01-03.txt"
+        )
     classes = []
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 fields = line.split()
                 if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) != len(classes) + 1:
-                    raise PrepError(f"{path} line {number}: expected `{len(classes) + 1} <ClassName>`, found "
-                                    f"{line.strip()[:60]!r}")
+                    raise PrepError(
+                        f"{path} line {number}: expected `{len(classes) + 1} <ClassName>`, found {line.strip()[:60]!r}"
+                    )
                 classes.append(fields[1])
     if not classes:
         raise PrepError(f"{path} names no class (expected `1 ApplyEyeMakeup`, `2 ApplyLipstick`, ... lines)")
@@ -122,8 +128,12 @@ def _flow_files(folder: Path) -> list[Path]:
 
 
 def process(clip: Clip, config: dict) -> Result:
-    decoded = decode_container(Path(clip.sources["video"]), short_side=config["short_side"],
-                               with_next=bool(config.get("rgb_diff")), frame_times=config.get("frame_times", "centre"))
+    decoded = decode_container(
+        Path(clip.sources["video"]),
+        short_side=config["short_side"],
+        with_next=bool(config.get("rgb_diff")),
+        frame_times=config.get("frame_times", "centre"),
+    )
     u_files, v_files = _flow_files(Path(clip.sources["flow_u"])), _flow_files(Path(clip.sources["flow_v"]))
     n_flow = min(len(u_files), len(v_files))
     fps = decoded.fps or 25.0
@@ -134,8 +144,11 @@ def process(clip: Clip, config: dict) -> Result:
         for files in (u_files, v_files):
             jpegs.append(read_jpeg_file(files[k], config["short_side"], config["jpeg_quality"], gray=True))
     if config.get("rgb_diff"):  # the successor of every frame: a 4th stream, interleaved like the others
-        jpegs = [j for t in range(len(decoded.frames)) for j in
-                 (*jpegs[3 * t : 3 * t + 3], encode_frame(decoded.next_frames[t], config["jpeg_quality"]))]
+        jpegs = [
+            j
+            for t in range(len(decoded.frames))
+            for j in (*jpegs[3 * t : 3 * t + 3], encode_frame(decoded.next_frames[t], config["jpeg_quality"]))
+        ]
     return Result(clip.id, duration=decoded.duration, n_frames=len(decoded.frames), jpegs=jpegs)
 
 
@@ -150,12 +163,22 @@ def run(argv: list[str]) -> dict:
     recipe = {"frames": frame_recipe(opts), "flow": FLOW_RECIPE, **({"rgb_diff": True} if opts.rgb_diff else {})}
     streams = ["visual", "flow_u", "flow_v"] + (["visual_next"] if opts.rgb_diff else [])
     out = Path(opts.out_root).expanduser() if opts.out_root else default_out(DATASET)
-    return run_prep(dataset=DATASET, clips=clips, out_root=out, recipe=recipe,
-                    streams=streams, array=None, classes=classes,
-                    splits={"mode": "official", "fold": opts.fold}, work=process, opts=opts, raw_root=raw,
-                    expected=f"the videos of trainlist{opts.fold:02d}.txt and testlist{opts.fold:02d}.txt in "
-                             f"splits={split_dir} as {EXPECTED.format(raw=raw)}, with flow folders "
-                             f"u/v_<video>/ and v/v_<video>/ under flow={flow_root}")
+    return run_prep(
+        dataset=DATASET,
+        clips=clips,
+        out_root=out,
+        recipe=recipe,
+        streams=streams,
+        array=None,
+        classes=classes,
+        splits={"mode": "official", "fold": opts.fold},
+        work=process,
+        opts=opts,
+        raw_root=raw,
+        expected=f"the videos of trainlist{opts.fold:02d}.txt and testlist{opts.fold:02d}.txt in "
+        f"splits={split_dir} as {EXPECTED.format(raw=raw)}, with flow folders "
+        f"u/v_<video>/ and v/v_<video>/ under flow={flow_root}",
+    )
 
 
 def main(argv=None) -> int:

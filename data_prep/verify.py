@@ -11,6 +11,7 @@ every score finite. AVQA: the question tables (token ids inside the vocabulary),
 ``mark=true`` records the bad clips as ``damaged`` in the prep's journal, so that running the prep command again
 re-prepares exactly those clips (the summary prints that command). Exit code 0: nothing bad; 1: something bad.
 """
+
 import io
 import json
 import sys
@@ -65,15 +66,19 @@ def check_clip(reader: CacheReader, row, entry: Optional[dict]) -> list[str]:
             if bad:
                 problems.append(f"{bad} non-finite values in its spectrogram ({part} row {row.array_row})")
             if entry is not None and "array_crc" in entry and zlib.crc32(np.ascontiguousarray(x)) != entry["array_crc"]:
-                problems.append(f"its spectrogram's bytes changed since the prep wrote them ({part} row {row.array_row})")
+                problems.append(
+                    f"its spectrogram's bytes changed since the prep wrote them ({part} row {row.array_row})"
+                )
         except (OSError, ValueError) as err:
             problems.append(f"its spectrogram cannot be read ({part}: {err})")
     crcs = entry.get("frame_crcs") if entry is not None else None
     n_streams = len(reader.streams)
     for k in range(int(row.n_frames) * n_streams):
         table_row = int(row.frame_start) + k
-        where = f"frame {k // n_streams} ({reader.streams[k % n_streams]}) in " \
-                f"{reader.layout['frames']['parts'][int(reader.frame_table()[table_row, 0])]}"
+        where = (
+            f"frame {k // n_streams} ({reader.streams[k % n_streams]}) in "
+            f"{reader.layout['frames']['parts'][int(reader.frame_table()[table_row, 0])]}"
+        )
         data = reader.jpeg(table_row)
         if crcs is not None and k < len(crcs) and zlib.crc32(data) != crcs[k]:
             problems.append(f"{where}: bytes changed since the prep wrote them")
@@ -91,8 +96,9 @@ def verify_clips(reader: CacheReader, progress: bool) -> tuple[dict[str, list[st
     entries = journals(reader.root)
     rows = reader.ok_rows()
     bad = {}
-    for row in progress_bar(rows.itertuples(index=False), total=len(rows), desc=f"verify {reader.root}",
-                            unit="clip", enabled=progress):
+    for row in progress_bar(
+        rows.itertuples(index=False), total=len(rows), desc=f"verify {reader.root}", unit="clip", enabled=progress
+    ):
         problems = check_clip(reader, row, entries.get(row.id, (None, None))[0])
         if problems:
             bad[row.id] = problems
@@ -109,9 +115,18 @@ def mark(bad: dict[str, list[str]], entries: dict[str, tuple[dict, Path]]) -> li
         if entry is None:
             unmarked.append(clip_id)
             continue
-        lines.setdefault(path, []).append(json.dumps(
-            {"id": clip_id, "status": DAMAGED, "reason": "make verify-cache: " + "; ".join(problems)[:500],
-             "duration": entry.get("duration", 0.0), "n_frames": 0, "sig": entry.get("sig")}))
+        lines.setdefault(path, []).append(
+            json.dumps(
+                {
+                    "id": clip_id,
+                    "status": DAMAGED,
+                    "reason": "make verify-cache: " + "; ".join(problems)[:500],
+                    "duration": entry.get("duration", 0.0),
+                    "n_frames": 0,
+                    "sig": entry.get("sig"),
+                }
+            )
+        )
     for path, text in lines.items():
         with open(path, "a", encoding="utf-8") as f:
             f.write("\n".join(text) + "\n")
@@ -128,8 +143,9 @@ def verify_mosi(root: Path, progress: bool) -> dict[str, list[str]]:
             bad.setdefault(split, []).append(f"{int((~np.isfinite(part.scores)).sum())} non-finite scores")
         for m in part.modalities:
             arr = part.array(m)
-            nonfinite = sum(int(arr[i : i + 256].size - np.isfinite(arr[i : i + 256]).sum())
-                            for i in range(0, len(arr), 256))
+            nonfinite = sum(
+                int(arr[i : i + 256].size - np.isfinite(arr[i : i + 256]).sum()) for i in range(0, len(arr), 256)
+            )
             if nonfinite:
                 bad.setdefault(f"{split}/{m}", []).append(f"{nonfinite} non-finite feature values")
             lengths = part.lengths[m]
@@ -156,13 +172,14 @@ def run(argv: list[str]) -> dict:
                 recipe = dataset._read_recipe()
                 dataset._read_tables(recipe)
                 reader = dataset.open_media(recipe)
-                print(f"{opts.dataset}: question tables of {root} are intact; media cache {media_cache_path(root, recipe)}")
+                print(
+                    f"{opts.dataset}: question tables of {root} are intact; media cache {media_cache_path(root, recipe)}"
+                )
             bad, entries = verify_clips(reader, opts.progress)
     except CacheMissingError as err:  # the open-time check failed: that is the finding
         raise PrepError(f"verify {opts.dataset}: {err}") from None
     checked = "segments" if reader is None else f"{len(reader.ok_rows())} clips"
-    print(f"verify {opts.dataset}: {checked} of {root} read in {time.time() - t0:.1f} s: "
-          f"{len(bad) or 'nothing'} bad")
+    print(f"verify {opts.dataset}: {checked} of {root} read in {time.time() - t0:.1f} s: {len(bad) or 'nothing'} bad")
     for key, problems in bad.items():
         print(f"  {key}: " + "; ".join(problems))
     if not bad:
@@ -171,14 +188,23 @@ def run(argv: list[str]) -> dict:
         fix = f"Rebuild the cache: `{PREP_COMMANDS['mosi']} OUT={root} ARGS=overwrite=true`."
     elif opts.mark:
         unmarked = mark(bad, entries)
-        fix = (f"Marked {len(bad) - len(unmarked)} clips as damaged in the prep's journal: run "
-               f"`{reader.command}` again to re-prepare them" + (" (for a merged VGGSound cache: each shard's prep, "
-               "then the merge)" if reader.recipe.get("splits", {}).get("shards") else "") + ".")
+        fix = (
+            f"Marked {len(bad) - len(unmarked)} clips as damaged in the prep's journal: run "
+            f"`{reader.command}` again to re-prepare them"
+            + (
+                " (for a merged VGGSound cache: each shard's prep, then the merge)"
+                if reader.recipe.get("splits", {}).get("shards")
+                else ""
+            )
+            + "."
+        )
         if unmarked:
             fix += f" {len(unmarked)} have no journal entry (a copied cache?): rebuild it with ARGS=overwrite=true."
     else:
-        fix = (f"To re-prepare exactly these clips: `make verify-cache DATASET={opts.dataset} ROOT={root} "
-               f"ARGS=mark=true`, then run `{reader.command}` again.")
+        fix = (
+            f"To re-prepare exactly these clips: `make verify-cache DATASET={opts.dataset} ROOT={root} "
+            f"ARGS=mark=true`, then run `{reader.command}` again."
+        )
     raise PrepError(f"verify {opts.dataset}: {len(bad)} bad in {root}. {fix}")
 
 

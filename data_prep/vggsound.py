@@ -13,6 +13,7 @@ complete cache to ``<out_root>/shards/<i>-of-<n>/``. Run the n shards anywhere (
 ``shards/`` folder), then ``merge`` writes ``<out_root>``'s index, layout and frame table over the shards' files
 (no data is copied). Every storage file stays under 2 GiB.
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,11 +28,31 @@ import pandas as pd
 from data_prep.cache import Clip, _features, code_version
 from data_prep.errors import PrepError, UsageError
 from data_prep.ids import VideoFiles
-from data_prep.pipeline import (CommonOptions, cli, default_out, existing_folder, frame_recipe, parse_args, process_av,
-                                run_prep)
+from data_prep.pipeline import (
+    CommonOptions,
+    cli,
+    default_out,
+    existing_folder,
+    frame_recipe,
+    parse_args,
+    process_av,
+    run_prep,
+)
 from onthefly.data.base import CacheMissingError
-from onthefly.data.cache import (FORMAT_VERSION, FRAME_TABLE_FILE, INDEX_FILE, LAYOUT_FILE, OK, RECIPE_FILE, SPLITS,
-                                 CacheReader, audio_recipe, index_counts, prep_command, read_json, write_json)
+from onthefly.data.cache import (
+    FORMAT_VERSION,
+    FRAME_TABLE_FILE,
+    INDEX_FILE,
+    LAYOUT_FILE,
+    OK,
+    RECIPE_FILE,
+    SPLITS,
+    CacheReader,
+    audio_recipe,
+    index_counts,
+    prep_command,
+    write_json,
+)
 
 DATASET = "vggsound"
 SHARDS = "shards"
@@ -93,14 +114,26 @@ def list_clips(raw: Path, csv_path: Path) -> tuple[list[Clip], list[str]]:
             continue
         seen.add(clip_id)
         path = files.find(clip_id)
-        clip = Clip(clip_id, label, split, {"video": str(path)} if path else {},
-                    source=path.relative_to(raw).as_posix() if path else "")
+        clip = Clip(
+            clip_id,
+            label,
+            split,
+            {"video": str(path)} if path else {},
+            source=path.relative_to(raw).as_posix() if path else "",
+        )
         if path is None:
             clip.status, clip.reason = "missing", f"no video file for {clip_id} under {raw}"
         clips.append(clip)
     for line, text in bad:
-        clips.append(Clip(f"csv-line-{line}", None, None, status="bad_row",
-                          reason=f"{csv_path.name} line {line} is not `ytid,start,label,train|test`: {text[:80]!r}"))
+        clips.append(
+            Clip(
+                f"csv-line-{line}",
+                None,
+                None,
+                status="bad_row",
+                reason=f"{csv_path.name} line {line} is not `ytid,start,label,train|test`: {text[:80]!r}",
+            )
+        )
     clips.sort(key=lambda c: c.id)
     return clips, classes
 
@@ -120,15 +153,27 @@ def prep(opts: Options) -> dict:
         splits["shard"] = f"{i}/{n}"
     rec = audio_recipe(DATASET, opts.audio, opts.downmix)
     recipe = {"audio": rec, "frames": frame_recipe(opts), "min_audio_s": opts.min_audio_s}
-    summary = run_prep(dataset=DATASET, clips=clips, out_root=out, recipe=recipe, streams=["visual"],
-                       array={"shape": rec["shape"], "dtype": rec["dtype"]}, classes=classes, splits=splits,
-                       work=process_av, opts=opts, raw_root=raw,
-                       expected=f"`ytid,start,label,train|test` rows in csv={csv_path}"
-                                f"{f' (shard {opts.shard})' if shard else ''}, naming <ytid>_<start:06d>.mp4 (or "
-                                f"<ytid>_<start>.mp4) files anywhere under raw_root={raw}")
+    summary = run_prep(
+        dataset=DATASET,
+        clips=clips,
+        out_root=out,
+        recipe=recipe,
+        streams=["visual"],
+        array={"shape": rec["shape"], "dtype": rec["dtype"]},
+        classes=classes,
+        splits=splits,
+        work=process_av,
+        opts=opts,
+        raw_root=raw,
+        expected=f"`ytid,start,label,train|test` rows in csv={csv_path}"
+        f"{f' (shard {opts.shard})' if shard else ''}, naming <ytid>_<start:06d>.mp4 (or "
+        f"<ytid>_<start>.mp4) files anywhere under raw_root={raw}",
+    )
     if shard:
-        print(f"  shard {shard[0]}/{shard[1]} done; when all {shard[1]} are in {out.parent}, run "
-              f"`make prep-vggsound-merge OUT={out.parent.parent}`")
+        print(
+            f"  shard {shard[0]}/{shard[1]} done; when all {shard[1]} are in {out.parent}, run "
+            f"`make prep-vggsound-merge OUT={out.parent.parent}`"
+        )
     return summary
 
 
@@ -144,8 +189,10 @@ def merge(out: Path, allow_partial: bool = False) -> dict:
     present = {int(p.name.split("-of-")[0]) for p in shards if (p / INDEX_FILE).exists()}
     absent = sorted(set(range(n)) - present)
     if absent and not allow_partial:
-        raise PrepError(f"shards {absent} of {n} are missing or unfinished in {out / SHARDS}: run them "
-                         "(`make prep-vggsound ... SHARD=i/n`), or merge what is there with allow_partial=true")
+        raise PrepError(
+            f"shards {absent} of {n} are missing or unfinished in {out / SHARDS}: run them "
+            "(`make prep-vggsound ... SHARD=i/n`), or merge what is there with allow_partial=true"
+        )
     indexes, tables, array_parts, frame_parts = [], [], [], []
     first = None
     for p in shards:
@@ -160,8 +207,9 @@ def merge(out: Path, allow_partial: bool = False) -> dict:
         if first is None:
             first, first_layout = recipe, layout
         elif _features(recipe) != _features(first) or recipe["classes"] != first["classes"]:
-            raise PrepError(f"{p} was made with another recipe or csv than {shards[0]}: "
-                             "re-run it with the same options")
+            raise PrepError(
+                f"{p} was made with another recipe or csv than {shards[0]}: re-run it with the same options"
+            )
         index, table = shard.index.copy(), shard.frame_table()
         rel = p.relative_to(out).as_posix()
         ok = index["status"] == OK
@@ -180,11 +228,22 @@ def merge(out: Path, allow_partial: bool = False) -> dict:
     layout["array"]["parts"], layout["frames"]["parts"] = array_parts, frame_parts
     write_json(out / LAYOUT_FILE, layout)
     index.to_csv(out / INDEX_FILE, index=False)
-    per_split = {s: {"listed": int((index["split"] == s).sum()),
-                     "cached": int(((index["split"] == s) & (index["status"] == OK)).sum())} for s in SPLITS}
-    summary = {"dataset": DATASET, "out_root": str(out), "shards": f"{len(present)} of {n}", "found": int(len(index)),
-               "cached": int((index["status"] == OK).sum()),
-               "skipped": index.loc[index["status"] != OK, "status"].value_counts().to_dict(), "per_split": per_split}
+    per_split = {
+        s: {
+            "listed": int((index["split"] == s).sum()),
+            "cached": int(((index["split"] == s) & (index["status"] == OK)).sum()),
+        }
+        for s in SPLITS
+    }
+    summary = {
+        "dataset": DATASET,
+        "out_root": str(out),
+        "shards": f"{len(present)} of {n}",
+        "found": int(len(index)),
+        "cached": int((index["status"] == OK).sum()),
+        "skipped": index.loc[index["status"] != OK, "status"].value_counts().to_dict(),
+        "per_split": per_split,
+    }
     doc = dict(first, format=FORMAT_VERSION, code_version=code_version(), summary=summary, index=index_counts(index))
     doc["splits"] = {k: v for k, v in doc["splits"].items() if k != "shard"}
     doc["splits"]["shards"] = n

@@ -1,4 +1,5 @@
 """Shared fixtures for the end-to-end tests: tiny run settings, W&B kept inside tmp folders, a run helper."""
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ second a cached frame came from; every audio track is a sine at a chosen frequen
 peak in the spectrogram. Containers and codecs are the real ones: FLV (Sorenson flv1 + MP3) and 16-kHz WAV for
 CREMA-D, MP4 (H.264 + AAC) for Kinetics and VGGSound, AVI (MPEG-4 part 2, no audio) for UCF-101.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,10 @@ from PIL import Image
 
 from data_prep.synthetic import colour_at, sine, write_video, write_wav  # noqa: F401  (the tests use them from here)
 
-LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
-               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 212992\n")
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 212992\n"
+)
 
 
 def write_lfs_pointer(path: Path) -> Path:
@@ -57,7 +60,7 @@ def write_csv(path: Path, rows: Iterable[Iterable], header: Optional[list[str]] 
     return path
 
 
-# --- raw trees in each dataset's layout, with the bad inputs of DATA.md ---------------------------------------
+# --- raw trees in each dataset's layout, with the bad inputs of docs/data.md ---------------------------------------
 EMOTIONS = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
 SINE_HZ = 1000.0  # every good clip's audio
 
@@ -134,8 +137,14 @@ def make_kinetics(root: Path, seconds: float = 2.0) -> dict:
                 clip_id = f"{yt}_{start:06d}_{start + 10:06d}"
                 rows[split].append((label.replace("_", " "), yt, start, start + 10, split))
                 if label != "abseiling":
-                    write_video(root / split / f"{clip_id}.mp4", seconds, size=(64, 48), shift=i, audio_rate=16000,
-                                audio_freq=SINE_HZ)
+                    write_video(
+                        root / split / f"{clip_id}.mp4",
+                        seconds,
+                        size=(64, 48),
+                        shift=i,
+                        audio_rate=16000,
+                        audio_freq=SINE_HZ,
+                    )
                     clips[clip_id] = (label, "train" if split == "train" else "test")
                 i += 1
     bad = {}
@@ -251,10 +260,22 @@ def train_once(dataset: str, root: Path, out_dir: Path, *overrides: str) -> dict
     from onthefly.config import compose
     from onthefly.engine.run import run
 
-    cfg = compose([
-        "debug=fast", f"dataset={dataset}", f"dataset.root={root}", "dataset.image_size=32",
-        "backbone=resnet18_small", "trainer.epochs=1", "trainer.batch_size=3", "trainer.eval_batch_size=8",
-        "trainer.limit_train_batches=2", "trainer.limit_eval_batches=2", "trainer.threads=1", "trainer.plots=false",
-        "trainer.save_checkpoint=false", *overrides,
-    ])
+    cfg = compose(
+        [
+            "debug=fast",
+            f"dataset={dataset}",
+            f"dataset.root={root}",
+            "dataset.image_size=32",
+            "backbone=resnet18_small",
+            "trainer.epochs=1",
+            "trainer.batch_size=3",
+            "trainer.eval_batch_size=8",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_eval_batches=2",
+            "trainer.threads=1",
+            "trainer.plots=false",
+            "trainer.save_checkpoint=false",
+            *overrides,
+        ]
+    )
     return run(cfg, out_dir)

@@ -1,5 +1,6 @@
 """AVQA end to end: generated clips and question files -> `data_prep.avqa` -> training with the question encoder
 and the question-conditioned head, balancing audio against visual (ρ from zero-out, the question kept)."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,11 @@ import json
 import pandas as pd
 import pytest
 
-import media
 from data_prep import avqa
 from onthefly.config import compose
 from onthefly.engine.run import run
+
+import media
 
 QTYPES = ["Which", "Come From", "Happening"]
 RELATIONS = ["Audio", "Visual", "Both"]
@@ -26,14 +28,19 @@ def avqa_cache(tmp_path_factory):
     """8 clips, 24 train and 8 test questions (every type and relation), prepared from raw mp4 files."""
     root = tmp_path_factory.mktemp("avqa_train")
     for i in range(8):
-        media.write_video(root / "videos" / f"{_name(i)}.mp4", 2.0, shift=i, audio_rate=16000,
-                          audio_freq=media.SINE_HZ)
+        media.write_video(root / "videos" / f"{_name(i)}.mp4", 2.0, shift=i, audio_rate=16000, audio_freq=media.SINE_HZ)
 
     def item(qid: int, clip: int) -> dict:
         answer = qid % 4
-        return {"id": qid, "video_name": _name(clip), "question_text": f"what {WORDS[qid % 6]} is heard here",
-                "multi_choice": [WORDS[(answer + k) % 6] for k in range(4)], "answer": answer,
-                "question_type": QTYPES[qid % 3], "question_relation": RELATIONS[(qid // 3) % 3]}
+        return {
+            "id": qid,
+            "video_name": _name(clip),
+            "question_text": f"what {WORDS[qid % 6]} is heard here",
+            "multi_choice": [WORDS[(answer + k) % 6] for k in range(4)],
+            "answer": answer,
+            "question_type": QTYPES[qid % 3],
+            "question_relation": RELATIONS[(qid // 3) % 3],
+        }
 
     (root / "ann").mkdir()
     (root / "ann" / "train_qa.json").write_text(json.dumps([item(q, q % 6) for q in range(24)]))
@@ -43,19 +50,38 @@ def avqa_cache(tmp_path_factory):
 
 
 def avqa_overrides(cache, *extra):
-    return ["dataset=avqa", f"dataset.root={cache}", "dataset.image_size=32", "dataset.audio_crop=128",
-            "dataset.num_frames=2", "dataset.val_fraction=0.25", "backbone=resnet18_small",
-            "backbone.context.question.width=16", "backbone.context.question.embed_dim=8", "fusion.hidden=16",
-            "debug=fast", "trainer.epochs=2", "trainer.batch_size=6", "trainer.eval_batch_size=8",
-            "trainer.limit_train_batches=null", "trainer.limit_eval_batches=null", "trainer.threads=1",
-            "trainer.plots=false", "trainer.save_checkpoint=false", *extra]
+    return [
+        "dataset=avqa",
+        f"dataset.root={cache}",
+        "dataset.image_size=32",
+        "dataset.audio_crop=128",
+        "dataset.num_frames=2",
+        "dataset.val_fraction=0.25",
+        "backbone=resnet18_small",
+        "backbone.context.question.width=16",
+        "backbone.context.question.embed_dim=8",
+        "fusion.hidden=16",
+        "debug=fast",
+        "trainer.epochs=2",
+        "trainer.batch_size=6",
+        "trainer.eval_batch_size=8",
+        "trainer.limit_train_batches=null",
+        "trainer.limit_eval_batches=null",
+        "trainer.threads=1",
+        "trainer.plots=false",
+        "trainer.save_checkpoint=false",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("modulation,logged", [
-    ("none", ["rho", "acc"]),
-    ("ogm_ge", ["rho", "k"]),
-    ("opm", ["rho", "q", "drop"]),
-])
+@pytest.mark.parametrize(
+    "modulation,logged",
+    [
+        ("none", ["rho", "acc"]),
+        ("ogm_ge", ["rho", "k"]),
+        ("opm", ["rho", "q", "drop"]),
+    ],
+)
 def test_avqa_trains_and_reports_accuracy_per_question_type_and_relation(avqa_cache, tmp_path, modulation, logged):
     out = tmp_path / modulation
     results = run(compose(avqa_overrides(avqa_cache, f"modulation={modulation}")), out)
@@ -76,8 +102,10 @@ def test_avqa_trains_and_reports_accuracy_per_question_type_and_relation(avqa_ca
 
 def test_avqa_zero_out_is_the_natural_estimator_of_the_qa_head(avqa_cache, tmp_path):
     a = run(compose(avqa_overrides(avqa_cache, "modulation=ogm_ge", "trainer.epochs=1")), tmp_path / "natural")
-    b = run(compose(avqa_overrides(avqa_cache, "modulation=ogm_ge", "trainer.epochs=1",
-                                   "discrepancy.estimator=zero_out")), tmp_path / "zero")
+    b = run(
+        compose(avqa_overrides(avqa_cache, "modulation=ogm_ge", "trainer.epochs=1", "discrepancy.estimator=zero_out")),
+        tmp_path / "zero",
+    )
     assert a["last"]["train/rho_audio"] == pytest.approx(b["last"]["train/rho_audio"])
 
 
@@ -92,8 +120,10 @@ def test_avqa_presets_compose_the_question_model():
 
 def test_a_plain_fusion_head_on_avqa_fails_naming_the_qa_head(avqa_cache, tmp_path):
     with pytest.raises(ValueError, match="fusion=qa"):
-        run(compose([o for o in avqa_overrides(avqa_cache, "fusion=concat") if not o.startswith("fusion.")]),
-            tmp_path / "bad")
+        run(
+            compose([o for o in avqa_overrides(avqa_cache, "fusion=concat") if not o.startswith("fusion.")]),
+            tmp_path / "bad",
+        )
 
 
 def test_music_avqa_trains_an_answer_classifier(tmp_path):
@@ -104,9 +134,14 @@ def test_music_avqa_trains_an_answer_classifier(tmp_path):
     answers = ["yes", "no", "two", "left"]
 
     def item(qid: int, video: str) -> dict:
-        return {"video_id": video, "question_id": qid, "type": json.dumps([RELATIONS[qid % 3], QTYPES[qid % 3]]),
-                "question_content": "Is the <Object> playing?", "templ_values": json.dumps([WORDS[qid % 6]]),
-                "anser": answers[qid % 4]}
+        return {
+            "video_id": video,
+            "question_id": qid,
+            "type": json.dumps([RELATIONS[qid % 3], QTYPES[qid % 3]]),
+            "question_content": "Is the <Object> playing?",
+            "templ_values": json.dumps([WORDS[qid % 6]]),
+            "anser": answers[qid % 4],
+        }
 
     ann = tmp_path / "json"
     ann.mkdir()

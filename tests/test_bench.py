@@ -1,5 +1,6 @@
 """`make bench` code paths on a tiny model and tiny shapes (no timing is asserted: the figures are measurements,
 printed by the bench itself)."""
+
 from __future__ import annotations
 
 import queue
@@ -13,10 +14,14 @@ from onthefly import bench
 @pytest.fixture
 def tiny_bench(monkeypatch):
     monkeypatch.setattr(bench, "BACKBONE", "resnet18_small")
-    monkeypatch.setattr(bench, "SHAPES", {
-        "CREMA-D": ((1, 32, 24), 1, 32, 4, "cvpr2022"),
-        "VGGSound": ((1, 16, 40), 3, 24, 4, "cvpr2022"),
-    })
+    monkeypatch.setattr(
+        bench,
+        "SHAPES",
+        {
+            "CREMA-D": ((1, 32, 24), 1, 32, 4, "cvpr2022"),
+            "VGGSound": ((1, 16, 40), 3, 24, 4, "cvpr2022"),
+        },
+    )
     torch.set_num_threads(1)
 
 
@@ -49,8 +54,9 @@ def reader_figures(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench, "SOURCES", TINY_SOURCES)
         torch.set_num_threads(1)
-        return bench.reader_throughput(tmp_path_factory.mktemp("bench_b"), items=6, batches=2, workers=0,
-                                       clips=10, sources=2, prep_workers=1)
+        return bench.reader_throughput(
+            tmp_path_factory.mktemp("bench_b"), items=6, batches=2, workers=0, clips=10, sources=2, prep_workers=1
+        )
 
 
 def test_reader_bench_times_every_recipes_cache_reader_and_the_decoding_baseline(reader_figures):

@@ -1,5 +1,6 @@
 """Damaged caches are found when they are opened (no decoding), or by `make verify-cache` (decoding), with the file,
 the clips and the fix named; running the prep again repairs them. Also: splits that end up empty."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from hydra.utils import instantiate
+from test_data_prep_cremad import built, raw  # noqa: F401  (the generated raw tree and its cache, as fixtures)
 
-import media
 from data_prep import cremad, verify
 from data_prep.cache import CacheConflict
 from onthefly.config import compose
 from onthefly.data.base import CacheDamagedError, EmptySplitError
 from onthefly.data.cache import CacheReader, read_index
 from onthefly.data.cremad import CremaD
-from test_data_prep_cremad import built, raw  # noqa: F401  (the generated raw tree and its cache, as fixtures)
+
+import media
 
 FIX = "make prep-cremad RAW="
 
@@ -56,8 +58,10 @@ def test_cut_array_part_names_the_file_its_clips_and_the_fix_and_a_rerun_repairs
 
 def test_cut_frames_part_names_the_clips_past_the_cut_and_a_rerun_redoes_only_them(raw, cache):
     reader = CacheReader(cache, "cremad")
-    ends = {row.id: int(reader.frame_table()[row.frame_start + row.n_frames - 1, 1:].sum())
-            for row in reader.ok_rows().itertuples()}
+    ends = {
+        row.id: int(reader.frame_table()[row.frame_start + row.n_frames - 1, 1:].sum())
+        for row in reader.ok_rows().itertuples()
+    }
     cut = sorted(ends.values())[5]  # the first five clips' frames stay whole
     data = (cache / "frames" / "part-00000.bin").read_bytes()
     (cache / "frames" / "part-00000.bin").write_bytes(data[: cut - 1])
@@ -87,11 +91,14 @@ def test_invalid_recipe_json_names_the_file_and_the_rebuild(raw, cache):
     assert len(CremaD(root=str(cache)).splits().test) == 6
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda c: (c / "layout.json").write_text("[1, 2"), ["layout.json is damaged"]),
-    (lambda c: media.truncate(c / "frames" / "table.npy", 0.5), ["frames/table.npy", "cut"]),
-    (lambda c: (c / "index.csv").write_bytes(b"id,label\n\xff\xfe,\x00"), ["index.csv"]),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda c: (c / "layout.json").write_text("[1, 2"), ["layout.json is damaged"]),
+        (lambda c: media.truncate(c / "frames" / "table.npy", 0.5), ["frames/table.npy", "cut"]),
+        (lambda c: (c / "index.csv").write_bytes(b"id,label\n\xff\xfe,\x00"), ["index.csv"]),
+    ],
+)
 def test_damaged_layout_table_or_index_is_named_and_a_rerun_rewrites_it(raw, cache, damage, words):
     damage(cache)
     with pytest.raises(CacheDamagedError) as err:
@@ -137,8 +144,9 @@ def _garble(cache, clip_id: str, header: bool) -> None:
 
 
 @pytest.mark.parametrize("header", [True, False], ids=["jpeg-header", "entropy-data"])
-def test_garbled_jpeg_bytes_open_but_verify_cache_names_the_clip_and_mark_then_prep_repairs_it(raw, cache, header,
-                                                                                              capsys):
+def test_garbled_jpeg_bytes_open_but_verify_cache_names_the_clip_and_mark_then_prep_repairs_it(
+    raw, cache, header, capsys
+):
     victim = ok_ids(cache)[3]
     _garble(cache, victim, header)
     CremaD(root=str(cache))  # sizes are intact: the open-time check cannot see it
@@ -146,7 +154,7 @@ def test_garbled_jpeg_bytes_open_but_verify_cache_names_the_clip_and_mark_then_p
     args = ["dataset=cremad", f"root={cache}", "progress=false"]
     assert verify.main(args) == 1
     out, err = capsys.readouterr()
-    assert f"1 bad" in out and victim in out and "frame 0 (visual) in frames/part-00000.bin" in out
+    assert "1 bad" in out and victim in out and "frame 0 (visual) in frames/part-00000.bin" in out
     assert "ARGS=mark=true" in err and FIX in err
     assert verify.main([*args, "mark=true"]) == 1
     assert "Marked 1 clips as damaged" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The command lines: `python -m onthefly.train` (Hydra, single run and sweep) and `python -m onthefly.analyse`
 (`onthefly.evaluate` is its deprecated alias)."""
+
 from __future__ import annotations
 
 import json
@@ -9,17 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, read_results, subprocess_env
 from onthefly import analyse as evaluate_cli
 from onthefly.engine import analysis
+
+from conftest import TINY, read_results, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _python(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 # --- python -m onthefly.train ---------------------------------------------------------------------------------
@@ -39,8 +42,15 @@ def test_train_cli_single_run(tmp_path):
 
 @pytest.mark.slow
 def test_train_cli_misspelt_key_names_the_key(tmp_path):
-    proc = _python("-m", "onthefly.train", *TINY, "modulation=ogm", "modulation.alpah=1",
-                   f"hydra.run.dir={tmp_path / 'never'}", cwd=tmp_path)
+    proc = _python(
+        "-m",
+        "onthefly.train",
+        *TINY,
+        "modulation=ogm",
+        "modulation.alpah=1",
+        f"hydra.run.dir={tmp_path / 'never'}",
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     assert "alpah" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "never" / "results.json").exists()
@@ -49,8 +59,15 @@ def test_train_cli_misspelt_key_names_the_key(tmp_path):
 @pytest.mark.slow
 def test_train_cli_training_error_exits_1_with_the_reason(tmp_path):
     run_dir = tmp_path / "uni"
-    proc = _python("-m", "onthefly.train", *TINY, "trainer.modalities=[audio]", "modulation=ogm_ge",
-                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = _python(
+        "-m",
+        "onthefly.train",
+        *TINY,
+        "trainer.modalities=[audio]",
+        "modulation=ogm_ge",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "use modulation=none for uni-modal runs" in output
@@ -60,8 +77,9 @@ def test_train_cli_training_error_exits_1_with_the_reason(tmp_path):
 @pytest.mark.slow
 def test_train_cli_multirun_makes_one_folder_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _python("-m", "onthefly.train", "-m", "fusion=concat,sum", *TINY, f"hydra.sweep.dir={sweep}",
-                   cwd=tmp_path, timeout=400)
+    proc = _python(
+        "-m", "onthefly.train", "-m", "fusion=concat,sum", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=400
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted(sweep.glob("*/results.json"))
     assert len(results) == 2, f"job folders: {sorted(p.name for p in sweep.iterdir())}"
@@ -77,15 +95,25 @@ def test_train_cli_multirun_a_failing_job_fails_alone(tmp_path):
     its folder holds results.json with status failed and the error, and the multirun exits non-zero with the
     one-line reason (no traceback)."""
     sweep = tmp_path / "sweep"
-    proc = _python("-m", "onthefly.train", "-m", "trainer.modalities=[audio],[foo],[visual]", *TINY,
-                   f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}", cwd=tmp_path, timeout=400)
+    proc = _python(
+        "-m",
+        "onthefly.train",
+        "-m",
+        "trainer.modalities=[audio],[foo],[visual]",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     results = {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
     assert sorted(results) == [0, 1, 2]
     assert results[0]["status"] == "ok" and results[2]["status"] == "ok"
     assert results[1]["status"] == "failed"
-    assert results[1]["error"] == ("TrainingError: trainer.modalities names ['foo'], but the dataset has "
-                                   "['audio', 'visual']")
+    assert results[1]["error"] == (
+        "TrainingError: trainer.modalities names ['foo'], but the dataset has ['audio', 'visual']"
+    )
     assert results[1]["config"]["trainer"]["modalities"] == ["foo"]
     assert "trainer.modalities names ['foo']" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -1,5 +1,6 @@
 """Mid-fusion models (MMTM, CentralNet, attention fusion), OPM and OGM on them, Greedy and the conditional
 utilisation rate: shapes with frames folded into the batch, what each method touches, hand-computed estimates."""
+
 from __future__ import annotations
 
 import math
@@ -42,13 +43,16 @@ def tiny_model(fusion: str, *overrides: str, num_classes: int = 5):
 
 def tiny_inputs(batch: int = 3, frames: int = 3, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"audio": torch.randn(batch, 1, 48, 40, generator=g),
-            "visual": torch.randn(batch, frames, 3, 32, 32, generator=g)}
+    return {
+        "audio": torch.randn(batch, 1, 48, 40, generator=g),
+        "visual": torch.randn(batch, frames, 3, 32, 32, generator=g),
+    }
 
 
 def ctx_for(model, inputs, labels, **fields) -> StepContext:
-    return StepContext(epoch=0, step=0, global_step=0, model=model, modalities=MODS, inputs=inputs, labels=labels,
-                       **fields)
+    return StepContext(
+        epoch=0, step=0, global_step=0, model=model, modalities=MODS, inputs=inputs, labels=labels, **fields
+    )
 
 
 # --- the ResNet18 stage API ------------------------------------------------------------------------------------
@@ -82,8 +86,8 @@ def test_each_model_pairs_each_clip_with_its_own_frames(fusion, frames):
     out = model(x)
     assert out.shape == (3, 5)
     for i in range(3):
-        alone = model({m: v[i:i + 1] for m, v in x.items()})
-        torch.testing.assert_close(alone, out[i:i + 1], rtol=1e-4, atol=1e-5)
+        alone = model({m: v[i : i + 1] for m, v in x.items()})
+        torch.testing.assert_close(alone, out[i : i + 1], rtol=1e-4, atol=1e-5)
 
 
 def test_mmtm_squeezes_each_clip_over_its_frames_and_repeats_the_gate():
@@ -196,7 +200,7 @@ class KeepFirstHalf(Modulation):
 
     def before_forward(self, ctx):
         keep = torch.ones(len(ctx.labels), len(ctx.modalities), dtype=torch.bool)
-        keep[len(ctx.labels) // 2:, 0] = False
+        keep[len(ctx.labels) // 2 :, 0] = False
         ctx.keep = keep
 
     def on_features(self, ctx):
@@ -289,8 +293,9 @@ def test_ogm_on_shared_parameters_scales_the_feature_gradient():
     k = K
     for name in base:
         audio_only = name.startswith("encoders.audio.") or any(
-            name.startswith(f"interaction.{part}") for part in ("proj.audio.", "norm.audio.", "type_embedding.audio",
-                                                               "cls.audio"))
+            name.startswith(f"interaction.{part}")
+            for part in ("proj.audio.", "norm.audio.", "type_embedding.audio", "cls.audio")
+        )
         if audio_only:
             torch.testing.assert_close(after[name], k * base[name], msg=name)
         elif name.startswith(("encoders.visual.", "head.")) or ".visual" in name:
@@ -375,8 +380,12 @@ def test_rho_of_centralnet_reruns_the_central_net_with_the_other_taps_zeroed():
         return [c2, -c2]
 
     a, v = [[1.0, 2.0], [0.5, -1.0]], [[0.3, 1.0], [2.0, 0.2]]
-    feats = {"audio": torch.tensor(a), "visual": torch.tensor(v),
-             "branch/audio": torch.zeros(2, 1), "branch/visual": torch.zeros(2, 1)}
+    feats = {
+        "audio": torch.tensor(a),
+        "visual": torch.tensor(v),
+        "branch/audio": torch.zeros(2, 1),
+        "branch/visual": torch.zeros(2, 1),
+    }
     torch.testing.assert_close(head(feats), torch.tensor([central(x, y) for x, y in zip(a, v)]))
     uni = head.unimodal_logits(feats, "natural")
     expect_a = [central(x, [0.0, 0.0]) for x in a]
@@ -391,8 +400,12 @@ def test_rho_of_centralnet_reruns_the_central_net_with_the_other_taps_zeroed():
 
 def test_centralnet_estimate_passes_leave_the_running_statistics_alone():
     head = CentralNetHead({"audio": 3, "visual": 3}, num_classes=2, tap_channels=[1, 2]).train()
-    feats = {"audio": torch.randn(4, 3), "visual": torch.randn(4, 3),
-             "branch/audio": torch.randn(4, 2), "branch/visual": torch.randn(4, 2)}
+    feats = {
+        "audio": torch.randn(4, 3),
+        "visual": torch.randn(4, 3),
+        "branch/audio": torch.randn(4, 2),
+        "branch/visual": torch.randn(4, 2),
+    }
     before = head.blocks[0].bn.running_mean.clone()
     head.unimodal_logits(feats, "natural")
     torch.testing.assert_close(head.blocks[0].bn.running_mean, before)
@@ -495,8 +508,10 @@ def test_greedy_random_variant_draws_every_step_once_unlocked():
 
 def test_gate_average_and_the_released_copy_slip():
     unit = MMTMUnit({"audio": 2, "visual": 2})
-    gates = [{"audio": torch.tensor([[0.2, 0.4], [0.4, 0.6]]), "visual": torch.tensor([[0.9, 0.1], [0.7, 0.3]])},
-             {"audio": torch.tensor([[0.6, 0.0]]), "visual": torch.tensor([[0.5, 0.5]])}]
+    gates = [
+        {"audio": torch.tensor([[0.2, 0.4], [0.4, 0.6]]), "visual": torch.tensor([[0.9, 0.1], [0.7, 0.3]])},
+        {"audio": torch.tensor([[0.6, 0.0]]), "visual": torch.tensor([[0.5, 0.5]])},
+    ]
     for gt in gates:
         unit.update_gate_means(gt)
     torch.testing.assert_close(unit.gate_mean("audio"), torch.tensor([(0.3 + 0.6) / 2, (0.5 + 0.0) / 2]))
@@ -550,8 +565,9 @@ def test_greedy_groups_follow_the_model_structure():
 def test_utilisation_rates_by_hand():
     out = utilisation_rates(MODS, {"audio": 0.8, "visual": 0.5}, {"audio": 0.4, "visual": 0.5})
     assert out == {"cur_visual_given_audio": 0.0, "cur_audio_given_visual": 0.5, "d_util": -0.5}
-    assert math.isnan(utilisation_rates(MODS, {"audio": 0.0, "visual": 1.0}, {"audio": 0.0, "visual": 1.0})
-                      ["cur_audio_given_visual"])
+    assert math.isnan(
+        utilisation_rates(MODS, {"audio": 0.0, "visual": 1.0}, {"audio": 0.0, "visual": 1.0})["cur_audio_given_visual"]
+    )
 
 
 def test_mean_replacement_utilisation_on_a_head_that_ignores_visual():
@@ -594,12 +610,18 @@ def test_fusions_compose_with_the_presets(fusion, preset):
         assert model.eval()(x).shape == (1, 6)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["fusion=mmtm", "fusion.interaction.squeeze_momentum=1.5"], "fusion.interaction.squeeze_momentum=1.5: must be in"),
-    (["fusion=xattn", "fusion.head.dropout=1.0"], "fusion.head.dropout=1.0: must be in"),
-    (["fusion=centralnet", "fusion.head.beta=-1"], "fusion.head.beta=-1.0: must be >= 0"),
-    (["fusion=mmtm", "modulation=greedy", "modulation.window=0"], "modulation.window=0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["fusion=mmtm", "fusion.interaction.squeeze_momentum=1.5"],
+            "fusion.interaction.squeeze_momentum=1.5: must be in",
+        ),
+        (["fusion=xattn", "fusion.head.dropout=1.0"], "fusion.head.dropout=1.0: must be in"),
+        (["fusion=centralnet", "fusion.head.beta=-1"], "fusion.head.beta=-1.0: must be >= 0"),
+        (["fusion=mmtm", "modulation=greedy", "modulation.window=0"], "modulation.window=0: must be >= 1"),
+    ],
+)
 def test_mid_fusion_and_greedy_options_are_range_checked(overrides, message):
     from onthefly.config import ConfigError, validate
 
@@ -622,9 +644,13 @@ def test_debug_fast_run_per_model_and_method(train_run, fusion, method):
     _, out = train_run(f"fusion={fusion}", f"modulation={method}", *extra)
     assert read_results(out)["status"] == "ok"
     steps = pd.read_csv(out / "steps.csv")
-    expected = {"none": ["train/rho_audio"], "ogm_ge": ["train/k_audio"], "opm": ["train/q_audio", "train/drop_audio"],
-                "opm_ogm": ["train/q_audio", "train/k_visual"],
-                "greedy": ["train/greedy_d_bdr", "train/greedy_curating"]}[method]
+    expected = {
+        "none": ["train/rho_audio"],
+        "ogm_ge": ["train/k_audio"],
+        "opm": ["train/q_audio", "train/drop_audio"],
+        "opm_ogm": ["train/q_audio", "train/k_visual"],
+        "greedy": ["train/greedy_d_bdr", "train/greedy_curating"],
+    }[method]
     assert set(expected) <= set(steps.columns)
     if fusion == "mmtm":
         assert "train/mmtm4_gate_visual" in steps.columns
@@ -647,9 +673,14 @@ def test_analyses_run_on_an_attention_fusion_run(train_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [["fusion=mmtm", "modulation=opm_ogm"],
-                                    ["fusion=mmtm", "modulation=greedy", "modulation.starting_epoch=0",
-                                     "modulation.window=2"]], ids=["mmtm-opm_ogm", "mmtm-greedy"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["fusion=mmtm", "modulation=opm_ogm"],
+        ["fusion=mmtm", "modulation=greedy", "modulation.starting_epoch=0", "modulation.window=2"],
+    ],
+    ids=["mmtm-opm_ogm", "mmtm-greedy"],
+)
 def test_a_resumed_mid_fusion_run_equals_the_uninterrupted_one(train_run, tmp_path, method):
     """The running squeeze means and gates (model buffers), OPM's previous ρ and Greedy's sums and curation
     state are all in the checkpoint."""

@@ -1,13 +1,14 @@
 """The Hydra config tree: every option composes and builds, and mistakes fail at compose time with a clear message."""
+
 from __future__ import annotations
 
 import functools
 import re
 import warnings
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import yaml
 from hydra.errors import ConfigCompositionException
@@ -22,8 +23,21 @@ register_configs()  # imports the schema modules once, at collection rather than
 torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # torch imports torch._dynamo on the first optimizer (~2 s)
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = ("dataset", "task", "backbone", "fusion", "modulation", "optim", "scheduler", "trainer", "logger", "paths",
-          "discrepancy", "debug", "experiment")
+GROUPS = (
+    "dataset",
+    "task",
+    "backbone",
+    "fusion",
+    "modulation",
+    "optim",
+    "scheduler",
+    "trainer",
+    "logger",
+    "paths",
+    "discrepancy",
+    "debug",
+    "experiment",
+)
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 TINY_DATA = ["dataset.num_train=16", "dataset.num_val=8", "dataset.num_test=8"]
 
@@ -37,7 +51,7 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cfg(*overrides: str):
     """compose() is deterministic for given overrides (and ~0.3 s): compose each set once per session."""
     return compose(list(overrides))
@@ -151,8 +165,13 @@ def test_backbone_options_build_every_modality_encoder(option):
     assert model.feature_dims["sensor"] == width
     model.eval()
     with torch.no_grad():
-        out = model({"audio": torch.randn(2, 1, 16, 16), "visual": torch.randn(2, 3, 16, 16),
-                     "sensor": torch.randn(2, cfg.backbone.encoders.sensor.in_dim)})
+        out = model(
+            {
+                "audio": torch.randn(2, 1, 16, 16),
+                "visual": torch.randn(2, 3, 16, 16),
+                "sensor": torch.randn(2, cfg.backbone.encoders.sensor.in_dim),
+            }
+        )
     assert out.shape == (2, 3)
 
 
@@ -185,8 +204,9 @@ def test_fusion_options_instantiate(option):
         return
     feats = {"audio": torch.randn(5, 8), "visual": torch.randn(5, 8)}
     if option.startswith("qa"):  # question-conditioned: the question (and 3 choices) come as context
-        head = instantiate(cfg.fusion, feature_dims={"audio": 8, "visual": 8}, num_classes=3,
-                           context_dims={"question": 6})
+        head = instantiate(
+            cfg.fusion, feature_dims={"audio": 8, "visual": 8}, num_classes=3, context_dims={"question": 6}
+        )
         feats["question"] = torch.randn(5, 4 if option == "qa" else 1, 6)
     else:
         head = instantiate(cfg.fusion, feature_dims={"audio": 8, "visual": 8}, num_classes=3)
@@ -222,7 +242,9 @@ def test_ogm_ge_noise_scale_reaches_the_object():
 
 
 def test_opm_ogm_nested_overrides_reach_both_parts():
-    both = instantiate(compose(["modulation=opm_ogm", "modulation.ogm.alpha=2.6", "modulation.opm.p_exe=0.2"]).modulation)
+    both = instantiate(
+        compose(["modulation=opm_ogm", "modulation.ogm.alpha=2.6", "modulation.opm.p_exe=0.2"]).modulation
+    )
     assert both.ogm.alpha == pytest.approx(2.6) and both.opm.p_exe == pytest.approx(0.2)
     assert both.ogm.noise == pytest.approx(1.0)  # opm_ogm uses OGM-GE
 
@@ -285,11 +307,14 @@ def test_misspelt_nested_key_fails_and_names_the_key():
     assert "modulation.ogm.alpah" in _error_text(info.value)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("trainer.epochs=abc", "trainer.epochs"),
-    ("trainer.batch_size=1.5", "trainer.batch_size"),
-    ("seed=x", "seed"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("trainer.epochs=abc", "trainer.epochs"),
+        ("trainer.batch_size=1.5", "trainer.batch_size"),
+        ("seed=x", "seed"),
+    ],
+)
 def test_wrong_type_fails_and_names_the_key(override, key):
     with pytest.raises(ConfigCompositionException) as info:
         compose([override])
@@ -302,17 +327,20 @@ def test_unknown_group_option_fails():
     assert "fusion/nope" in _error_text(info.value)
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["modulation=ogm", "modulation.scope=bogus"], "modulation.scope"),
-    (["modulation=ogm", "modulation.coeff_form=bogus"], "modulation.coeff_form"),
-    (["modulation=opm", "modulation.rescale=bogus"], "modulation.rescale"),
-    (["modulation=opm", "modulation.q_source=bogus"], "modulation.q_source"),
-    (["modulation=opm_ogm", "modulation.opm.rescale=bogus"], "modulation.opm.rescale"),
-    (["discrepancy.estimator=bogus"], "discrepancy.estimator"),
-    (["discrepancy.reduce=bogus"], "discrepancy.reduce"),
-    (["trainer.select_on=bogus"], "trainer.select_on"),
-    (["logger.mode=bogus"], "logger.mode"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["modulation=ogm", "modulation.scope=bogus"], "modulation.scope"),
+        (["modulation=ogm", "modulation.coeff_form=bogus"], "modulation.coeff_form"),
+        (["modulation=opm", "modulation.rescale=bogus"], "modulation.rescale"),
+        (["modulation=opm", "modulation.q_source=bogus"], "modulation.q_source"),
+        (["modulation=opm_ogm", "modulation.opm.rescale=bogus"], "modulation.opm.rescale"),
+        (["discrepancy.estimator=bogus"], "discrepancy.estimator"),
+        (["discrepancy.reduce=bogus"], "discrepancy.reduce"),
+        (["trainer.select_on=bogus"], "trainer.select_on"),
+        (["logger.mode=bogus"], "logger.mode"),
+    ],
+)
 def test_unknown_enum_value_fails_at_compose_time(overrides, key):
     with pytest.raises(ConfigCompositionException) as info:
         compose(overrides)
@@ -320,13 +348,16 @@ def test_unknown_enum_value_fails_at_compose_time(overrides, key):
     assert key in text and "bogus" in text
 
 
-@pytest.mark.parametrize("overrides,attr,value", [
-    (["modulation=ogm", "modulation.scope=all"], "scope", "all"),
-    (["modulation=ogm", "modulation.coeff_form=shifted"], "coeff_form", "shifted"),
-    (["modulation=opm", "modulation.rescale=none"], "rescale", "none"),
-    (["modulation=opm", "modulation.rescale=global"], "rescale", "global"),
-    (["modulation=opm", "modulation.q_source=previous"], "q_source", "previous"),
-])
+@pytest.mark.parametrize(
+    "overrides,attr,value",
+    [
+        (["modulation=ogm", "modulation.scope=all"], "scope", "all"),
+        (["modulation=ogm", "modulation.coeff_form=shifted"], "coeff_form", "shifted"),
+        (["modulation=opm", "modulation.rescale=none"], "rescale", "none"),
+        (["modulation=opm", "modulation.rescale=global"], "rescale", "global"),
+        (["modulation=opm", "modulation.q_source=previous"], "q_source", "previous"),
+    ],
+)
 def test_valid_enum_values_compose(overrides, attr, value):
     method = instantiate(compose(overrides).modulation)
     assert getattr(method, attr).value == value
@@ -346,8 +377,20 @@ def test_data_root_defaults_to_data_without_the_environment(monkeypatch):
 
 # --- every setting visible in its YAML file, one source of truth for defaults ----------------------------------
 # The option files of the groups that hold settings (conf/experiment and conf/debug are presets across groups).
-SETTING_GROUPS = ("dataset", "task", "backbone", "encoder", "fusion", "modulation", "optim", "scheduler", "trainer",
-                  "logger", "paths", "discrepancy")
+SETTING_GROUPS = (
+    "dataset",
+    "task",
+    "backbone",
+    "encoder",
+    "fusion",
+    "modulation",
+    "optim",
+    "scheduler",
+    "trainer",
+    "logger",
+    "paths",
+    "discrepancy",
+)
 # groups typed by a field of the top-level Config rather than by a schema named in their files
 CONFIG_FIELD_GROUPS = ("trainer", "logger", "paths", "discrepancy")
 # The dataset classes and conf/dataset/*.yaml are being reworked elsewhere; until their files name their schema
@@ -393,8 +436,13 @@ def test_schemas_are_not_offered_as_options():
         offered = {g: loader.get_group_options(g) for g in SETTING_GROUPS}
     assert all(offered.values())
     assert {g: [o for o in opts if "schema" in o] for g, opts in offered.items()} == {g: [] for g in offered}
-    for group, schema in [("modulation", "OGM_schema"), ("optim", "SGD_schema"), ("backbone", "backbone_schema"),
-                          ("fusion", "ConcatFusion_schema"), ("task", "Classification_schema")]:
+    for group, schema in [
+        ("modulation", "OGM_schema"),
+        ("optim", "SGD_schema"),
+        ("backbone", "backbone_schema"),
+        ("fusion", "ConcatFusion_schema"),
+        ("task", "Classification_schema"),
+    ]:
         with pytest.raises(ConfigCompositionException, match=f"{group}/{schema}"):
             compose([f"{group}={schema}"])
 
@@ -411,8 +459,13 @@ def test_help_lists_no_schema_as_a_choice():
 
     from conftest import subprocess_env
 
-    proc = subprocess.run([sys.executable, "-m", "onthefly.train", "--help"], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onthefly.train", "--help"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     groups = proc.stdout.split("== Configuration groups ==", 1)[1].split("== Config ==", 1)[0]
     lines = [line for line in groups.splitlines() if ": " in line]
@@ -423,8 +476,11 @@ def test_help_lists_no_schema_as_a_choice():
 def _packaged_schemas(defaults: list) -> list:
     """(package, schema) of the entries that place a schema below the option's node (a mid-fusion option:
     `- /MMTM_schema@interaction`, `- /LateAverageFusion_schema@head`)."""
-    return [(e.split("@", 1)[1], _schema_named(e)) for e in defaults
-            if _schema_named(e) and "@" in e and e.split("@", 1)[1] != "_here_"]
+    return [
+        (e.split("@", 1)[1], _schema_named(e))
+        for e in defaults
+        if _schema_named(e) and "@" in e and e.split("@", 1)[1] != "_here_"
+    ]
 
 
 @pytest.mark.parametrize("group,option", SETTING_FILES, ids=[f"{g}={o}" for g, o in SETTING_FILES])
@@ -452,7 +508,9 @@ def test_every_setting_is_listed_with_a_comment_in_its_yaml(group, option):
     for i, line in enumerate(lines):
         key = line.split(":", 1)[0]
         if key in raw and not line.startswith((" ", "#")):
-            assert "#" in line or (i and lines[i - 1].startswith("#")), f"conf/{group}/{option}.yaml: {key} has no comment"
+            assert "#" in line or (i and lines[i - 1].startswith("#")), (
+                f"conf/{group}/{option}.yaml: {key} has no comment"
+            )
 
 
 def _drift(value, default, key: str) -> list:
@@ -485,7 +543,8 @@ def test_the_drift_check_can_fail():
 
     defaults = OmegaConf.to_container(OmegaConf.structured(OGM.Config), enum_to_str=True)
     assert _drift({"ge": True, "alpha": 0.8, "end": "${x}", "scope": "auto"}, defaults, "modulation") == [
-        ("modulation.ge", True, False)]
+        ("modulation.ge", True, False)
+    ]
 
 
 # --- packaging ---------------------------------------------------------------------------------------------

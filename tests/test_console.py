@@ -1,5 +1,6 @@
 """Console and figure habits: progress bars only on a terminal (one place decides), an evaluation progress bar,
 plot titles that say what is plotted, whole-number epoch ticks, aligned robustness columns."""
+
 from __future__ import annotations
 
 import io
@@ -20,14 +21,17 @@ class _Stream(io.StringIO):
         return self._tty
 
 
-@pytest.mark.parametrize("tty,enabled,env,expected", [
-    (True, True, None, True),
-    (False, True, None, False),  # a Slurm log, a joblib worker, a pipe
-    (True, False, None, False),  # trainer.progress=false
-    (False, True, "1", True),
-    (True, True, "0", False),
-    (False, False, "1", False),  # the caller's "no" wins over the environment
-])
+@pytest.mark.parametrize(
+    "tty,enabled,env,expected",
+    [
+        (True, True, None, True),
+        (False, True, None, False),  # a Slurm log, a joblib worker, a pipe
+        (True, False, None, False),  # trainer.progress=false
+        (False, True, "1", True),
+        (True, True, "0", False),
+        (False, False, "1", False),  # the caller's "no" wins over the environment
+    ],
+)
 def test_a_bar_is_drawn_only_on_a_terminal(monkeypatch, tty, enabled, env, expected):
     monkeypatch.setattr("sys.stderr", _Stream(tty))
     if env is None:
@@ -87,8 +91,14 @@ def test_step_curves_say_rolling_mean_and_epoch_ticks_are_whole_numbers(tmp_path
         return real_save(fig, path)
 
     monkeypatch.setattr(plots, "_save", spy)
-    steps = pd.DataFrame({"step": range(1, 31), "epoch": [i // 10 for i in range(30)],
-                          "train/rho_audio": [1.5] * 30, "train/rho_visual": [0.7] * 30})
+    steps = pd.DataFrame(
+        {
+            "step": range(1, 31),
+            "epoch": [i // 10 for i in range(30)],
+            "train/rho_audio": [1.5] * 30,
+            "train/rho_visual": [0.7] * 30,
+        }
+    )
     plots.step_curves(steps, "rho", tmp_path / "rho.png", smooth=5)
     title, xlabel, ylabel = titles[-1]
     assert "rolling mean over 5" in title and "ρ" in title and "per step" not in title

@@ -2,6 +2,7 @@
 backward must train on every kernel set. Each case runs in a subprocess (a crash is an exit code, not a dead test
 run), once with the kernels this CPU offers and once limited to AVX2 (ONEDNN_MAX_CPU_ISA), and both must give the
 same gradients to rounding."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ import sys
 import pytest
 import torch
 
-from conftest import subprocess_env
 from onthefly.models.encoders import ResNet18
+
+from conftest import subprocess_env
 
 CASE = r"""
 import json, sys, torch
@@ -40,8 +42,9 @@ def _grads(which: str, isa: str | None) -> dict:
     if isa:
         env["ONEDNN_MAX_CPU_ISA"] = isa
     proc = subprocess.run([sys.executable, "-c", CASE, which], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{which} with ONEDNN_MAX_CPU_ISA={isa or 'default'} exited {proc.returncode}: " \
-                                 f"{proc.stderr[-1500:]}"
+    assert proc.returncode == 0, (
+        f"{which} with ONEDNN_MAX_CPU_ISA={isa or 'default'} exited {proc.returncode}: {proc.stderr[-1500:]}"
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -62,4 +65,3 @@ def test_an_nchw_model_gets_nchw_input_whatever_the_input_strides():
     enc = enc.to(memory_format=torch.channels_last)
     folded, _ = enc.fold(hwc)
     assert folded.is_contiguous(memory_format=torch.channels_last)
-

@@ -1,5 +1,6 @@
 """AVQA and MUSIC-AVQA end to end on generated annotations and clips: statuses, vocabulary, token tables, the
 reader's items, an external VGGSound cache as the media source, and the errors that name the fix."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import media
 from data_prep import avqa, vggsound
 from data_prep.errors import PrepError
 from onthefly.data.avqa import AVQA, read_questions
 from onthefly.data.base import CacheDamagedError, CacheMissingError, EmptySplitError
+
+import media
 
 SECONDS = 2.0
 
@@ -35,9 +37,15 @@ def _name(i: int, padded: bool = True) -> str:
 
 
 def _item(qid: int, video: str, text: str, qtype: str, relation: str, answer: int = 0, choices=None) -> dict:
-    return {"id": qid, "video_name": video, "question_text": text, "question_type": qtype,
-            "question_relation": relation, "answer": answer,
-            "multi_choice": choices or ["a barking dog", "a piano", "nothing at all", "the wind"]}
+    return {
+        "id": qid,
+        "video_name": video,
+        "question_text": text,
+        "question_type": qtype,
+        "question_relation": relation,
+        "answer": answer,
+        "multi_choice": choices or ["a barking dog", "a piano", "nothing at all", "the wind"],
+    }
 
 
 def _write(path, items) -> None:
@@ -61,8 +69,15 @@ def yang(tmp_path_factory):
         _item(5, _name(3), "What is the man doing?", "Come From", "Visual", 1),
         _item(6, _name(6), "What is the dog doing?", "Which", "Both", 0),  # no video file
         _item(7, _name(1), "?? !!", "Which", "Audio", 0),  # no word
-        {"id": 8, "video_name": _name(2), "question_text": "Broken?", "multi_choice": ["x", "y"],
-         "answer": 0, "question_type": "Which", "question_relation": "Audio"},  # 2 choices, not 4
+        {
+            "id": 8,
+            "video_name": _name(2),
+            "question_text": "Broken?",
+            "multi_choice": ["x", "y"],
+            "answer": 0,
+            "question_type": "Which",
+            "question_relation": "Audio",
+        },  # 2 choices, not 4
         _item(9, _name(3), "What's the man's dog doing?", "Which", "Both", 2, ["", "a", "b", "c d e f g h i j k"]),
     ]
     test = [
@@ -79,8 +94,19 @@ def yang(tmp_path_factory):
 def test_index_records_every_question_with_its_status_and_reason(yang):
     index = read_questions(yang["out"] / "index.csv").set_index("id")
     status = index["status"].to_dict()
-    assert status == {"1": "ok", "2": "ok", "3": "ok", "4": "ok", "5": "ok", "6": "missing_media",
-                      "7": "empty_question", "8": "bad_item", "9": "ok", "10": "ok", "11": "ok"}
+    assert status == {
+        "1": "ok",
+        "2": "ok",
+        "3": "ok",
+        "4": "ok",
+        "5": "ok",
+        "6": "missing_media",
+        "7": "empty_question",
+        "8": "bad_item",
+        "9": "ok",
+        "10": "ok",
+        "11": "ok",
+    }
     assert "no video file" in index.loc["6", "reason"] and _name(6) in index.loc["6", "reason"]
     assert "multi_choice has 2" in index.loc["8", "reason"]
     assert index.loc["2", "video"] == _name(0) and index.loc["3", "video"] == _name(1)  # unpadded names resolved
@@ -110,8 +136,7 @@ def test_vocabulary_comes_from_train_questions_and_choices(yang):
     with np.load(yang["out"] / "tokens.npz") as npz:
         tokens = {k: npz[k] for k in npz.files}
     row = int(np.flatnonzero(index["id"] == "10")[0])  # "Is the zebra barking?"
-    assert tokens["question"][row, :4].tolist() == [vocab.index("is"), vocab.index("the"), 1,
-                                                    vocab.index("barking")]
+    assert tokens["question"][row, :4].tolist() == [vocab.index("is"), vocab.index("the"), 1, vocab.index("barking")]
     assert tokens["question_length"][row] == 4 and tokens["question"][row, 4:].sum() == 0
 
 
@@ -133,8 +158,10 @@ def test_reader_items_splits_and_batches(yang):
     vocab = json.loads((yang["out"] / "vocab.json").read_text())["tokens"]
     assert splits.encoder_args == {"question": {"vocab_size": len(vocab)}}
     assert splits.context == ["question"] and splits.targets == ["qtype", "relation"]
-    assert splits.target_names == {"qtype": ["Come From", "Happening", "Which"],
-                                   "relation": ["Audio", "Both", "Visual"]}
+    assert splits.target_names == {
+        "qtype": ["Come From", "Happening", "Which"],
+        "relation": ["Audio", "Both", "Visual"],
+    }
     # val: whole train videos held out (clips 0-3 carry the 6 usable train questions)
     train_videos, val_videos = set(splits.train.rows["video"]), set(splits.val.rows["video"])
     assert len(val_videos) == 1 and not train_videos & val_videos
@@ -169,15 +196,22 @@ def test_rerun_reuses_the_media_and_rewrites_the_tables(yang, tmp_path):
     assert splits.test[0]["question"]["tokens"].shape == (3,) and int(splits.test[0]["question"]["length"]) == 3
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda c: media.truncate(c / "tokens.npz", 0.5), ["tokens.npz is damaged"]),
-    (lambda c: (c / "vocab.json").write_text('{"tokens": ["<pad>"'), ["vocab.json is damaged"]),
-    (lambda c: read_questions(c / "index.csv").iloc[1:].to_csv(c / "index.csv", index=False),
-     ["index.csv has 10 questions", "deleted or edited"]),
-    (lambda c: (c / "recipe.json").write_text("[]"), ["recipe.json is damaged", "ARGS=overwrite=true"]),
-    (lambda c: media.truncate(c / "media" / "arrays" / "part-00000.npy", 0.5),
-     ["media/arrays/part-00000.npy (spectrograms)", "Clips affected: 5 ("]),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda c: media.truncate(c / "tokens.npz", 0.5), ["tokens.npz is damaged"]),
+        (lambda c: (c / "vocab.json").write_text('{"tokens": ["<pad>"'), ["vocab.json is damaged"]),
+        (
+            lambda c: read_questions(c / "index.csv").iloc[1:].to_csv(c / "index.csv", index=False),
+            ["index.csv has 10 questions", "deleted or edited"],
+        ),
+        (lambda c: (c / "recipe.json").write_text("[]"), ["recipe.json is damaged", "ARGS=overwrite=true"]),
+        (
+            lambda c: media.truncate(c / "media" / "arrays" / "part-00000.npy", 0.5),
+            ["media/arrays/part-00000.npy (spectrograms)", "Clips affected: 5 ("],
+        ),
+    ],
+)
 def test_damaged_question_tables_or_media_are_named_and_the_prep_repairs_them(yang, tmp_path, damage, words):
     out = tmp_path / "cache"
     shutil.copytree(yang["out"], out)
@@ -211,8 +245,11 @@ def test_verify_cache_checks_the_tables_and_the_media(yang, tmp_path, capsys):
 
 
 def test_a_val_fraction_that_empties_train_names_it(yang):
-    with pytest.raises(EmptySplitError, match=r"the train split is empty: dataset.val_fraction=0.9 moved all 6 "
-                                              r"training questions of .* into val; use a value of 0.5 or less"):
+    with pytest.raises(
+        EmptySplitError,
+        match=r"the train split is empty: dataset.val_fraction=0.9 moved all 6 "
+        r"training questions of .* into val; use a value of 0.5 or less",
+    ):
         AVQA(root=str(yang["out"]), val_fraction=0.9).splits()
 
 
@@ -234,12 +271,15 @@ def vgg_cache(tmp_path_factory):
 
 def test_questions_read_their_clips_from_a_vggsound_cache(vgg_cache, tmp_path):
     ann = tmp_path / "ann"
-    _write(ann / "train_qa.json", [
-        _item(1, _name(1, padded=False), "What is the dog doing?", "Which", "Audio", 0),
-        _item(2, _name(2), "Is the dog loud?", "Happening", "Both", 1),
-        _item(3, _name(3), "What is played?", "Which", "Visual", 2),  # no_audio in the VGGSound cache
-        _item(4, _name(9), "What is played?", "Which", "Visual", 2),  # not in it at all
-    ])
+    _write(
+        ann / "train_qa.json",
+        [
+            _item(1, _name(1, padded=False), "What is the dog doing?", "Which", "Audio", 0),
+            _item(2, _name(2), "Is the dog loud?", "Happening", "Both", 1),
+            _item(3, _name(3), "What is played?", "Which", "Visual", 2),  # no_audio in the VGGSound cache
+            _item(4, _name(9), "What is played?", "Which", "Visual", 2),  # not in it at all
+        ],
+    )
     _write(ann / "val_qa.json", [_item(5, _name(0), "Is the dog loud?", "Happening", "Audio", 3)])
     moved = tmp_path / "vgg"
     shutil.copytree(vgg_cache, moved)
@@ -265,30 +305,58 @@ def test_questions_read_their_clips_from_a_vggsound_cache(vgg_cache, tmp_path):
 
 # --- MUSIC-AVQA ---------------------------------------------------------------------------------------------------
 def _music(qid: int, video: str, template: str, values: list, kind: list, answer: str) -> dict:
-    return {"video_id": video, "question_id": qid, "type": json.dumps(kind), "question_content": template,
-            "templ_values": json.dumps(values), "question_deleted": 0, "anser": answer}
+    return {
+        "video_id": video,
+        "question_id": qid,
+        "type": json.dumps(kind),
+        "question_content": template,
+        "templ_values": json.dumps(values),
+        "question_deleted": 0,
+        "anser": answer,
+    }
 
 
 def test_music_avqa_fills_templates_and_classifies_over_train_answers(tmp_path):
     videos = tmp_path / "MUSIC-AVQA" / "videos"
     for i, name in enumerate(["00000001", "00000002", "00000003"]):
-        media.write_video(videos / ("a" if i else "b") / f"{name}.mp4", SECONDS, shift=i, audio_rate=16000,
-                          audio_freq=media.SINE_HZ)
+        media.write_video(
+            videos / ("a" if i else "b") / f"{name}.mp4", SECONDS, shift=i, audio_rate=16000, audio_freq=media.SINE_HZ
+        )
     ann = tmp_path / "MUSIC-AVQA" / "json"
-    _write(ann / "avqa-train.json", [
-        _music(0, "00000001", "Is the <Object> in the video always playing?", ["guitar"], ["Audio", "Existential"],
-               "yes"),
-        _music(1, "00000002", "How many <Object> are sounding?", ["violins"], ["Audio-Visual", "Counting"], "two"),
-        _music(2, "00000001", "Is the <Object> on the <LR> louder?", ["piano", "left"],
-               ["Audio-Visual", "Comparative"], "no"),
-        _music(3, "00000002", "Where is the first sounding instrument?", [], ["Visual", "Location"], "left"),
-    ])
-    _write(ann / "avqa-val.json", [_music(10, "00000003", "Is the <Object> playing?", ["cello"],
-                                          ["Audio", "Existential"], "yes")])
-    _write(ann / "avqa-test.json", [
-        _music(20, "00000003", "How many <Object> are sounding?", ["flutes"], ["Audio-Visual", "Counting"], "two"),
-        _music(21, "00000003", "Which instrument sounds first?", [], ["Audio-Visual", "Temporal"], "banjo"),
-    ])
+    _write(
+        ann / "avqa-train.json",
+        [
+            _music(
+                0,
+                "00000001",
+                "Is the <Object> in the video always playing?",
+                ["guitar"],
+                ["Audio", "Existential"],
+                "yes",
+            ),
+            _music(1, "00000002", "How many <Object> are sounding?", ["violins"], ["Audio-Visual", "Counting"], "two"),
+            _music(
+                2,
+                "00000001",
+                "Is the <Object> on the <LR> louder?",
+                ["piano", "left"],
+                ["Audio-Visual", "Comparative"],
+                "no",
+            ),
+            _music(3, "00000002", "Where is the first sounding instrument?", [], ["Visual", "Location"], "left"),
+        ],
+    )
+    _write(
+        ann / "avqa-val.json",
+        [_music(10, "00000003", "Is the <Object> playing?", ["cello"], ["Audio", "Existential"], "yes")],
+    )
+    _write(
+        ann / "avqa-test.json",
+        [
+            _music(20, "00000003", "How many <Object> are sounding?", ["flutes"], ["Audio-Visual", "Counting"], "two"),
+            _music(21, "00000003", "Which instrument sounds first?", [], ["Audio-Visual", "Temporal"], "banjo"),
+        ],
+    )
     out = tmp_path / "avqa_music"
     summary = media.prep(avqa, format="music", ann=tmp_path / "MUSIC-AVQA", media=videos, out_root=out)
     index = read_questions(out / "index.csv").set_index("id")

@@ -1,17 +1,19 @@
 """CREMA-D end to end on generated media: raw FLV + WAV tree with bad inputs -> cache -> reader -> one epoch."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-import media
 from data_prep import cremad
 from onthefly.config import compose
 from onthefly.data.base import CacheMissingError
 from onthefly.data.cache import CacheMismatchError, CacheReader, read_index
 from onthefly.data.clips import decode_frames
 from onthefly.data.cremad import CremaD
+
+import media
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +107,9 @@ def test_default_split_without_lists_is_seeded_and_stratified(raw, tmp_path):
     assert info["mode"] == "random" and sum(c.split == "test" for c in named) == round(0.25 * len(named))
     again, _ = cremad.list_clips(raw["raw"], cremad.Options(raw_root=str(raw["raw"]), test_share=0.25))
     assert [c.split for c in again] == [c.split for c in clips]
-    speaker, info = cremad.list_clips(raw["raw"], cremad.Options(raw_root=str(raw["raw"]), split="speaker",
-                                                                 test_share=0.25))
+    speaker, info = cremad.list_clips(
+        raw["raw"], cremad.Options(raw_root=str(raw["raw"]), split="speaker", test_share=0.25)
+    )
     test_actors = {c.id[:4] for c in speaker if c.split == "test"}
     assert test_actors == set(info["test_actors"])
     assert not test_actors & {c.id[:4] for c in speaker if c.split == "train"}

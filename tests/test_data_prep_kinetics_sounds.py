@@ -1,4 +1,5 @@
 """Kinetics-Sounds end to end on generated media: Kinetics-400 layout (mp4: H.264 + AAC) -> cache -> reader -> epoch."""
+
 from __future__ import annotations
 
 import json
@@ -6,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-import media
 from data_prep import kinetics_sounds as ks
 from onthefly.data.cache import CacheMismatchError, CacheReader, read_index
 from onthefly.data.kinetics_sounds import KineticsSounds
+
+import media
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,11 @@ def test_annotations_give_train_and_test_of_the_31_classes_only(raw, built):
     index = read_index(out / "index.csv").set_index("id")
     assert set(index.index) == set(raw["clips"]) | set(raw["bad"])  # abseiling rows are not Kinetics-Sounds
     for clip_id, (label, split) in raw["clips"].items():
-        assert (index.loc[clip_id, "label"], index.loc[clip_id, "split"], index.loc[clip_id, "status"]) == \
-            (label, split, "ok")
+        assert (index.loc[clip_id, "label"], index.loc[clip_id, "split"], index.loc[clip_id, "status"]) == (
+            label,
+            split,
+            "ok",
+        )
     for clip_id, status in raw["bad"].items():
         assert index.loc[clip_id, "status"] == status and index.loc[clip_id, "reason"]
     assert summary["skipped"] == {"no_audio": 1, "unreadable": 1, "missing": 1}
@@ -64,9 +69,13 @@ def test_lists_resolve_both_id_forms_and_the_json_database(raw, tmp_path):
     clips, info = ks.list_clips(raw["raw"], ks.Options(raw_root=str(raw["raw"]), lists=str(tmp_path / "lists")))
     assert info["mode"] == "lists" and all(c.status == "ok" for c in clips)
     assert len(clips) == len(raw["clips"]) and {c.split for c in clips} == {"train", "test"}
-    database = {"labels": ks.CLASSES, "database": {
-        cid: {"subset": {"train": "training", "test": "validation"}[s], "annotations": {"label": label}}
-        for cid, (label, s) in raw["clips"].items()}}
+    database = {
+        "labels": ks.CLASSES,
+        "database": {
+            cid: {"subset": {"train": "training", "test": "validation"}[s], "annotations": {"label": label}}
+            for cid, (label, s) in raw["clips"].items()
+        },
+    }
     (tmp_path / "ks.json").write_text(json.dumps(database))
     clips, _ = ks.list_clips(raw["raw"], ks.Options(raw_root=str(raw["raw"]), lists=str(tmp_path / "ks.json")))
     assert all(c.status == "ok" for c in clips) and {c.split for c in clips} == {"train", "val"}

@@ -1,4 +1,5 @@
 """Unit tests of the prep's shared parts: decoding, frame times, recipes, splits, names, arguments, sampling."""
+
 from __future__ import annotations
 
 import math
@@ -9,23 +10,31 @@ import soundfile as sf
 import torch
 import torchaudio.compliance.kaldi as kaldi
 
-import media
 from data_prep import audio as recipes
 from data_prep import media as pm
 from data_prep.cremad import EMOTIONS, PUBLISHED_TEST_SHARE
-from data_prep.ids import VideoFiles, parse
 from data_prep.errors import UsageError
+from data_prep.ids import VideoFiles, parse
 from data_prep.pipeline import CommonOptions, parse_args, stratified_test
 from data_prep.vggsound import read_csv
 from onthefly.data.cache import audio_recipe
 from onthefly.data.clips import RGBFlowTransform, decode_frames
 from onthefly.data.sampling import crop_start, frame_indices
 
+import media
+
 
 # --- frame times and sizes -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("duration,expected", [
-    (2.5, [0.5, 1.5]), (2.6, [0.5, 1.5, 2.5]), (3.0, [0.5, 1.5, 2.5]), (0.3, [0.15]), (0.0, []),
-])
+@pytest.mark.parametrize(
+    "duration,expected",
+    [
+        (2.5, [0.5, 1.5]),
+        (2.6, [0.5, 1.5, 2.5]),
+        (3.0, [0.5, 1.5, 2.5]),
+        (0.3, [0.15]),
+        (0.0, []),
+    ],
+)
 def test_frames_are_taken_at_the_centre_of_each_second(duration, expected):
     assert pm.second_centres(duration) == pytest.approx(expected)
 
@@ -34,10 +43,16 @@ def test_ten_second_clip_gives_ten_frames():
     assert len(pm.second_centres(10.0)) == 10
 
 
-@pytest.mark.parametrize("size,short,expected", [
-    ((480, 360), 256, (341, 256)), ((340, 256), 256, (340, 256)), ((320, 240), 256, (320, 240)),
-    ((360, 640), 256, (256, 455)), ((480, 360), 0, (480, 360)),
-])
+@pytest.mark.parametrize(
+    "size,short,expected",
+    [
+        ((480, 360), 256, (341, 256)),
+        ((340, 256), 256, (340, 256)),
+        ((320, 240), 256, (320, 240)),
+        ((360, 640), 256, (256, 455)),
+        ((480, 360), 0, (480, 360)),
+    ],
+)
 def test_short_side_comes_down_never_up(size, short, expected):
     assert pm.resized(*size, short) == expected
 
@@ -95,9 +110,15 @@ def test_garbage_bytes_are_unreadable(tmp_path):
 # --- decoding ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".flv", ".mp4", ".avi"])
 def test_each_frame_shows_its_seconds_colour_after_jpeg(tmp_path, suffix):
-    path = media.write_video(tmp_path / f"c{suffix}", 3.0, size=(96, 64), fps=10, shift=2,
-                             audio_freq=None if suffix == ".avi" else 440.0,
-                             audio_rate=22050 if suffix == ".flv" else 16000)
+    path = media.write_video(
+        tmp_path / f"c{suffix}",
+        3.0,
+        size=(96, 64),
+        fps=10,
+        shift=2,
+        audio_freq=None if suffix == ".avi" else 440.0,
+        audio_rate=22050 if suffix == ".flv" else 16000,
+    )
     decoded = pm.decode_container(path, short_side=32)
     assert decoded.times == pytest.approx([0.5, 1.5, 2.5])
     jpegs = [pm.encode_frame(f, 90) for f in decoded.frames]
@@ -136,9 +157,14 @@ def _peak_bin(spec: np.ndarray) -> int:
     return int(spec.astype(np.float32).mean(axis=-1).argmax())
 
 
-@pytest.mark.parametrize("dataset,name,rate,n_fft", [
-    ("cremad", "ogm_ge", 22050, 512), ("kinetics_sounds", "stft", 16000, 512), ("vggsound", "ogm_ge", 16000, 256),
-])
+@pytest.mark.parametrize(
+    "dataset,name,rate,n_fft",
+    [
+        ("cremad", "ogm_ge", 22050, 512),
+        ("kinetics_sounds", "stft", 16000, 512),
+        ("vggsound", "ogm_ge", 16000, 256),
+    ],
+)
 def test_stft_recipes_have_their_shape_and_a_sine_peaks_at_its_bin(dataset, name, rate, n_fft):
     rec = audio_recipe(dataset, name)
     spec = recipes.compute(media.sine(1000.0, 1.3, rate), rec)
@@ -172,9 +198,17 @@ def test_fbank_recipes_pad_normalise_and_peak_at_the_sines_mel_bin(dataset):
     expected_bin = int(np.abs(_mel_centres(128, 16000) - 1000.0).argmin())
     assert abs(int(feats[:150].mean(axis=0).argmax()) - expected_bin) <= 1
     if dataset == "kinetics_sounds":  # 2 s = 198 frames, then zero padding, then (x + 4.503877) / 10.282552
-        direct = kaldi.fbank(torch.from_numpy(wave - wave.mean())[None], sample_frequency=16000, num_mel_bins=128,
-                             frame_length=25.0, frame_shift=10.0, window_type="hanning", dither=0.0,
-                             use_energy=False, htk_compat=True)
+        direct = kaldi.fbank(
+            torch.from_numpy(wave - wave.mean())[None],
+            sample_frequency=16000,
+            num_mel_bins=128,
+            frame_length=25.0,
+            frame_shift=10.0,
+            window_type="hanning",
+            dither=0.0,
+            use_energy=False,
+            htk_compat=True,
+        )
         assert direct.shape[0] == 198
         assert np.allclose(feats[:198], (direct.numpy() + 4.503877) / (5.141276 * 2), atol=1e-5)
         assert np.allclose(feats[198:], 4.503877 / (5.141276 * 2), atol=1e-6)
@@ -198,12 +232,15 @@ def test_default_cremad_split_has_the_published_sizes_and_is_stratified():
     assert (stratified_test(labels, 744, seed=1) != mask).any()
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("-abc_DEF12g_000030_000040", ("-abc_DEF12g", 30, 40)),
-    ("-abc_DEF12g_30", ("-abc_DEF12g", 30, None)),
-    ("abcdefghijk_000007", ("abcdefghijk", 7, None)),
-    ("short_12", None),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("-abc_DEF12g_000030_000040", ("-abc_DEF12g", 30, 40)),
+        ("-abc_DEF12g_30", ("-abc_DEF12g", 30, None)),
+        ("abcdefghijk_000007", ("abcdefghijk", 7, None)),
+        ("short_12", None),
+    ],
+)
 def test_youtube_names_parse_with_underscores_inside_the_id(name, expected):
     assert parse(name) == expected
 
@@ -221,11 +258,15 @@ def test_clip_files_resolve_in_every_name_form(tmp_path):
 
 def test_vggsound_csv_keeps_quoted_commas_and_reports_bad_rows(tmp_path):
     path = tmp_path / "v.csv"
-    path.write_text('---g-f_I2yQ,1,"people marching, chanting",test\nabcdefghijk,30,dog barking,train\n'
-                    'broken,row\nabcdefghijk,x,dog barking,train\n')
+    path.write_text(
+        '---g-f_I2yQ,1,"people marching, chanting",test\nabcdefghijk,30,dog barking,train\n'
+        "broken,row\nabcdefghijk,x,dog barking,train\n"
+    )
     rows, bad = read_csv(path)
-    assert rows == [("---g-f_I2yQ", 1, "people marching, chanting", "test"),
-                    ("abcdefghijk", 30, "dog barking", "train")]
+    assert rows == [
+        ("---g-f_I2yQ", 1, "people marching, chanting", "test"),
+        ("abcdefghijk", 30, "dog barking", "train"),
+    ]
     assert [line for line, _ in bad] == [3, 4]
 
 

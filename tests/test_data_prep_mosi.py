@@ -1,4 +1,5 @@
 """CMU-MOSI: tiny pickles of both releases (MulT, MMSA; aligned and not) generated here -> cache -> reader."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,11 @@ from torch.utils.data import DataLoader
 
 from data_prep import mosi as prep
 from data_prep.errors import PrepError
-from media import truncate
 from onthefly.data.base import CacheDamagedError, CacheMissingError, EmptySplitError
 from onthefly.data.cache import read_json
 from onthefly.data.mosi import MOSI
+
+from media import truncate
 
 SIZES = {"train": 6, "valid": 3, "test": 4}
 # scores per split: an exact 0 (positive), negatives, and one NaN in train (skipped)
@@ -108,8 +110,12 @@ def caches(tmp_path_factory):
     """Every family prepared once: {name: (out, summary, data, hidden lengths)}."""
     root = tmp_path_factory.mktemp("mosi")
     made = {}
-    for name, (data, hidden) in {"mult_aligned": make_mult(True), "mult_noalign": make_mult(False),
-                                 "mmsa_aligned": make_mmsa(True), "mmsa_unaligned": make_mmsa(False)}.items():
+    for name, (data, hidden) in {
+        "mult_aligned": make_mult(True),
+        "mult_noalign": make_mult(False),
+        "mmsa_aligned": make_mmsa(True),
+        "mmsa_unaligned": make_mmsa(False),
+    }.items():
         pkl = _dump(data, root / f"{name}.pkl")
         out = root / f"cache_{name}"
         made[name] = (out, run(pkl, out), data, hidden)
@@ -117,24 +123,32 @@ def caches(tmp_path_factory):
 
 
 # --- prep ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, fmt, aligned, dims", [
-    ("mult_aligned", "mult", True, {"text": 300, "audio": 74, "visual": 35}),
-    ("mult_noalign", "mult", False, {"text": 300, "audio": 74, "visual": 35}),
-    ("mmsa_aligned", "mmsa", True, {"text": 12, "audio": 5, "visual": 20}),
-    ("mmsa_unaligned", "mmsa", False, {"text": 12, "audio": 5, "visual": 20}),
-])
+@pytest.mark.parametrize(
+    "name, fmt, aligned, dims",
+    [
+        ("mult_aligned", "mult", True, {"text": 300, "audio": 74, "visual": 35}),
+        ("mult_noalign", "mult", False, {"text": 300, "audio": 74, "visual": 35}),
+        ("mmsa_aligned", "mmsa", True, {"text": 12, "audio": 5, "visual": 20}),
+        ("mmsa_unaligned", "mmsa", False, {"text": 12, "audio": 5, "visual": 20}),
+    ],
+)
 def test_release_is_detected_and_sizes_come_from_the_data(caches, name, fmt, aligned, dims):
     out, summary, data, _ = caches[name]
     recipe = read_json(out / "recipe.json")
     assert recipe["dataset"] == "mosi" and recipe["source_format"] == fmt and recipe["aligned"] is aligned
     assert recipe["dims"] == dims and summary["dims"] == dims
-    assert recipe["max_len"] == {"text": data["train"]["text"].shape[1], "audio": data["train"]["audio"].shape[1],
-                                 "visual": data["train"]["vision"].shape[1]}
+    assert recipe["max_len"] == {
+        "text": data["train"]["text"].shape[1],
+        "audio": data["train"]["audio"].shape[1],
+        "visual": data["train"]["vision"].shape[1],
+    }
     assert recipe["splits"] == {"train": 5, "val": 3, "test": 4}  # one NaN score left out of train
     assert recipe["split_names"]["val"] == "valid"
     assert recipe["source"]["size"] > 0 and recipe["code_version"]
-    assert np.load(out / "train" / "visual.npy", mmap_mode="r").shape[1:] == (recipe["max_len"]["visual"],
-                                                                            dims["visual"])
+    assert np.load(out / "train" / "visual.npy", mmap_mode="r").shape[1:] == (
+        recipe["max_len"]["visual"],
+        dims["visual"],
+    )
 
 
 def test_nonfinite_values_become_zero_and_are_counted(caches):
@@ -173,8 +187,11 @@ def test_lengths_inferred_at_either_end_and_stored_left_aligned(caches):
 
 def test_given_lengths_are_used_and_the_padding_zeroed(caches):
     out, summary, data, hidden = caches["mmsa_unaligned"]
-    assert summary["lengths"] == {"text": "given (text_bert attention mask)", "audio": "given (audio_lengths)",
-                                  "visual": "given (vision_lengths)"}
+    assert summary["lengths"] == {
+        "text": "given (text_bert attention mask)",
+        "audio": "given (audio_lengths)",
+        "visual": "given (vision_lengths)",
+    }
     index = pd.read_csv(out / "index.csv", keep_default_na=False)
     val = index[index["split"] == "val"]
     for m, key in (("text", "text"), ("audio", "audio"), ("visual", "vision")):
@@ -227,13 +244,16 @@ def test_rerun_is_a_no_op_and_another_source_needs_overwrite(tmp_path, capsys):
     assert read_json(out / "recipe.json")["aligned"] is False
 
 
-@pytest.mark.parametrize("break_it, words", [
-    (lambda d: d.pop("valid"), ["'valid'", "MulT", "MMSA"]),
-    (lambda d: d["test"].pop("vision"), ["'vision'", "'test'", "regression_labels"]),
-    (lambda d: d["train"].pop("regression_labels"), ["'labels'", "'regression_labels'", "'train'"]),
-    (lambda d: d["valid"].update(audio=d["valid"]["audio"][:2]), ["'valid'", "disagree", "'audio': 2"]),
-    (lambda d: d["train"].update(text=d["train"]["text"][:, :, 0]), ["'text'", "shape"]),
-])
+@pytest.mark.parametrize(
+    "break_it, words",
+    [
+        (lambda d: d.pop("valid"), ["'valid'", "MulT", "MMSA"]),
+        (lambda d: d["test"].pop("vision"), ["'vision'", "'test'", "regression_labels"]),
+        (lambda d: d["train"].pop("regression_labels"), ["'labels'", "'regression_labels'", "'train'"]),
+        (lambda d: d["valid"].update(audio=d["valid"]["audio"][:2]), ["'valid'", "disagree", "'audio': 2"]),
+        (lambda d: d["train"].update(text=d["train"]["text"][:, :, 0]), ["'text'", "shape"]),
+    ],
+)
 def test_bad_pickles_exit_with_a_message_naming_the_problem(tmp_path, break_it, words):
     data, _ = make_mmsa(True)
     break_it(data)
@@ -297,8 +317,10 @@ def test_reader_batches_with_the_default_collate(caches):
     assert set(batch) == {"audio", "text", "label", "score", "index"}
     assert batch["audio"]["x"].shape == (4, 14, 5) and batch["audio"]["length"].shape == (4,)
     assert batch["text"]["x"].shape == (4, 8, 12) and batch["score"].shape == (4,)
-    assert batch["label"].tolist() == [1, 0, 1, 0] and splits.encoder_args == {"audio": {"in_dim": 5},
-                                                                                "text": {"in_dim": 12}}
+    assert batch["label"].tolist() == [1, 0, 1, 0] and splits.encoder_args == {
+        "audio": {"in_dim": 5},
+        "text": {"in_dim": 12},
+    }
 
 
 def test_reader_max_len_and_normalise(caches):
@@ -311,7 +333,7 @@ def test_reader_max_len_and_normalise(caches):
     xs = [norm.train[i]["visual"] for i in range(len(norm.train))]
     valid = torch.cat([v["x"][: int(v["length"])] for v in xs])
     assert valid.mean(0).abs().max() < 1e-4 and (valid.std(0, unbiased=False) - 1).abs().max() < 1e-3
-    assert all(not v["x"][int(v["length"]):].any() for v in xs)  # padding stays zero
+    assert all(not v["x"][int(v["length"]) :].any() for v in xs)  # padding stays zero
     assert norm.test[0]["visual"]["x"].dtype == torch.float32
 
 
@@ -332,13 +354,18 @@ def mosi_cache(caches, tmp_path):
     return pkl, cache
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda c: truncate(c / "train" / "audio.npy"), ["train/audio.npy (train audio features)", "cut"]),
-    (lambda c: (c / "val" / "score.npy").unlink(), ["val/score.npy (val scores) is missing"]),
-    (lambda c: (c / "recipe.json").write_text("{"), ["recipe.json is damaged"]),
-    (lambda c: pd.read_csv(c / "index.csv").iloc[:-1].to_csv(c / "index.csv", index=False),
-     ["index.csv has 12 segments", "deleted or edited"]),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda c: truncate(c / "train" / "audio.npy"), ["train/audio.npy (train audio features)", "cut"]),
+        (lambda c: (c / "val" / "score.npy").unlink(), ["val/score.npy (val scores) is missing"]),
+        (lambda c: (c / "recipe.json").write_text("{"), ["recipe.json is damaged"]),
+        (
+            lambda c: pd.read_csv(c / "index.csv").iloc[:-1].to_csv(c / "index.csv", index=False),
+            ["index.csv has 12 segments", "deleted or edited"],
+        ),
+    ],
+)
 def test_a_damaged_cache_is_named_at_open_and_the_same_prep_command_rebuilds_it(mosi_cache, damage, words, capsys):
     pkl, cache = mosi_cache
     damage(cache)

@@ -1,4 +1,5 @@
 """UCF-101 end to end on generated media: AVI videos, TV-L1 flow JPEG folders, official split files, fold change."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import media
 from data_prep import ucf101
 from data_prep.media import decode_container
 from data_prep.synthetic import write_video
@@ -14,6 +14,8 @@ from onthefly.config import compose
 from onthefly.data.cache import CacheMismatchError, CacheReader, read_index
 from onthefly.data.clips import decode_frames
 from onthefly.data.ucf101 import UCF101
+
+import media
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +117,9 @@ def test_rgb_difference_option_stores_each_frames_successor(raw, built, built_di
 @pytest.mark.slow
 def test_three_modality_variant_trains(built_diff, tmp_path):
     out, _ = built_diff
-    results = media.train_once("ucf101", out, tmp_path / "run", "dataset.modalities=[visual,flow,rgb_diff]",
-                               "modulation=ogm_ge")
+    results = media.train_once(
+        "ucf101", out, tmp_path / "run", "dataset.modalities=[visual,flow,rgb_diff]", "modulation=ogm_ge"
+    )
     assert results["status"] == "ok" and results["modalities"] == ["visual", "flow", "rgb_diff"]
 
 

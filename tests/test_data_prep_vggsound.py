@@ -1,16 +1,18 @@
 """VGGSound end to end on generated media: csv with quoted commas, padded and unpadded names, shards + merge."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-import media
 from data_prep import vggsound
 from data_prep.errors import PrepError
 from onthefly.data.base import CacheDamagedError
 from onthefly.data.cache import CacheReader, read_index
 from onthefly.data.vggsound import VGGSound
+
+import media
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,11 @@ def test_labels_sorted_names_found_in_every_form_and_coverage_per_split(raw, bui
     assert reader.classes == raw["labels"] and "people marching, chanting" in reader.classes
     index = read_index(out / "index.csv").set_index("id")
     for clip_id, (label, split) in raw["clips"].items():
-        assert (index.loc[clip_id, "label"], index.loc[clip_id, "split"], index.loc[clip_id, "status"]) == \
-            (label, split, "ok")
+        assert (index.loc[clip_id, "label"], index.loc[clip_id, "split"], index.loc[clip_id, "status"]) == (
+            label,
+            split,
+            "ok",
+        )
     for clip_id, status in raw["bad"].items():
         assert index.loc[clip_id, "status"] == status and index.loc[clip_id, "reason"]
     assert summary["skipped"] == {"missing": 1, "no_audio": 1, "bad_row": 1}
@@ -50,8 +55,9 @@ def test_whole_clip_spectrogram_is_cached_and_cropped_at_load_time(built):
     assert splits.num_classes == 3
     test_item = splits.test[0]
     assert test_item["audio"].shape == (1, 129, 626) and test_item["visual"].shape == (3, 3, 32, 32)
-    full = torch.from_numpy(np.asarray(reader.array(*(
-        splits.test.rows.loc[0, ["array_part", "array_row"]].astype(int))), dtype=np.float32))
+    full = torch.from_numpy(
+        np.asarray(reader.array(*(splits.test.rows.loc[0, ["array_part", "array_row"]].astype(int))), dtype=np.float32)
+    )
     assert torch.equal(test_item["audio"][0], full[:, 312:938])  # evaluation: the centre 5 s
     train_crops = {tuple(splits.train[0]["audio"][0, 0, :3].tolist()) for _ in range(8)}
     assert len(train_crops) > 1  # training: a random window (the clip is a tiled 2-s sine, so windows differ)
@@ -73,8 +79,9 @@ def test_shards_then_merge_equal_the_single_run(raw, built, tmp_path):
     assert set(rows.index) == set(single.ok_rows()["id"])
     for _, row in single.ok_rows().iterrows():
         other = rows.loc[row.id]
-        assert np.array_equal(single.array(row.array_part, row.array_row),
-                              merged.array(other.array_part, other.array_row))
+        assert np.array_equal(
+            single.array(row.array_part, row.array_row), merged.array(other.array_part, other.array_row)
+        )
         assert single.jpeg(row.frame_start + row.n_frames - 1) == merged.jpeg(other.frame_start + other.n_frames - 1)
     assert all(p.startswith("shards/") for p in merged.layout["array"]["parts"])
     assert len(VGGSound(root=str(tmp_path)).splits().test) == 3

@@ -5,6 +5,7 @@ every rank, and the same weights afterwards. BatchNorm layers are held in eval m
 training mode each rank normalises with its own half of the batch (SyncBatchNorm, which fixes that, needs a
 GPU), which would make the two runs differ for a reason that has nothing to do with the modulation.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,18 +62,25 @@ def _one_step(overrides: list[str], info, device, rank_slice: slice, record_mask
 
     real_drop = opm.drop_features
     if record_masks is not None:  # keep the masks each rank drew
+
         def recording(feats, q, mode, generator=None):
             out, keep = real_drop(feats, q, mode, generator)
             record_masks.append(keep.clone())
             return out, keep
+
         opm.drop_features = recording
     if replay_masks is not None:  # the single process uses the masks the ranks drew, stacked in rank order
+
         def replaying(feats, q, mode, generator=None):
             keep = replay_masks
             dims = torch.tensor([f.shape[1] for f in feats.values()], dtype=q.dtype)
             scale = opm.rescale_factors(q, dims, mode)
-            out = {m: torch.where(keep[:, i, None], f * scale[i], torch.zeros_like(f)) for i, (m, f) in enumerate(feats.items())}
+            out = {
+                m: torch.where(keep[:, i, None], f * scale[i], torch.zeros_like(f))
+                for i, (m, f) in enumerate(feats.items())
+            }
             return out, keep
+
         opm.drop_features = replaying
     try:
         ctx = trainer._ctx(0, 0)
@@ -80,7 +88,8 @@ def _one_step(overrides: list[str], info, device, rank_slice: slice, record_mask
     finally:
         opm.drop_features = real_drop
     return {
-        "scores": ctx.scores.clone(), "rho": ctx.rho.clone(),
+        "scores": ctx.scores.clone(),
+        "rho": ctx.rho.clone(),
         "k": torch.stack([ctx.metrics[f"k_{m}"] for m in ("audio", "visual")]) if "k_audio" in ctx.metrics else None,
         "q": torch.stack([ctx.metrics[f"q_{m}"] for m in ("audio", "visual")]) if "q_audio" in ctx.metrics else None,
         "loss": values["loss"],
@@ -89,8 +98,9 @@ def _one_step(overrides: list[str], info, device, rank_slice: slice, record_mask
 
 
 def _rank_main(rank: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
     from onthefly.engine import distributed as ddp
 
     info, device = ddp.setup("cpu")
@@ -146,16 +156,31 @@ def test_one_ddp_step_equals_one_step_on_the_global_batch(case, tmp_path):
 
 
 def _torchrun(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "onthefly.train", *TINY, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "onthefly.train",
+        *TINY,
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
 
 
 @pytest.mark.slow
 def test_torchrun_two_process_training_run(tmp_path):
     run_dir = tmp_path / "ddp"
-    proc = _torchrun(tmp_path, "modulation=opm_ogm", "trainer.checkpoint_every_n_steps=3", "dataset.num_val=31",
-                    f"hydra.run.dir={run_dir}")
+    proc = _torchrun(
+        tmp_path,
+        "modulation=opm_ogm",
+        "trainer.checkpoint_every_n_steps=3",
+        "dataset.num_val=31",
+        f"hydra.run.dir={run_dir}",
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     saved = read_results(run_dir)
     assert saved["status"] == "ok" and saved["world_size"] == WORLD and 0 <= saved["test"]["acc"] <= 1
@@ -174,8 +199,9 @@ def test_torchrun_two_process_training_run(tmp_path):
     # the logged test numbers are best.pt's: every rank evaluated with rank 0's BatchNorm statistics (on CPU each
     # rank's own differ), so one process scoring best.pt on the whole test split finds the same numbers
     alone = _best_pt_on_test_in_one_process(run_dir)
-    assert {k: alone[k] for k in ("acc", "acc_audio", "acc_visual")} == \
-        {k: saved["test"][k] for k in ("acc", "acc_audio", "acc_visual")}
+    assert {k: alone[k] for k in ("acc", "acc_audio", "acc_visual")} == {
+        k: saved["test"][k] for k in ("acc", "acc_audio", "acc_visual")
+    }
     assert alone["loss"] == pytest.approx(saved["test"]["loss"], rel=1e-5)
     assert alone["map"] == pytest.approx(saved["test"]["map"], rel=1e-5)
 

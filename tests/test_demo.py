@@ -1,5 +1,6 @@
 """The demo (`make demo`): its table from the table machinery's records (means, paired differences, selected
 epochs), the committed copy in docs/demo.md, and the README showing that same table."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -14,14 +15,45 @@ ROWS = [("none", "joint (none)"), ("opm", "joint + OPM"), ("visual_only", "visua
 def _records() -> pd.DataFrame:
     lines = []
     for seed, (joint, opm, vis) in enumerate([(0.60, 0.70, 0.80), (0.62, 0.66, 0.78), (0.58, 0.70, 0.82)]):
-        lines.append({"row": "none", "col": "synth_av", "seed": seed, "test/acc": joint, "test/acc_audio": 0.5,
-                      "test/acc_visual": 0.3, "probe/acc_audio": 0.55, "probe/acc_visual": 0.60 + 0.01 * seed,
-                      "best/epoch": 5 + seed, "modalities": None})
-        lines.append({"row": "opm", "col": "synth_av", "seed": seed, "test/acc": opm, "test/acc_audio": 0.52,
-                      "test/acc_visual": 0.6, "probe/acc_audio": 0.56, "probe/acc_visual": 0.80 - 0.01 * seed,
-                      "best/epoch": 9, "modalities": None})
-        lines.append({"row": "visual_only", "col": "synth_av", "seed": seed, "test/acc": vis,
-                      "probe/acc_visual": 0.85, "best/epoch": 11, "modalities": "visual"})
+        lines.append(
+            {
+                "row": "none",
+                "col": "synth_av",
+                "seed": seed,
+                "test/acc": joint,
+                "test/acc_audio": 0.5,
+                "test/acc_visual": 0.3,
+                "probe/acc_audio": 0.55,
+                "probe/acc_visual": 0.60 + 0.01 * seed,
+                "best/epoch": 5 + seed,
+                "modalities": None,
+            }
+        )
+        lines.append(
+            {
+                "row": "opm",
+                "col": "synth_av",
+                "seed": seed,
+                "test/acc": opm,
+                "test/acc_audio": 0.52,
+                "test/acc_visual": 0.6,
+                "probe/acc_audio": 0.56,
+                "probe/acc_visual": 0.80 - 0.01 * seed,
+                "best/epoch": 9,
+                "modalities": None,
+            }
+        )
+        lines.append(
+            {
+                "row": "visual_only",
+                "col": "synth_av",
+                "seed": seed,
+                "test/acc": vis,
+                "probe/acc_visual": 0.85,
+                "best/epoch": 11,
+                "modalities": "visual",
+            }
+        )
     return pd.DataFrame(lines)
 
 
@@ -105,8 +137,15 @@ def test_runs_with_overrides_get_their_own_folder():
 def test_demo_end_to_end_through_the_table_machinery(tmp_path, capsys):
     """The one command, on tiny settings: trains every row through the parallel launcher, probes, prints the
     table, and a second call reuses every run."""
-    overrides = ["trainer.epochs=1", "dataset.num_train=48", "dataset.num_val=24", "dataset.num_test=24",
-                 "trainer.batch_size=16", "trainer.eval_batch_size=24", "logger.mode=disabled"]
+    overrides = [
+        "trainer.epochs=1",
+        "dataset.num_train=48",
+        "dataset.num_val=24",
+        "dataset.num_test=24",
+        "trainer.batch_size=16",
+        "trainer.eval_batch_size=24",
+        "logger.mode=disabled",
+    ]
     args = ["--seeds", "0", "--results", str(tmp_path), "--wandb", "disabled", "--jobs", "2", *overrides]
     assert demo.main(args) == 0
     out = capsys.readouterr().out
@@ -117,8 +156,7 @@ def test_demo_end_to_end_through_the_table_machinery(tmp_path, capsys):
     assert len(rows) == 2 + len(spec.rows)
     joint = next(r for r in rows if r.startswith("| joint (none) |"))
     assert "ref." in joint and "–" not in joint.split("|")[2]
-    assert all((tmp_path / "demo" / "runs" / f"{r.id}__synth_av" / "seed0" / "probe.json").exists()
-               for r in spec.rows)
+    assert all((tmp_path / "demo" / "runs" / f"{r.id}__synth_av" / "seed0" / "probe.json").exists() for r in spec.rows)
     assert (tmp_path / "demo" / "table.md").exists() and list((tmp_path / "demo" / "plots").glob("*.png"))
     assert demo.main(args) == 0
     again = capsys.readouterr().out

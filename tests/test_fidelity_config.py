@@ -1,6 +1,7 @@
 """`fidelity=official` (conf/fidelity/): it composes with every preset, dataset and method, sets only options that
 exist, wins over a preset's values, loses to the command line and to a table cell's own values, and clean changes
 nothing. The table side: the fidelity of a spec, its folder, group and header."""
+
 from __future__ import annotations
 
 import functools
@@ -13,8 +14,9 @@ from onthefly.config import CONF_DIR, compose
 from onthefly.tables import sweep
 from onthefly.tables.spec import EXPERIMENTS_DIR, SpecError, load_spec
 
-PRESETS = sorted(p.relative_to(CONF_DIR / "experiment").with_suffix("").as_posix()
-                 for p in (CONF_DIR / "experiment").rglob("*.yaml"))
+PRESETS = sorted(
+    p.relative_to(CONF_DIR / "experiment").with_suffix("").as_posix() for p in (CONF_DIR / "experiment").rglob("*.yaml")
+)
 DATASETS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
 METHODS = ["none", "ogm", "ogm_ge", "opm", "opm_ogm"]
 
@@ -59,24 +61,36 @@ def test_official_sets_each_datasets_released_loader():
     assert cremad["root"].endswith("/cremad_official") and cremad["split"] == "lists"
     assert (cremad["sampling"], cremad["frame_times"], cremad["val_fraction"]) == ("first", "second_start", 0.0)
     vgg = _plain("experiment=cvpr2022/vggsound", "fidelity=official")["dataset"]
-    assert (vgg["audio_recipe"], vgg["audio_eval_window"], vgg["min_frames"], vgg["downmix"]) == ("segment", "random",
-                                                                                                  4, "mean")
+    assert (vgg["audio_recipe"], vgg["audio_eval_window"], vgg["min_frames"], vgg["downmix"]) == (
+        "segment",
+        "random",
+        4,
+        "mean",
+    )
     assert (vgg["sampling"], vgg["frame_crops"]) == ("first", "per_frame")
     ks_cvpr = _plain("experiment=cvpr2022/kinetics_sounds", "fidelity=official")["dataset"]
     assert (ks_cvpr["sampling"], ks_cvpr["frame_crops"], ks_cvpr["downmix"]) == ("segment_starts", "per_frame", "first")
     # the journal's loader wins over the preset's own `sampling: spread` (fidelity comes after the presets)
     ks_journal = _plain("experiment=tpami2024/kinetics_sounds", "fidelity=official")["dataset"]
     assert _plain("experiment=tpami2024/kinetics_sounds")["dataset"]["sampling"] == "spread"
-    assert (ks_journal["sampling"], ks_journal["eval_resize"], ks_journal["frame_crops"]) == ("spread_shifted", "crop",
-                                                                                              "shared")
+    assert (ks_journal["sampling"], ks_journal["eval_resize"], ks_journal["frame_crops"]) == (
+        "spread_shifted",
+        "crop",
+        "shared",
+    )
     assert ks_journal["image_size"] == 112  # what the preset sets and fidelity does not stays
     ucf = _plain("experiment=tpami2024/ucf101", "fidelity=official")["dataset"]
     assert ucf["val_fraction"] == 0.0 and "frame_times" not in ucf  # only options the dataset has
 
 
 def test_the_command_line_wins_over_official():
-    cfg = _plain("experiment=tpami2024/kinetics_sounds", "fidelity=official", "dataset.sampling=segments",
-                 "trainer.select_on=val", "dataset.root=/mine")
+    cfg = _plain(
+        "experiment=tpami2024/kinetics_sounds",
+        "fidelity=official",
+        "dataset.sampling=segments",
+        "trainer.select_on=val",
+        "dataset.root=/mine",
+    )
     assert cfg["dataset"]["sampling"] == "segments" and cfg["trainer"]["select_on"] == "val"
     assert cfg["dataset"]["root"] == "/mine" and cfg["dataset"]["eval_resize"] == "crop"
 
@@ -88,8 +102,11 @@ def test_official_methods_and_heads_per_release():
     assert (journal_ogm["ge"], journal_ogm["tie_modality"]) == (True, "second")  # the journal's "OGM" ran with GE
     assert _plain("experiment=tpami2024/cremad", "modulation=ogm")["modulation"]["ge"] is False
     opm = _plain("modulation=opm_ogm", "fidelity=official")["modulation"]
-    assert (opm["opm"]["rescale_grad"], opm["opm"]["exe_draw"], opm["ogm"]["tie_modality"]) == (True, "global_batch",
-                                                                                               "first")
+    assert (opm["opm"]["rescale_grad"], opm["opm"]["exe_draw"], opm["ogm"]["tie_modality"]) == (
+        True,
+        "global_batch",
+        "first",
+    )
     for fusion in ("film", "gated"):
         assert _plain(f"fusion={fusion}", "fidelity=official")["fusion"]["level"] == "feature"
         assert _plain(f"fusion={fusion}")["fusion"]["level"] == "logit"
@@ -124,8 +141,9 @@ rows:
     root = sweep.write_presets(spec, jobs, results)
     assert root == results / "t" / "official" / "launch"
     for job in jobs:
-        via_preset = sweep._hydra_compose([f"hydra.searchpath=[file://{root.resolve()}]",
-                                           f"experiment={sweep.job_option(job)}"])
+        via_preset = sweep._hydra_compose(
+            [f"hydra.searchpath=[file://{root.resolve()}]", f"experiment={sweep.job_option(job)}"]
+        )
         via_line = sweep._hydra_compose(sweep.job_overrides(spec, job))
         for cfg in (via_preset, via_line):
             plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

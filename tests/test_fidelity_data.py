@@ -2,6 +2,7 @@
 crop sharing and the evaluation resize, frames as the first frame of each second, the stereo downmix, VGGSound's
 segment recipe and its audio window, the official split lists (CREMA-D, Kinetics-Sounds), the caches' recipe
 checks, and a tiny end-to-end run under fidelity=official."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -70,8 +71,10 @@ def test_eval_resize_crop_is_resize_then_centre_crop():
 def test_downmix_values_of_a_stereo_track(tmp_path):
     right = media.sine(1000.0, 2.0, 16000, amplitude=0.25)
     path = media.write_video(tmp_path / "s.mp4", 2.0, audio_rate=16000, audio_freq=1000.0, right=right)
-    peak = {d: float(np.abs(decode_container(path, audio_rate=16000, downmix=d).audio[4000:28000]).max())
-            for d in ("pyav", "mean", "first")}
+    peak = {
+        d: float(np.abs(decode_container(path, audio_rate=16000, downmix=d).audio[4000:28000]).max())
+        for d in ("pyav", "mean", "first")
+    }
     assert peak["first"] == pytest.approx(0.5, abs=0.01)  # channel 0 only
     assert peak["mean"] == pytest.approx(0.375, abs=0.01)  # (0.5 + 0.25) / 2
     assert peak["pyav"] == pytest.approx(0.707 * 0.75, abs=0.015)  # FFmpeg's mono mix: 0.707 each
@@ -89,8 +92,9 @@ def official_cremad(tmp_path_factory):
         media.write_wav(raw / "AudioWAV" / f"{name}.wav", 1.5, freq=media.SINE_HZ)
     lists = media.write_cvpr_cremad_lists(root / "lists", names[1:], names[:1])
     out = root / "data" / "cremad_official"
-    summary = media.prep(cremad, raw_root=raw, out_root=out, splits=lists, frame_times="second_start",
-                         resample="kaiser_best")
+    summary = media.prep(
+        cremad, raw_root=raw, out_root=out, splits=lists, frame_times="second_start", resample="kaiser_best"
+    )
     return {"root": root, "raw": raw, "lists": lists, "out": out, "summary": summary, "names": names}
 
 
@@ -131,8 +135,11 @@ def test_the_reader_refuses_a_cache_of_other_frames_and_names_the_prep(official_
     with pytest.raises(CacheMismatchError, match="frames.times: cache has 'first frame of each second'") as err:
         clean.open()
     assert 'ARGS="resample=sinc frame_times=centre"' in str(err.value) and "make prep-cremad" in str(err.value)
-    official = instantiate(compose(["experiment=tpami2024/cremad", "fidelity=official",
-                                    f"paths.data_root={official_cremad['root'] / 'data'}"]).dataset)
+    official = instantiate(
+        compose(
+            ["experiment=tpami2024/cremad", "fidelity=official", f"paths.data_root={official_cremad['root'] / 'data'}"]
+        ).dataset
+    )
     splits = official.splits()
     assert (len(splits.train), len(splits.test)) == (9, 1) and splits.val is not None and len(splits.val) == 1
 
@@ -146,9 +153,10 @@ def test_official_config_on_a_clean_cache_names_every_prep_option(official_crema
     text = str(err.value)
     assert "splits.mode: cache has 'random', config asks for 'lists'" in text
     assert "audio.resample: cache has 'sinc' (the default, not recorded), config asks for 'kaiser_best'" in text
-    assert "SPLITS=/path/to/lists" in text and 'frame_times=second_start' in text and "resample=kaiser_best" in text
-    missing = instantiate(compose(["experiment=cvpr2022/cremad", "fidelity=official",
-                                   f"dataset.root={tmp_path / 'none'}"]).dataset)
+    assert "SPLITS=/path/to/lists" in text and "frame_times=second_start" in text and "resample=kaiser_best" in text
+    missing = instantiate(
+        compose(["experiment=cvpr2022/cremad", "fidelity=official", f"dataset.root={tmp_path / 'none'}"]).dataset
+    )
     with pytest.raises(Exception, match='SPLITS=/path/to/lists ARGS="frame_times=second_start resample=kaiser_best"'):
         missing.open()  # a missing cache: the prep command already carries the official options
 
@@ -169,11 +177,18 @@ def _stereo_kinetics(root):
     """Kinetics clips with a stereo track (left: the sine, right: silence) and the CVPR repository's lists
     (my_train.txt / my_test.txt, the label a class number)."""
     rows = {"train": [], "test": []}
-    for i, (label, split) in enumerate([("blowing_nose", "train"), ("tap_dancing", "train"),
-                                        ("playing_bagpipes", "train"), ("tap_dancing", "test")]):
+    for i, (label, split) in enumerate(
+        [("blowing_nose", "train"), ("tap_dancing", "train"), ("playing_bagpipes", "train"), ("tap_dancing", "test")]
+    ):
         clip_id = f"{media.ytid(i)}_{10 * i:06d}_{10 * i + 10:06d}"
-        media.write_video(root / "train" / f"{clip_id}.mp4", 2.0, audio_rate=16000, audio_freq=media.SINE_HZ,
-                          right=np.zeros(1, np.float32), shift=i)
+        media.write_video(
+            root / "train" / f"{clip_id}.mp4",
+            2.0,
+            audio_rate=16000,
+            audio_freq=media.SINE_HZ,
+            right=np.zeros(1, np.float32),
+            shift=i,
+        )
         rows[split].append(f"{clip_id},10,{kinetics_sounds.CLASSES.index(label)}")
     (root / "lists").mkdir(parents=True)
     for split, lines in rows.items():
@@ -200,8 +215,9 @@ def test_kinetics_lists_with_class_numbers_and_the_downmix_recipe(tmp_path):
     clean = instantiate(compose(["dataset=kinetics_sounds", f"dataset.root={tmp_path / 'first'}"]).dataset)
     with pytest.raises(CacheMismatchError, match="audio.downmix: cache has 'first', config asks for 'pyav'"):
         clean.open()
-    assert instantiate(compose(["dataset=kinetics_sounds", f"dataset.root={tmp_path / 'first'}",
-                                "dataset.downmix=first"]).dataset).open()
+    assert instantiate(
+        compose(["dataset=kinetics_sounds", f"dataset.root={tmp_path / 'first'}", "dataset.downmix=first"]).dataset
+    ).open()
     (raw / "lists" / "train_val.txt").write_text("")
     with pytest.raises(PrepError, match="names several splits"):
         kinetics_sounds.read_lists(raw / "lists")
@@ -220,13 +236,23 @@ def test_segment_recipe_caches_the_waveform_and_transforms_the_5s_segment(segmen
     reader = CacheReader(segment_cache, "vggsound")
     rec = reader.recipe["audio"]
     assert (rec["name"], rec["kind"], rec["downmix"], reader.array_shape) == ("segment", "waveform", "mean", (160000,))
-    ds = instantiate(compose(["dataset=vggsound", f"dataset.root={segment_cache}", "dataset.audio_recipe=segment",
-                              "dataset.downmix=mean", "dataset.image_size=32"]).dataset)
+    ds = instantiate(
+        compose(
+            [
+                "dataset=vggsound",
+                f"dataset.root={segment_cache}",
+                "dataset.audio_recipe=segment",
+                "dataset.downmix=mean",
+                "dataset.image_size=32",
+            ]
+        ).dataset
+    )
     splits = ds.splits()
     item = splits.test[0]
     assert item["audio"].shape == (1, 129, 626)
-    wave = torch.from_numpy(np.array(reader.array(int(splits.test.rows.loc[0, "array_part"]),
-                                                  int(splits.test.rows.loc[0, "array_row"]))))
+    wave = torch.from_numpy(
+        np.array(reader.array(int(splits.test.rows.loc[0, "array_part"]), int(splits.test.rows.loc[0, "array_row"])))
+    )
     centre = log_spectrogram(wave[40000:120000].clamp(-1, 1), 256, 128)  # the 5 s from 2.5 s: the centre
     torch.testing.assert_close(item["audio"][0], centre)
     source = segment_cache.parent / "raw" / splits.test.rows.loc[0, "source"]
@@ -235,8 +261,14 @@ def test_segment_recipe_caches_the_waveform_and_transforms_the_5s_segment(segmen
 
 
 def test_random_audio_window_at_evaluation_is_fixed_per_clip(segment_cache):
-    cfg = ["dataset=vggsound", f"dataset.root={segment_cache}", "dataset.audio_recipe=segment",
-           "dataset.downmix=mean", "dataset.image_size=32", "dataset.modalities=[audio]"]
+    cfg = [
+        "dataset=vggsound",
+        f"dataset.root={segment_cache}",
+        "dataset.audio_recipe=segment",
+        "dataset.downmix=mean",
+        "dataset.image_size=32",
+        "dataset.modalities=[audio]",
+    ]
     centre = instantiate(compose(cfg).dataset).splits().train_eval
     random = instantiate(compose([*cfg, "dataset.audio_eval_window=random"]).dataset).splits().train_eval
     state = torch.get_rng_state()
@@ -248,8 +280,17 @@ def test_random_audio_window_at_evaluation_is_fixed_per_clip(segment_cache):
 
 
 def test_min_frames_leaves_out_short_clips(segment_cache):
-    ds = instantiate(compose(["dataset=vggsound", f"dataset.root={segment_cache}", "dataset.audio_recipe=segment",
-                              "dataset.downmix=mean", "dataset.min_frames=3"]).dataset)
+    ds = instantiate(
+        compose(
+            [
+                "dataset=vggsound",
+                f"dataset.root={segment_cache}",
+                "dataset.audio_recipe=segment",
+                "dataset.downmix=mean",
+                "dataset.min_frames=3",
+            ]
+        ).dataset
+    )
     ok = ds.open().ok_rows()
     assert (ok["n_frames"] == 2).all() and len(ds.usable_rows(ok)) == 0  # 2-s clips: 2 frames each
     assert len(ds.usable_rows(ok.assign(n_frames=[4, 3] * (len(ok) // 2) + [4] * (len(ok) % 2)))) == len(ok)
@@ -261,11 +302,21 @@ def test_min_frames_leaves_out_short_clips(segment_cache):
 def test_one_tiny_run_under_fidelity_official(official_cremad, tmp_path):
     """experiment=tpami2024/cremad fidelity=official on the official cache: OPM with its released gradient, the
     journal's OGM, one fixed frame, selection on test."""
-    results = media.train_once("cremad", official_cremad["out"], tmp_path / "run", "experiment=tpami2024/cremad",
-                               "fidelity=official", "modulation=opm_ogm", "modulation.opm.p_exe=1.0",
-                               f"paths.data_root={official_cremad['root'] / 'data'}",
-                               f"dataset.root={official_cremad['out']}", "dataset.image_size=32",
-                               "backbone=resnet18_small", "trainer.batch_size=3", "trainer.epochs=1")
+    results = media.train_once(
+        "cremad",
+        official_cremad["out"],
+        tmp_path / "run",
+        "experiment=tpami2024/cremad",
+        "fidelity=official",
+        "modulation=opm_ogm",
+        "modulation.opm.p_exe=1.0",
+        f"paths.data_root={official_cremad['root'] / 'data'}",
+        f"dataset.root={official_cremad['out']}",
+        "dataset.image_size=32",
+        "backbone=resnet18_small",
+        "trainer.batch_size=3",
+        "trainer.epochs=1",
+    )
     assert results["status"] == "ok" and results["best"]["split"] == "test"
     assert results["config"]["fidelity"] == "official" and results["config"]["release"] == "tpami2024"
     assert results["config"]["modulation"]["opm"]["rescale_grad"] is True

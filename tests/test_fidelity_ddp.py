@@ -1,6 +1,7 @@
 """The released OPM under data parallelism (2 gloo processes on CPU; the harness of test_ddp.py): with its rescale
 gradient, one DDP step equals one single-process step on the global batch; its p_exe decision is one per global
 batch, the same on every rank."""
+
 from __future__ import annotations
 
 import pytest

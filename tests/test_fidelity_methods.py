@@ -1,6 +1,7 @@
 """The released code's method choices (docs/method.md §9), each where it acts: OPM's rescale gradient (against a
 finite-difference check of ½θ² and against the released autograd function), one p_exe draw per global batch,
 the CVPR tie rule at ρ = 1, and FiLM / gated fusion at the feature level."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -39,9 +40,14 @@ class Toy(nn.Module):
 
 def loop_view(model: Toy):
     """The pieces of the training loop that Trainer.discrepancy_with_grad reads, for one process."""
-    return SimpleNamespace(model=model, estimator=Estimator.natural, task=SimpleNamespace(class_logits=lambda z: z),
-                           _all_reduce=None, dist=SimpleNamespace(world_size=1),
-                           cfg=SimpleNamespace(discrepancy=SimpleNamespace(reduce="pairwise")))
+    return SimpleNamespace(
+        model=model,
+        estimator=Estimator.natural,
+        task=SimpleNamespace(class_logits=lambda z: z),
+        _all_reduce=None,
+        dist=SimpleNamespace(world_size=1),
+        cfg=SimpleNamespace(discrepancy=SimpleNamespace(reduce="pairwise")),
+    )
 
 
 def step_context(model: Toy) -> StepContext:
@@ -49,8 +55,17 @@ def step_context(model: Toy) -> StepContext:
     with torch.no_grad():
         unimodal = model.head.unimodal_logits({m: f.detach() for m, f in feats.items()})
         scores, rho = discrepancy(unimodal, model.y)
-    ctx = StepContext(epoch=0, step=0, global_step=0, model=model, modalities=MODS, features=feats, labels=model.y,
-                      scores=scores, rho=rho)
+    ctx = StepContext(
+        epoch=0,
+        step=0,
+        global_step=0,
+        model=model,
+        modalities=MODS,
+        features=feats,
+        labels=model.y,
+        scores=scores,
+        rho=rho,
+    )
     ctx.discrepancy_of = lambda f: Trainer.discrepancy_with_grad(loop_view(model), f, model.y)
     return ctx
 

@@ -1,6 +1,7 @@
 """The imbalance and cost metrics of every run: Shapley contributions (two and three modalities) against a brute-force
 sum over orderings, FLOPs of known layers, the metrics in results.json and W&B's summary, and the FLOP count leaving
 the run's numbers unchanged (the conditional utilisation rate itself is tested in test_complex_models.py)."""
+
 from __future__ import annotations
 
 import itertools
@@ -100,8 +101,13 @@ def test_the_metrics_land_in_results_and_measuring_them_changes_no_number(train_
     cost = results["cost"]
     assert cost["params"] > 0 and cost["flops_per_step"] > 3 * 16 * cost["flops_eval_per_sample"] * 0.5
     assert results["imbalance"]["cost/flops_per_step"] == cost["flops_per_step"]
-    _, plain = train_run(*method, "trainer.imbalance.cost=false", "trainer.imbalance.shapley=off",
-                         "trainer.imbalance.utilization=off", name="plain")
+    _, plain = train_run(
+        *method,
+        "trainer.imbalance.cost=false",
+        "trainer.imbalance.shapley=off",
+        "trainer.imbalance.utilization=off",
+        name="plain",
+    )
     numbers = read_metrics(out)
     numbers = numbers[[c for c in read_metrics(plain).columns if not c.startswith("time/")]]
     pd.testing.assert_frame_equal(numbers, read_metrics(plain).drop(columns=["time/epoch_s"]), check_exact=True)
@@ -114,7 +120,14 @@ def test_the_metrics_land_in_results_and_measuring_them_changes_no_number(train_
 def test_the_table_keys_reach_the_wandb_summary():
     from onthefly.logging.names import summary_for_wandb
 
-    results = {"best": {"epoch": 0}, "test": {"acc": 0.5, "shapley_audio": 0.2},
-               "imbalance": {"shapley/audio": 0.2, "cost/flops_per_step": 10}}
+    results = {
+        "best": {"epoch": 0},
+        "test": {"acc": 0.5, "shapley_audio": 0.2},
+        "imbalance": {"shapley/audio": 0.2, "cost/flops_per_step": 10},
+    }
     summary = summary_for_wandb(results, [])
-    assert summary["shapley/audio"] == 0.2 and summary["cost/flops_per_step"] == 10 and summary["test/shapley_audio"] == 0.2
+    assert (
+        summary["shapley/audio"] == 0.2
+        and summary["cost/flops_per_step"] == 10
+        and summary["test/shapley_audio"] == 0.2
+    )

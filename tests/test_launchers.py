@@ -1,4 +1,5 @@
 """Hydra launcher presets (conf/hydra/launcher/): serial (basic), parallel (joblib), local (submitit, run here) and\nslurm (submitit, composed and rendered to its sbatch script)."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from conftest import TINY, subprocess_env
 from onthefly.config import CONF_DIR, register_configs
+
+from conftest import TINY, subprocess_env
 
 
 def _hydra_cfg(*overrides: str):
@@ -26,8 +28,14 @@ def test_slurm_preset_composes_and_renders_a_requeueable_gpu_job(tmp_path, monke
     """The preset's settings reach the sbatch script that submitit would submit (sbatch itself is not run)."""
     from submitit.slurm import slurm
 
-    cfg = _hydra_cfg("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
-                     "hydra.launcher.tasks_per_node=4", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.job.name=otf")
+    cfg = _hydra_cfg(
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.tasks_per_node=4",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "hydra.job.name=otf",
+    )
     launcher_cfg = cfg.hydra.launcher
     assert launcher_cfg._target_.endswith("submitit_launcher.SlurmLauncher")
     assert launcher_cfg.timeout_min == 1440 and launcher_cfg.max_num_timeout == 10
@@ -49,9 +57,16 @@ def test_slurm_preset_composes_and_renders_a_requeueable_gpu_job(tmp_path, monke
     with pytest.raises(Submitted):
         launcher.launch([["seed=0"], ["seed=1"]], initial_job_idx=0)
     script = rendered["sbatch"]
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4",
-                 "#SBATCH --time=1440", "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --array=0-1%2",
-                 "#SBATCH --job-name=otf"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --time=1440",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --requeue",
+        "#SBATCH --array=0-1%2",
+        "#SBATCH --job-name=otf",
+    ):
         assert line in script, f"{line!r} not in the sbatch script:\n{script}"
 
 
@@ -68,8 +83,18 @@ def test_joblib_preset_composes():
 
 def _sweep(tmp_path: Path, launcher: str, *extra: str) -> subprocess.CompletedProcess:
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "onthefly.train", "-m", f"hydra/launcher={launcher}", *extra, "seed=0,1", *TINY,
-           "trainer.epochs=1", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onthefly.train",
+        "-m",
+        f"hydra/launcher={launcher}",
+        *extra,
+        "seed=0,1",
+        *TINY,
+        "trainer.epochs=1",
+        f"hydra.sweep.dir={sweep}",
+    ]
     return subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=500)
 
 

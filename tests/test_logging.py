@@ -1,4 +1,5 @@
 """What a run leaves behind when W&B is unavailable or switched off, and when training breaks."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import EPOCHS, STEPS_PER_EPOCH, read_metrics, read_results
 from onthefly.engine.errors import TrainingError
 from onthefly.engine.trainer import Trainer
 from onthefly.logging.sinks import wandb_logged_in
+
+from conftest import EPOCHS, STEPS_PER_EPOCH, read_metrics, read_results
 
 
 @pytest.fixture
@@ -200,9 +202,22 @@ def test_wandb_helper_killed_mid_run_does_not_stop_training(tmp_path):
     env = subprocess_env()
     env.pop("WANDB_SERVICE", None)  # the run starts (and owns) its own wandb-core, as any job does
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", KILL_WANDB_CORE, *TINY, "logger.mode=offline",
-                           "trainer.plots=true", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILL_WANDB_CORE,
+            *TINY,
+            "logger.mode=offline",
+            "trainer.plots=true",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "killed wandb-core" in proc.stdout, "no wandb-core child was found to kill: " + proc.stderr[-2000:]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("W&B stopped working") == 1, proc.stderr[-3000:]
@@ -273,10 +288,16 @@ def _no_debug(*overrides: str) -> list[str]:
     return [o for o in TINY if o != "debug=fast"] + ["trainer.device=cpu", "trainer.progress=false", *overrides]
 
 
-@pytest.mark.parametrize("env, explicit, expected", [
-    ("disabled", None, "disabled"), ("offline", None, "offline"), (None, None, "offline"),
-    ("offline", "disabled", "disabled"), ("disabled", "offline", "offline"),
-])
+@pytest.mark.parametrize(
+    "env, explicit, expected",
+    [
+        ("disabled", None, "disabled"),
+        ("offline", None, "offline"),
+        (None, None, "offline"),
+        ("offline", "disabled", "disabled"),
+        ("disabled", "offline", "offline"),
+    ],
+)
 def test_wandb_mode_in_the_environment_sets_the_default(monkeypatch, env, explicit, expected):
     from onthefly.config import compose
 
@@ -307,7 +328,10 @@ def test_a_wandb_mode_this_schema_does_not_know_stops_the_run_naming_both_keys(m
     from onthefly.engine.run import run
 
     monkeypatch.setenv("WANDB_MODE", "dryrun")
-    with pytest.raises(TrainingError, match=r"logger.mode: the environment's WANDB_MODE='dryrun' is not one of "
-                                            r"offline, online, disabled"):
+    with pytest.raises(
+        TrainingError,
+        match=r"logger.mode: the environment's WANDB_MODE='dryrun' is not one of "
+        r"offline, online, disabled",
+    ):
         run(compose(_no_debug()), tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -1,4 +1,5 @@
 """The helpers methods share: per-loss gradients (autograd None -> zeros, float32, graph kept) and uni-modal heads."""
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,9 @@ def test_loss_gradients_match_hand_derivatives_and_keep_the_graph():
     y = (a * a).sum() + 0 * b.sum()
     losses = {"sq": y, "lin": (2 * a).sum()}  # "lin" never reaches b
     grads = loss_gradients(losses, [a, b])
-    assert torch.equal(grads["sq"][0], torch.tensor([2.0, 4.0])) and torch.equal(grads["lin"][0], torch.tensor([2.0, 2.0]))
+    assert torch.equal(grads["sq"][0], torch.tensor([2.0, 4.0])) and torch.equal(
+        grads["lin"][0], torch.tensor([2.0, 2.0])
+    )
     assert torch.equal(grads["lin"][1], torch.zeros(1)) and grads["lin"][1].dtype == torch.float32
     y.backward()  # the graph was kept: the step's own backward still runs
     assert torch.equal(a.grad, torch.tensor([2.0, 4.0]))

@@ -3,6 +3,7 @@ re-sampled training sets, epoch_start, the hooks' extra loaders and parameter gr
 
 The toy methods below are plain classes named by `modulation._target_`; they exist to exercise the trainer.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -12,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import read_metrics, read_results
 from onthefly.engine import checkpoint as ckpt
 from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, default_param_groups
+
+from conftest import read_metrics, read_results
 
 CALLS: dict[str, list] = {}
 
@@ -147,8 +149,11 @@ def test_resume_across_a_phase_change_equals_the_uninterrupted_run(train_run, tm
         shutil.copy(ckpt.path_for(full, step), part / "checkpoints")
         CALLS.clear()
         _, resumed = train_run(*common, "trainer.resume=auto", name=f"part{step}")
-        pd.testing.assert_frame_equal(read_metrics(full).drop(columns=["time/epoch_s"]),
-                                      read_metrics(resumed).drop(columns=["time/epoch_s"]), check_exact=True)
+        pd.testing.assert_frame_equal(
+            read_metrics(full).drop(columns=["time/epoch_s"]),
+            read_metrics(resumed).drop(columns=["time/epoch_s"]),
+            check_exact=True,
+        )
         # epoch_start does not run again for the epoch a mid-epoch checkpoint was taken in
         assert CALLS.get("epoch_start", []) == {3: [1], 4: [1], 6: []}[step]
 
@@ -217,8 +222,11 @@ def test_prerequisite_runs_train_first_are_reused_and_leave_the_main_run_as_buil
     assert CALLS["num_batches"] == {"train": 4, "train_eval": 2, "val": 1}  # 64 train clips in 16s, 32s; 32 val
     # the main run equals the same method without a prerequisite: the prerequisite's RNG draws were put back
     _, plain = train_run(_toy("RandomDrop"), name="plain")
-    pd.testing.assert_frame_equal(read_metrics(out).drop(columns=["time/epoch_s"]),
-                                  read_metrics(plain).drop(columns=["time/epoch_s"]), check_exact=True)
+    pd.testing.assert_frame_equal(
+        read_metrics(out).drop(columns=["time/epoch_s"]),
+        read_metrics(plain).drop(columns=["time/epoch_s"]),
+        check_exact=True,
+    )
     # a finished prerequisite is reused, not trained again
     stamp = (warm / "results.json").stat().st_mtime_ns
     CALLS.clear()

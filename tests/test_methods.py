@@ -1,5 +1,6 @@
-"""The equations of docs/METHOD.md, checked by hand: scores and ρ, OGM, OGM-GE, OPM, the baselines, and the
+"""The equations of docs/method.md, checked by hand: scores and ρ, OGM, OGM-GE, OPM, the baselines, and the
 uni-modal estimators of the fusion heads."""
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,10 @@ def _one_torch_thread():
 
 
 def conv_model(head_cls=ConcatFusion, num_classes=3) -> MultimodalModel:
-    encoders = {"audio": ResNet18(in_channels=1, width=4, stem="small"),
-                "visual": ResNet18(in_channels=3, width=4, stem="small")}
+    encoders = {
+        "audio": ResNet18(in_channels=1, width=4, stem="small"),
+        "visual": ResNet18(in_channels=3, width=4, stem="small"),
+    }
     head = head_cls({m: e.out_dim for m, e in encoders.items()}, num_classes)
     return MultimodalModel(encoders, head)
 
@@ -68,16 +71,19 @@ def grads_of(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def ctx_for(model, epoch=0, rho=(2.0, 0.5), modalities=AV, **kw) -> StepContext:
-    return StepContext(epoch=epoch, step=0, global_step=0, model=model, modalities=list(modalities),
-                       rho=torch.tensor(rho), **kw)
+    return StepContext(
+        epoch=epoch, step=0, global_step=0, model=model, modalities=list(modalities), rho=torch.tensor(rho), **kw
+    )
 
 
 # --- §2 scores and ρ -------------------------------------------------------------------------------------------
 def test_scores_are_a_batch_sum_of_true_class_probabilities():
     # audio: softmax rows [1/2, 1/2] and [3/4, 1/4]; labels [0, 1] -> s = 1/2 + 1/4 = 3/4
     # visual: softmax rows [1/5, 4/5] and [1/3, 2/3] -> s = 1/5 + 2/3 = 13/15
-    z = {"audio": torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]),
-         "visual": torch.tensor([[0.0, math.log(4)], [0.0, math.log(2)]])}
+    z = {
+        "audio": torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]),
+        "visual": torch.tensor([[0.0, math.log(4)], [0.0, math.log(2)]]),
+    }
     s = scores(z, torch.tensor([0, 1]))
     assert s.dtype == torch.float32
     assert_close(s, torch.tensor([3 / 4, 13 / 15]))
@@ -94,12 +100,15 @@ def test_ratios_two_modalities():
         assert_close(ratios(torch.tensor([3.0, 1.5]), reduce), torch.tensor([2.0, 0.5]))
 
 
-@pytest.mark.parametrize("reduce,expected", [
-    # s = [4, 2, 1]
-    ("pairwise", [(4 / 2 + 4 / 1) / 2, (2 / 4 + 2 / 1) / 2, (1 / 4 + 1 / 2) / 2]),  # [3, 1.25, 0.375]
-    ("min", [4 / 1, 2 / 1, 1 / 2]),
-    ("sum_others", [4 / 3, 2 / 5, 1 / 6]),
-])
+@pytest.mark.parametrize(
+    "reduce,expected",
+    [
+        # s = [4, 2, 1]
+        ("pairwise", [(4 / 2 + 4 / 1) / 2, (2 / 4 + 2 / 1) / 2, (1 / 4 + 1 / 2) / 2]),  # [3, 1.25, 0.375]
+        ("min", [4 / 1, 2 / 1, 1 / 2]),
+        ("sum_others", [4 / 3, 2 / 5, 1 / 6]),
+    ],
+)
 def test_ratios_three_modalities(reduce, expected):
     assert_close(ratios(torch.tensor([4.0, 2.0, 1.0]), reduce), torch.tensor(expected))
 
@@ -252,19 +261,27 @@ def test_ogm_ge_adds_noise_to_every_modality_but_not_the_head():
     before = grads_of(model)
     ogm.after_backward(ctx_for(model, rho=(2.0, 0.5)))  # audio dominant (k < 1), visual weak (k = 1)
     for m, k in (("audio", 1 - math.tanh(1.6)), ("visual", 1.0)):
-        noise = torch.cat([(p.grad - k * before[n]).flatten() for n, p in model.named_parameters()
-                           if n.startswith(f"encoders.{m}.") and p.dim() == 4])
+        noise = torch.cat(
+            [
+                (p.grad - k * before[n]).flatten()
+                for n, p in model.named_parameters()
+                if n.startswith(f"encoders.{m}.") and p.dim() == 4
+            ]
+        )
         assert noise.std().item() == pytest.approx(0.1, rel=0.1), m  # the unscaled gradients' std
     for n, p in model.named_parameters():
         if p.dim() != 4 or n.startswith("head."):  # BN tensors and the head are not modulated
             assert torch.equal(p.grad, before[n]), n
 
 
-@pytest.mark.parametrize("window,active", [
-    (dict(start=2, end=4), {1: False, 2: True, 3: True, 4: True, 5: False}),
-    (dict(start=0, end=None, warmup_epochs=3), {0: False, 2: False, 3: True, 100: True}),
-    (dict(start=0, end=50, warmup_epochs=6), {5: False, 6: True, 50: True, 51: False}),
-])
+@pytest.mark.parametrize(
+    "window,active",
+    [
+        (dict(start=2, end=4), {1: False, 2: True, 3: True, 4: True, 5: False}),
+        (dict(start=0, end=None, warmup_epochs=3), {0: False, 2: False, 3: True, 100: True}),
+        (dict(start=0, end=50, warmup_epochs=6), {5: False, 6: True, 50: True, 51: False}),
+    ],
+)
 def test_ogm_acts_only_inside_its_inclusive_window(window, active):
     model = mlp_model()
     ogm = OGM(alpha=0.8, ge=False, scope="all", **window)
@@ -323,8 +340,10 @@ def test_global_rescale_uses_width_weighted_theta():
     assert keep[:, 0].any() and not keep[:, 0].all()
     assert_close(out["a"][keep[:, 0]], torch.full((int(keep[:, 0].sum()), 4), 1 / 0.85))
     assert_close(out["b"], torch.full((64, 12), 1 / 0.85))
-    assert_close(rescale_factors(torch.tensor([0.5, 0.25]), torch.tensor([8.0, 24.0]), "global"),
-                               torch.full((2,), 1 / (1 - (4 + 6) / 32)))
+    assert_close(
+        rescale_factors(torch.tensor([0.5, 0.25]), torch.tensor([8.0, 24.0]), "global"),
+        torch.full((2,), 1 / (1 - (4 + 6) / 32)),
+    )
 
 
 def test_per_modality_and_no_rescale():
@@ -420,10 +439,13 @@ def test_opm_current_q_source_uses_this_steps_rho():
     assert (ctx.features["visual"].abs().sum(1) == 0).any()
 
 
-@pytest.mark.parametrize("window,active", [
-    (dict(start=2, end=3), {1: False, 2: True, 3: True, 4: False}),
-    (dict(warmup_epochs=6), {0: False, 5: False, 6: True}),
-])
+@pytest.mark.parametrize(
+    "window,active",
+    [
+        (dict(start=2, end=3), {1: False, 2: True, 3: True, 4: False}),
+        (dict(warmup_epochs=6), {0: False, 5: False, 6: True}),
+    ],
+)
 def test_opm_does_nothing_outside_its_window(window, active):
     opm = OPM(p_exe=1.0, q_base=1.0, lam=0.0, **window)  # q = 1 for the dominant modality: always dropped
     for epoch, on in active.items():
@@ -447,8 +469,10 @@ def test_opm_ogm_shares_one_rho_for_q_and_k():
     assert (ctx.features["audio"].sum(1) == 0).any() and (ctx.features["visual"] == 1).all()
     fill_grads(model)
     method.after_backward(ctx)
-    assert_close(model.encoders["audio"].net[0].weight.grad,
-                               torch.full_like(model.encoders["audio"].net[0].weight, 1 - math.tanh(1.6)))
+    assert_close(
+        model.encoders["audio"].net[0].weight.grad,
+        torch.full_like(model.encoders["audio"].net[0].weight, 1 - math.tanh(1.6)),
+    )
     assert ctx.metrics["q_audio"] > 0 and ctx.metrics["k_audio"] < 1
 
 
@@ -501,32 +525,36 @@ def test_gradient_blending_weight_update_by_hand():
     # epoch:  train [0.5, 0.6, 0.9],  val [1.0, 1.1, 1.15]
     # G = val drop = [0.2, 0.1, 0.05];  O = gap change = [0.5 - 0.2, 0.5 - 0.2, 0.25 - 0.2] = [0.3, 0.3, 0.05]
     # G / O^2 = [20/9, 10/9, 20] -> normalised [2/21, 1/21, 18/21]
-    gb = ScriptedBlending([([1, 1, 1], "train"), ([1.2, 1.2, 1.2], "val"),
-                           ([0.5, 0.6, 0.9], "train"), ([1.0, 1.1, 1.15], "val")], super_epoch=1)
+    gb = ScriptedBlending(
+        [([1, 1, 1], "train"), ([1.2, 1.2, 1.2], "val"), ([0.5, 0.6, 0.9], "train"), ([1.0, 1.1, 1.15], "val")],
+        super_epoch=1,
+    )
     model = mlp_model()
     gb.setup(model, 3)
     assert_close(gb.weights, torch.full((3,), 1 / 3))
     ctx = ctx_for(model)
     gb.train_start(ctx)
     gb.epoch_end(ctx)
-    assert_close(gb.weights.double(), torch.tensor([2 / 21, 1 / 21, 18 / 21], dtype=torch.float64),
-                               rtol=1e-5, atol=1e-7)
+    assert_close(
+        gb.weights.double(), torch.tensor([2 / 21, 1 / 21, 18 / 21], dtype=torch.float64), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_gradient_blending_waits_for_its_super_epoch_and_clamps_negative_gains():
     # second estimate: the fused head's val loss rises (gain clamped to 0 -> weight 0)
     # G = [0, 0.1, 0.1]; O = [(1.3-0.5)-(1.2-1), (1.1-0.6)-0.2, (1.1-0.8)-0.2] = [0.6, 0.3, 0.1]
     # G / O^2 = [0, 10/9, 10] -> [0, 1/10, 9/10]
-    gb = ScriptedBlending([([1, 1, 1], "train"), ([1.2, 1.2, 1.2], "val"),
-                           ([0.5, 0.6, 0.8], "train"), ([1.3, 1.1, 1.1], "val")], super_epoch=2)
+    gb = ScriptedBlending(
+        [([1, 1, 1], "train"), ([1.2, 1.2, 1.2], "val"), ([0.5, 0.6, 0.8], "train"), ([1.3, 1.1, 1.1], "val")],
+        super_epoch=2,
+    )
     model = mlp_model()
     gb.setup(model, 3)
     gb.train_start(ctx_for(model))
     gb.epoch_end(ctx_for(model, epoch=0))  # (0 + 1) % 2 != 0: no estimate, no loss measured
     assert_close(gb.weights, torch.full((3,), 1 / 3))
     gb.epoch_end(ctx_for(model, epoch=1))
-    assert_close(gb.weights.double(), torch.tensor([0.0, 0.1, 0.9], dtype=torch.float64),
-                               rtol=1e-5, atol=1e-7)
+    assert_close(gb.weights.double(), torch.tensor([0.0, 0.1, 0.9], dtype=torch.float64), rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_blending_measures_mean_losses_of_each_head():
@@ -534,8 +562,10 @@ def test_gradient_blending_measures_mean_losses_of_each_head():
     model = mlp_model()
     gb = GradientBlending(max_batches=None)
     gb.setup(model, 3)
-    batches = [({"audio": torch.randn(4, 5), "visual": torch.randn(4, 7)}, torch.tensor([0, 1, 2, 0])),
-               ({"audio": torch.randn(2, 5), "visual": torch.randn(2, 7)}, torch.tensor([2, 2]))]
+    batches = [
+        ({"audio": torch.randn(4, 5), "visual": torch.randn(4, 7)}, torch.tensor([0, 1, 2, 0])),
+        ({"audio": torch.randn(2, 5), "visual": torch.randn(2, 7)}, torch.tensor([2, 2])),
+    ]
     ctx = ctx_for(model, batches=lambda split, limit: iter(batches))
     model.train()
     losses = gb._losses(ctx, "val")
@@ -610,15 +640,18 @@ def test_film_and_gated_natural_estimator_is_the_branch(cls):
         assert_close(z[m], head.branch[m](feats[m]))
 
 
-@pytest.mark.parametrize("cls,dims", [
-    (ConcatFusion, {"audio": 3, "visual": 4}),
-    (ConcatFusion, {"audio": 3, "visual": 4, "sensor": 2}),
-    (SumFusion, {"audio": 3, "visual": 4, "sensor": 2}),
-    (FiLMFusion, {"audio": 3, "visual": 4}),
-    (GatedFusion, {"audio": 3, "visual": 4}),
-    (MLPFusion, {"audio": 3, "visual": 4}),
-    (MLPFusion, {"audio": 3, "visual": 4, "sensor": 2}),
-])
+@pytest.mark.parametrize(
+    "cls,dims",
+    [
+        (ConcatFusion, {"audio": 3, "visual": 4}),
+        (ConcatFusion, {"audio": 3, "visual": 4, "sensor": 2}),
+        (SumFusion, {"audio": 3, "visual": 4, "sensor": 2}),
+        (FiLMFusion, {"audio": 3, "visual": 4}),
+        (GatedFusion, {"audio": 3, "visual": 4}),
+        (MLPFusion, {"audio": 3, "visual": 4}),
+        (MLPFusion, {"audio": 3, "visual": 4, "sensor": 2}),
+    ],
+)
 def test_zero_out_estimator_is_the_head_with_other_modalities_zeroed(cls, dims):
     torch.manual_seed(0)
     head = cls(dims, num_classes=3).double().eval()
@@ -656,5 +689,7 @@ def test_film_condition_chooses_the_modulating_modality():
     head = FiLMFusion(dims, num_classes=2, condition="visual").double()
     nn.init.normal_(head.gamma.weight)
     feats = feats_for(dims)
-    expected = (1 + head.gamma(feats["visual"])) * head.branch["audio"](feats["audio"]) + head.branch["visual"](feats["visual"])
+    expected = (1 + head.gamma(feats["visual"])) * head.branch["audio"](feats["audio"]) + head.branch["visual"](
+        feats["visual"]
+    )
     assert_close(head(feats), expected)

@@ -1,4 +1,5 @@
-"""Accuracy and macro mAP (METHOD.md §7) against values worked out by hand."""
+"""Accuracy and macro mAP (docs/method.md §7) against values worked out by hand."""
+
 from __future__ import annotations
 
 import math
@@ -64,13 +65,15 @@ def test_ap_without_positives_is_nan():
 
 def test_macro_map_by_hand_with_ties_and_an_empty_class():
     # softmax rows: a = [e^3, 1, 1]/(e^3+2) ~ [.909, .045, .045],  b = [e, 1, 1]/(e+2) ~ [.576, .212, .212]
-    logits = torch.tensor([
-        [3.0, 0.0, 0.0],  # r0  label 0   probs a
-        [0.0, 3.0, 0.0],  # r1  label 1   probs a, permuted (class 1 ~ .909)
-        [3.0, 0.0, 0.0],  # r2  label 1   identical to r0: ties r0 in every column
-        [1.0, 0.0, 0.0],  # r3  label 0   probs b
-        [0.0, 1.0, 0.0],  # r4  label 1   probs b, permuted (class 1 ~ .576)
-    ])
+    logits = torch.tensor(
+        [
+            [3.0, 0.0, 0.0],  # r0  label 0   probs a
+            [0.0, 3.0, 0.0],  # r1  label 1   probs a, permuted (class 1 ~ .909)
+            [3.0, 0.0, 0.0],  # r2  label 1   identical to r0: ties r0 in every column
+            [1.0, 0.0, 0.0],  # r3  label 0   probs b
+            [0.0, 1.0, 0.0],  # r4  label 1   probs b, permuted (class 1 ~ .576)
+        ]
+    )
     labels = torch.tensor([0, 1, 1, 0, 1])  # class 2 has no positive: left out of the mean
     # class 0 (positives r0, r3), column 0 ranks {r0, r2} .909 > r3 .576 > r4 .212 > r1 .045
     #   .909: TP 1 FP 1 -> P 1/2, R 1/2;  .576: TP 2 FP 1 -> P 2/3, R 1

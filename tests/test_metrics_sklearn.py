@@ -3,6 +3,7 @@ random inputs: ties, classes without positives, empty subsets and near-constant 
 
 The metrics stay hand-written because they run on torch tensors every epoch (no host copy, no extra
 dependency at run time); these tests are what makes them trustworthy."""
+
 from __future__ import annotations
 
 import math
@@ -108,8 +109,9 @@ def test_seven_class_accuracy_matches_numpy_rounding_and_sklearn(case):
     n = int(torch.randint(1, 150, (1,), generator=g))
     score = (torch.randint(-8, 9, (n,), generator=g) / 2).double()  # halves: the rounding ties
     pred = (torch.randn(n, generator=g, dtype=torch.float64) * 2.5).round(decimals=1)
-    expected = sklearn_metrics.accuracy_score(np.round(np.clip(score.numpy(), -3, 3)),
-                                              np.round(np.clip(pred.numpy(), -3, 3)))
+    expected = sklearn_metrics.accuracy_score(
+        np.round(np.clip(score.numpy(), -3, 3)), np.round(np.clip(pred.numpy(), -3, 3))
+    )
     assert seven_class_accuracy(pred, score) == pytest.approx(expected, abs=1e-12)
 
 

@@ -4,6 +4,7 @@ The generated sentiment score is written into the first feature of every modalit
 audio and visual), so the runs have something to learn; the tests check what a run logs and reports, not how
 well it learns in two epochs.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -13,13 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import read_results
 from data_prep import mosi as prep
 from onthefly.config import compose
 from onthefly.engine.run import run
 from onthefly.models.encoders import ResNet18
 from onthefly.models.sequence import LSTMSequenceEncoder, TransformerSequenceEncoder
 from onthefly.modulation.ogm import select_parameters
+
+from conftest import read_results
 
 MODALITIES = ("text", "audio", "visual")
 STEPS = {"text": (6, 20), "audio": (9, 5), "vision": (7, 8)}  # (time steps, feature size): unaligned
@@ -57,16 +59,29 @@ def mosi_cache(tmp_path_factory):
 
 
 def mosi_overrides(cache, *extra):
-    return ["dataset=mosi", f"dataset.root={cache}", "debug=fast", "trainer.batch_size=16",
-            "trainer.eval_batch_size=32", "trainer.limit_train_batches=null", "trainer.limit_eval_batches=null",
-            "trainer.threads=1", "trainer.plots=false", "backbone.width=16", *extra]
+    return [
+        "dataset=mosi",
+        f"dataset.root={cache}",
+        "debug=fast",
+        "trainer.batch_size=16",
+        "trainer.eval_batch_size=32",
+        "trainer.limit_train_batches=null",
+        "trainer.limit_eval_batches=null",
+        "trainer.threads=1",
+        "trainer.plots=false",
+        "backbone.width=16",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("modulation,logged", [
-    ("none", ["rho", "acc"]),
-    ("ogm_ge", ["rho", "acc", "k"]),
-    ("opm", ["rho", "acc", "q", "drop"]),
-])
+@pytest.mark.parametrize(
+    "modulation,logged",
+    [
+        ("none", ["rho", "acc"]),
+        ("ogm_ge", ["rho", "acc", "k"]),
+        ("opm", ["rho", "acc", "q", "drop"]),
+    ],
+)
 def test_mosi_trains_with_three_modalities_and_logs_rho_k_q(mosi_cache, tmp_path, modulation, logged):
     out = tmp_path / modulation
     with warnings.catch_warnings():
@@ -92,8 +107,10 @@ def test_mosi_trains_with_three_modalities_and_logs_rho_k_q(mosi_cache, tmp_path
 
 
 def test_mosi_lstm_with_a_regression_head_reports_mae_corr_acc7(mosi_cache, tmp_path):
-    results = run(compose(mosi_overrides(mosi_cache, "backbone=lstm", "task.head=regression",
-                                         "modulation=opm_ogm")), tmp_path / "reg")
+    results = run(
+        compose(mosi_overrides(mosi_cache, "backbone=lstm", "task.head=regression", "modulation=opm_ogm")),
+        tmp_path / "reg",
+    )
     test = results["test"]
     assert test["mae"] >= 0 and -1 <= test["corr"] <= 1 and 0 <= test["acc7"] <= 1
     assert test["loss"] == pytest.approx(test["mae"])  # the L1 loss is the MAE
@@ -112,8 +129,16 @@ def test_ogm_auto_scope_picks_conv_kernels_or_every_matrix():
 
 def test_an_image_backbone_on_mosi_fails_naming_the_sequence_backbones(mosi_cache, tmp_path):
     with pytest.raises(ValueError, match="backbone=transformer or lstm"):
-        run(compose(mosi_overrides(mosi_cache, "backbone=resnet18_small", "+backbone.encoders.text="
-                                   "{_target_:onthefly.models.encoders.ResNet18}")), tmp_path / "bad")
+        run(
+            compose(
+                mosi_overrides(
+                    mosi_cache,
+                    "backbone=resnet18_small",
+                    "+backbone.encoders.text={_target_:onthefly.models.encoders.ResNet18}",
+                )
+            ),
+            tmp_path / "bad",
+        )
 
 
 def test_mosi_presets_set_the_sequence_backbone_task_and_methods():
@@ -121,8 +146,10 @@ def test_mosi_presets_set_the_sequence_backbone_task_and_methods():
         cfg = compose([f"experiment=tpami2024/mosi_{method}"])
         assert cfg.dataset._target_.endswith("MOSI") and cfg.backbone.name == "transformer"
         assert cfg.task._target_.endswith("Sentiment") and cfg.optim._target_ == "torch.optim.AdamW"
-        assert cfg.modulation._target_.rsplit(".", 1)[1] == {"none": "NoModulation", "ogm_ge": "OGM", "opm": "OPM",
-                                                            "opm_ogm": "OPMOGM"}[method]
+        assert (
+            cfg.modulation._target_.rsplit(".", 1)[1]
+            == {"none": "NoModulation", "ogm_ge": "OGM", "opm": "OPM", "opm_ogm": "OPMOGM"}[method]
+        )
     assert compose(["dataset=mosi", "backbone=lstm"]).backbone.name == "lstm"  # the command line still wins
 
 
@@ -134,28 +161,38 @@ def test_mosi_under_torchrun_gathers_sequences_and_scores_like_one_process(mosi_
     import subprocess
     import sys
 
-    from conftest import subprocess_env
+    from onthefly.data.loaders import make_loader
     from onthefly.engine import analysis
     from onthefly.engine.evaluation import evaluate
-    from onthefly.data.loaders import make_loader
     from onthefly.tasks import build_task
+
+    from conftest import subprocess_env
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "onthefly.train",
-           *mosi_overrides(mosi_cache, "modulation=opm_ogm", "trainer.epochs=1", "trainer.eval_batch_size=10"),
-           f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "onthefly.train",
+        *mosi_overrides(mosi_cache, "modulation=opm_ogm", "trainer.epochs=1", "trainer.eval_batch_size=10"),
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     saved = read_results(run_dir)
     assert saved["world_size"] == 2 and {"f1", "acc_nonzero"} <= set(saved["test"])
 
     cfg, model, splits, device = analysis.load_run(run_dir, "cpu")
-    single = evaluate(model, make_loader(splits.test, 7, False, 0, 0, device), device, "natural",
-                      task=build_task(cfg, splits))
+    single = evaluate(
+        model, make_loader(splits.test, 7, False, 0, 0, device), device, "natural", task=build_task(cfg, splits)
+    )
     for key in ("acc", "f1", "acc_nonzero", "f1_nonzero", "acc_text", "acc_audio", "acc_visual"):
         assert saved["test"][key] == pytest.approx(single[key], abs=1e-6), key
     assert saved["test"]["loss"] == pytest.approx(single["loss"], rel=1e-4)

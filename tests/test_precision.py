@@ -1,6 +1,7 @@
 """The GPU-path options, exercised on the CPU: autocast (bf16, fp16 + GradScaler), OGM on the unscaled gradient,
 overflow vs non-finite steps, torch.compile. Their defaults leave CPU results unchanged (the other end-to-end
 tests run with them)."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -8,12 +9,13 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from conftest import read_metrics, read_results
 from onthefly.config import Precision, compose
 from onthefly.engine import build as builder
 from onthefly.engine import run as run_module
 from onthefly.engine.trainer import Trainer
 from onthefly.modulation.ogm import OGM
+
+from conftest import read_metrics, read_results
 
 ONE_EPOCH = ["trainer.epochs=1"]
 
@@ -59,7 +61,9 @@ def _first_step_gradient_norms(train_run, monkeypatch, precision: str, name: str
         return real(self, ctx)
 
     monkeypatch.setattr(OGM, "after_backward", spy)
-    train_run(*ONE_EPOCH, "modulation=ogm", "trainer.limit_train_batches=1", f"trainer.precision={precision}", name=name)
+    train_run(
+        *ONE_EPOCH, "modulation=ogm", "trainer.limit_train_batches=1", f"trainer.precision={precision}", name=name
+    )
     return seen
 
 
@@ -89,8 +93,7 @@ def test_gradient_overflow_is_skipped_by_the_scaler_not_counted_as_nonfinite(tra
         self.scaler = torch.amp.GradScaler("cpu", init_scale=65536.0, backoff_factor=1e-3)
 
     monkeypatch.setattr(Trainer, "__init__", huge_scale)
-    results, out = train_run(*ONE_EPOCH, "modulation=ogm_ge", "trainer.precision=fp16",
-                             "trainer.max_nonfinite_steps=0")
+    results, out = train_run(*ONE_EPOCH, "modulation=ogm_ge", "trainer.precision=fp16", "trainer.max_nonfinite_steps=0")
     assert results["status"] == "ok"
     assert results["nonfinite_steps"] == 0
     assert 1 <= results["overflow_steps"] < 4, results["overflow_steps"]
@@ -125,8 +128,13 @@ def test_compile_keeps_the_numbers_and_the_parameter_names(train_run, monkeypatc
 
     monkeypatch.setattr(run_module, "build", keep)
     _, plain = train_run(*ONE_EPOCH, "trainer.limit_train_batches=2", name="plain")
-    _, compiled = train_run(*ONE_EPOCH, "trainer.limit_train_batches=2", "trainer.compile=true",
-                            "trainer.compile_backend=eager", name="compiled")
+    _, compiled = train_run(
+        *ONE_EPOCH,
+        "trainer.limit_train_batches=2",
+        "trainer.compile=true",
+        "trainer.compile_backend=eager",
+        name="compiled",
+    )
     model = built["parts"].model
     assert all(enc._compiled_call_impl is not None for enc in model.encoders.values())
     assert not [k for k in model.state_dict() if "_orig_mod" in k]
@@ -136,10 +144,14 @@ def test_compile_keeps_the_numbers_and_the_parameter_names(train_run, monkeypatc
 # --- channels_last: a GPU speed option (oneDNN's AVX-512 NHWC conv backward crashes on some CPU shapes) -------------
 def _is_channels_last(model) -> bool:
     # a 3x3 kernel over several channels is NHWC exactly when it is not NCHW-contiguous
-    convs = [m.weight for m in model.modules()
-             if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)]
-    return bool(convs) and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-                               for w in convs)
+    convs = [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size != (1, 1)
+    ]
+    return bool(convs) and all(
+        w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
+    )
 
 
 def test_channels_last_defaults_to_auto_and_is_off_on_a_cpu(tiny):

@@ -1,5 +1,6 @@
 """Preps exit honestly: nothing found or nothing cached is a non-zero exit naming what was expected where, and the
 worker processes end with the prep's main process."""
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import media
 from data_prep import avqa, cremad, kinetics_sounds, mosi, ucf101, vggsound
 from data_prep.errors import PrepError
+
+import media
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,16 +46,20 @@ def test_a_folder_of_garbage_files_caches_nothing_and_exits_non_zero(tmp_path, c
     assert (tmp_path / "out" / "index.csv").exists()
 
 
-@pytest.mark.parametrize("module, options, words", [
-    (cremad, {}, ["cremad: no clip found", "VideoFlash/<clip>.flv"]),
-    (kinetics_sounds, {}, ["annotations/train.csv not found", "lists="]),
-    (ucf101, {"splits": "{raw}", "flow": "{raw}"}, ["no classInd.txt", "ucfTrainTestlist"]),
-])
+@pytest.mark.parametrize(
+    "module, options, words",
+    [
+        (cremad, {}, ["cremad: no clip found", "VideoFlash/<clip>.flv"]),
+        (kinetics_sounds, {}, ["annotations/train.csv not found", "lists="]),
+        (ucf101, {"splits": "{raw}", "flow": "{raw}"}, ["no classInd.txt", "ucfTrainTestlist"]),
+    ],
+)
 def test_an_empty_folder_exits_non_zero_naming_what_was_expected(tmp_path, capsys, module, options, words):
     raw = tmp_path / "empty"
     raw.mkdir()
-    code, err = run_main(module, capsys, raw_root=raw, out_root=tmp_path / "out",
-                         **{k: v.format(raw=raw) for k, v in options.items()})
+    code, err = run_main(
+        module, capsys, raw_root=raw, out_root=tmp_path / "out", **{k: v.format(raw=raw) for k, v in options.items()}
+    )
     assert code == 1 and "Traceback" not in err
     for word in words:
         assert word in err, (word, err)
@@ -76,8 +82,9 @@ def test_a_missing_raw_folder_is_named(tmp_path, capsys):
 def test_an_empty_vggsound_csv_exits_non_zero(tmp_path, capsys):
     (tmp_path / "raw").mkdir()
     (tmp_path / "vggsound.csv").write_text("")
-    code, err = run_main(vggsound, capsys, raw_root=tmp_path / "raw", csv=tmp_path / "vggsound.csv",
-                         out_root=tmp_path / "out")
+    code, err = run_main(
+        vggsound, capsys, raw_root=tmp_path / "raw", csv=tmp_path / "vggsound.csv", out_root=tmp_path / "out"
+    )
     assert code == 1 and "vggsound: no clip found" in err and f"rows in csv={tmp_path / 'vggsound.csv'}" in err
     code, err = run_main(vggsound, capsys, raw_root=tmp_path / "raw", csv=tmp_path / "absent.csv")
     assert code == 1 and "absent.csv: no such file" in err
@@ -86,15 +93,20 @@ def test_an_empty_vggsound_csv_exits_non_zero(tmp_path, capsys):
 def test_vggsound_csv_rows_without_files_cache_nothing_and_exit_non_zero(tmp_path, capsys):
     (tmp_path / "raw").mkdir()
     media.write_csv(tmp_path / "vggsound.csv", [("abcdefghijk", 30, "dog barking", "train")])
-    code, err = run_main(vggsound, capsys, raw_root=tmp_path / "raw", csv=tmp_path / "vggsound.csv",
-                         out_root=tmp_path / "out")
+    code, err = run_main(
+        vggsound, capsys, raw_root=tmp_path / "raw", csv=tmp_path / "vggsound.csv", out_root=tmp_path / "out"
+    )
     assert code == 1 and "none of the 1 clips found could be cached (missing 1" in err
     assert "<ytid>_<start:06d>.mp4" in err
 
 
 def test_a_mosi_pickle_without_usable_segments_exits_non_zero(tmp_path, capsys):
-    split = {"text": np.zeros((2, 4, 3)), "audio": np.zeros((2, 4, 2)), "vision": np.zeros((2, 4, 2)),
-             "labels": np.full((2, 1, 1), np.nan)}
+    split = {
+        "text": np.zeros((2, 4, 3)),
+        "audio": np.zeros((2, 4, 2)),
+        "vision": np.zeros((2, 4, 2)),
+        "labels": np.full((2, 1, 1), np.nan),
+    }
     pkl = tmp_path / "m.pkl"
     pkl.write_bytes(pickle.dumps({"train": split, "valid": split, "test": split}))
     code = mosi.main([f"pkl={pkl}", f"out_root={tmp_path / 'out'}"])
@@ -108,8 +120,9 @@ def test_avqa_annotations_without_questions_exit_non_zero(tmp_path, capsys):
     for name in ("train_qa.json", "val_qa.json"):
         (tmp_path / "ann" / name).write_text("[]")
     (tmp_path / "media").mkdir()
-    code = avqa.main([f"ann={tmp_path / 'ann'}", f"media={tmp_path / 'media'}", f"out_root={tmp_path / 'out'}",
-                      "progress=false"])
+    code = avqa.main(
+        [f"ann={tmp_path / 'ann'}", f"media={tmp_path / 'media'}", f"out_root={tmp_path / 'out'}", "progress=false"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "no usable train question" in err and "train_qa.json" in err and "video_name" in err
 
@@ -154,16 +167,30 @@ def _alive(pid: int) -> bool:
 def test_workers_exit_when_the_main_process_is_killed(tmp_path, how):
     raw = media.make_cremad(tmp_path / "raw", per_emotion=4)  # work for several seconds
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep.cremad", f"raw_root={raw['raw']}",
-                             f"out_root={tmp_path / 'out'}", "workers=2", "progress=false"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.cremad",
+            f"raw_root={raw['raw']}",
+            f"out_root={tmp_path / 'out'}",
+            "workers=2",
+            "progress=false",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     workers: list[int] = []
     try:
         deadline = time.time() + 60
         while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
             workers = _children(proc.pid)
-        assert len(workers) == 2, f"the prep's pool did not start: {proc.poll()} {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}"
+        assert len(workers) == 2, (
+            f"the prep's pool did not start: {proc.poll()} {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}"
+        )
         time.sleep(1.0)  # the workers are importing torch or decoding clips
         proc.send_signal(how)
         proc.wait(timeout=30)

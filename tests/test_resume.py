@@ -1,4 +1,5 @@
 """Checkpoints and `trainer.resume`: exact continuation (also after SIGKILL), atomic files, clear refusals."""
+
 from __future__ import annotations
 
 import builtins
@@ -17,9 +18,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY, read_metrics, read_results, subprocess_env
 from onthefly.engine import checkpoint as ckpt
 from onthefly.engine.errors import CheckpointError, TrainingError
+
+from conftest import TINY, read_metrics, read_results, subprocess_env
 
 # OPM+OGM-GE with q from the previous step: draws random numbers (OPM's coin and masks, the GE noise) and keeps
 # state between steps (the previous ρ), so an inexact resume shows in the numbers.
@@ -180,16 +182,28 @@ KILLS = {
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_run, tmp_path, kind):
     method, kill_step, position = KILLS[kind]
     wandb = kind == "opm_ogm"
-    overrides = [*TINY, *method, "trainer.checkpoint_every_n_steps=3", f"logger.mode={'offline' if wandb else 'disabled'}"]
+    overrides = [
+        *TINY,
+        *method,
+        "trainer.checkpoint_every_n_steps=3",
+        f"logger.mode={'offline' if wandb else 'disabled'}",
+    ]
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_TRAIN, *overrides, f"hydra.run.dir={run_dir}"],
-                            cwd=tmp_path, env=_own_wandb_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_TRAIN, *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=_own_wandb_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     first = ckpt.path_for(run_dir, kill_step)
     deadline = time.time() + 240
     try:
         while not first.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        assert first.exists(), f"no checkpoint appeared: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else 'timeout'}"
+        assert first.exists(), (
+            f"no checkpoint appeared: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else 'timeout'}"
+        )
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -202,9 +216,14 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_run, t
     wandb_id = newest["logger"]["wandb_id"]
     assert bool(wandb_id) == wandb
 
-    resume = subprocess.run([sys.executable, "-m", "onthefly.train", *overrides, "trainer.resume=auto",
-                             f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=_own_wandb_env(), capture_output=True,
-                            text=True, timeout=300)
+    resume = subprocess.run(
+        [sys.executable, "-m", "onthefly.train", *overrides, "trainer.resume=auto", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=_own_wandb_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert "resuming from" in resume.stdout + resume.stderr
 
@@ -212,8 +231,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(train_run, t
     _assert_same_run(reference, run_dir)
     if not wandb:
         return
-    assert read_results(run_dir).get("wandb", {}).get("id") == wandb_id, \
+    assert read_results(run_dir).get("wandb", {}).get("id") == wandb_id, (
         f"the resumed run did not continue W&B run {wandb_id}: {resume.stderr[-2000:]}"
+    )
     assert all(wandb_id in p.name for p in (run_dir / "wandb").glob("offline-run-*"))
 
 
@@ -223,8 +243,9 @@ def test_loader_workers_change_no_number_even_across_a_resume(train_run, tmp_pat
     when the run resumes mid-epoch."""
     _, inline = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.keep_checkpoints=10", name="inline")
     _killed_copy(inline, tmp_path / "part", 3)
-    _, resumed = train_run(*METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.num_workers=2",
-                           "trainer.resume=auto", name="part")
+    _, resumed = train_run(
+        *METHOD, "trainer.checkpoint_every_n_steps=3", "trainer.num_workers=2", "trainer.resume=auto", name="part"
+    )
     _assert_same_run(inline, resumed)
 
 
@@ -263,8 +284,9 @@ def test_disk_full_during_a_checkpoint_says_so_and_keeps_the_previous_one(train_
         train_run(*common)
     out = tmp_path / "run"
     message = str(info.value)
-    assert message.startswith(f"disk full while writing {ckpt.path_for(out, 4)} (No space left on device): "
-                              f"{out / 'checkpoints'} has "), message
+    assert message.startswith(
+        f"disk full while writing {ckpt.path_for(out, 4)} (No space left on device): {out / 'checkpoints'} has "
+    ), message
     assert re.search(r"the file needs about \d+\.\d MB", message), message
     assert f"the previous checkpoint {ckpt.path_for(out, 2)} is intact" in message
     assert "unexpected pos" not in message
@@ -285,8 +307,11 @@ def test_disk_full_while_replacing_a_file_leaves_the_old_one(tmp_path, monkeypat
     best = tmp_path / "best.pt"
     ckpt.write_atomic({"model": {"w": torch.ones(3)}, "epoch": 1}, best)
     _disk_fills_at_write(monkeypatch, 1, room=0)
-    with pytest.raises(CheckpointError, match=rf"disk full while writing {re.escape(str(best))} .*"
-                                              rf"then run the command again \({re.escape(str(best))} was not changed\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"disk full while writing {re.escape(str(best))} .*"
+        rf"then run the command again \({re.escape(str(best))} was not changed\)",
+    ):
         ckpt.write_atomic({"model": {"w": torch.zeros(10_000)}, "epoch": 2}, best)
     kept = torch.load(best, weights_only=True)
     assert kept["epoch"] == 1 and torch.equal(kept["model"]["w"], torch.ones(3))

@@ -1,5 +1,6 @@
 """Hyperparameter search (`hparams_search=…`, Optuna through hydra-optuna-sweeper): trials run, the best value is
 reported, a failed trial does not stop the study, and the trials share one W&B group."""
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,24 @@ from conftest import TINY, subprocess_env
 
 
 def _search(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "onthefly.train", "-m", *overrides, "dataset=synth_av", *TINY,
-           f"hydra.sweep.dir={tmp_path / 'search'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onthefly.train",
+        "-m",
+        *overrides,
+        "dataset=synth_av",
+        *TINY,
+        f"hydra.sweep.dir={tmp_path / 'search'}",
+    ]
     return subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=500)
 
 
 def _trials(tmp_path: Path) -> dict[int, dict]:
-    return {int(p.parent.name.removeprefix("trial")): json.loads(p.read_text())
-            for p in (tmp_path / "search").glob("trial*/results.json")}
+    return {
+        int(p.parent.name.removeprefix("trial")): json.loads(p.read_text())
+        for p in (tmp_path / "search").glob("trial*/results.json")
+    }
 
 
 @pytest.mark.slow
@@ -46,8 +57,13 @@ def test_three_trial_search_of_ogm_alpha_reports_the_best_val_accuracy(tmp_path)
 @pytest.mark.slow
 def test_a_failed_trial_does_not_stop_the_study(tmp_path):
     """Trials that pick an invalid setting fail (results.json says why); the others run and the best is reported."""
-    proc = _search(tmp_path, "hparams_search=lr", "trainer.channels_last=choice(auto,bogus)",
-                   "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=4")
+    proc = _search(
+        tmp_path,
+        "hparams_search=lr",
+        "trainer.channels_last=choice(auto,bogus)",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.n_trials=4",
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     trials = _trials(tmp_path)
     assert len(trials) == 4

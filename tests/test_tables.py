@@ -1,5 +1,6 @@
 """Table reproduction: spec loading and validation, sweep planning, aggregation (local and W&B), rendering,
 and the demo table end to end."""
+
 from __future__ import annotations
 
 import json
@@ -40,17 +41,31 @@ def write_spec(tmp_path: Path, text: str, name: str = "t") -> Path:
 
 def write_run(run_dir: Path, acc: float, status: str = "ok", probe: dict | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps({"status": status, "test": {"acc": acc, "map": acc / 2},
-                                                      "best": {"epoch": 3, "score": acc}}))
+    (run_dir / "results.json").write_text(
+        json.dumps({"status": status, "test": {"acc": acc, "map": acc / 2}, "best": {"epoch": 3, "score": acc}})
+    )
     if probe:
-        (run_dir / "probe.json").write_text(json.dumps({m: {"acc": a, "val_acc": a, "l2": 0.01} for m, a in probe.items()}))
+        (run_dir / "probe.json").write_text(
+            json.dumps({m: {"acc": a, "val_acc": a, "l2": 0.01} for m, a in probe.items()})
+        )
 
 
 # --- spec loading --------------------------------------------------------------------------------------------
 def test_every_spec_in_experiments_loads():
     names = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
-    assert {"cvpr-t1", "cvpr-t2", "cvpr-t6", "cvpr-t7", "journal-main", "fusion", "probe", "robustness", "noise",
-            "estimator", "demo"} <= set(names)
+    assert {
+        "cvpr-t1",
+        "cvpr-t2",
+        "cvpr-t6",
+        "cvpr-t7",
+        "journal-main",
+        "fusion",
+        "probe",
+        "robustness",
+        "noise",
+        "estimator",
+        "demo",
+    } <= set(names)
     for name in names:
         spec = load_spec(EXPERIMENTS_DIR / f"{name}.yaml")
         assert spec.rows and spec.columns
@@ -79,7 +94,9 @@ def test_spec_errors_name_the_problem(tmp_path, old, new, message):
 
 
 def test_pending_column_needs_no_preset_and_reports_why(tmp_path):
-    text = BASE_SPEC.replace("kinetics_sounds: {{preset: demo,", "kinetics_sounds: {{preset: tpami2024/none, pending: reader missing,")
+    text = BASE_SPEC.replace(
+        "kinetics_sounds: {{preset: demo,", "kinetics_sounds: {{preset: tpami2024/none, pending: reader missing,"
+    )
     spec = load_spec(write_spec(tmp_path, text))
     cells = sweep.plan(spec, [0], tmp_path / "results", root=tmp_path)
     ks = [c for c in cells if c.col.id == "kinetics_sounds"]
@@ -132,8 +149,11 @@ def test_failed_jobs_run_again_only_when_asked(tmp_path):
     cells = sweep.plan(spec, [0, 1], results, root=tmp_path)  # root: kinetics_sounds has no data
     names = lambda jobs: sorted(j.name for j in jobs)  # noqa: E731
     assert names(sweep.to_run(cells)) == ["ogm_ge__cremad__s0", "ogm_ge__cremad__s1"]
-    assert names(sweep.to_run(cells, retry_failed=True)) == ["concat__cremad__s1", "ogm_ge__cremad__s0",
-                                                              "ogm_ge__cremad__s1"]
+    assert names(sweep.to_run(cells, retry_failed=True)) == [
+        "concat__cremad__s1",
+        "ogm_ge__cremad__s0",
+        "ogm_ge__cremad__s1",
+    ]
 
 
 def test_data_root_is_the_training_configs(tmp_path, monkeypatch):
@@ -145,15 +165,18 @@ def test_data_root_is_the_training_configs(tmp_path, monkeypatch):
     assert sweep.data_root() == Path("data")
     spec = load_spec(write_spec(tmp_path, BASE_SPEC))
     (tmp_path / "cli" / "kinetics_sounds").mkdir(parents=True)
-    cells = {(c.row.id, c.col.id): c for c in sweep.plan(spec, [0], tmp_path / "r", sweep.data_root(
-        [f"paths.data_root={tmp_path / 'cli'}"]))}
+    cells = {
+        (c.row.id, c.col.id): c
+        for c in sweep.plan(spec, [0], tmp_path / "r", sweep.data_root([f"paths.data_root={tmp_path / 'cli'}"]))
+    }
     assert cells[("concat", "kinetics_sounds")].no_data is None
 
 
-AVQA_LIKE = BASE_SPEC.replace("kinetics_sounds: {{preset: demo,",
-                              "kinetics_sounds: {{preset: demo, overrides: [fusion=sum],") \
-    .replace("values: [test/acc]\n", "values: [test/acc]\noverrides: [fusion=concat]\n") \
-    .replace("[modulation=ogm_ge]", "[modulation=ogm_ge, modulation.alpha=2.6, \"trainer.modalities=[audio,visual]\"]")
+AVQA_LIKE = (
+    BASE_SPEC.replace("kinetics_sounds: {{preset: demo,", "kinetics_sounds: {{preset: demo, overrides: [fusion=sum],")
+    .replace("values: [test/acc]\n", "values: [test/acc]\noverrides: [fusion=concat]\n")
+    .replace("[modulation=ogm_ge]", '[modulation=ogm_ge, modulation.alpha=2.6, "trainer.modalities=[audio,visual]"]')
+)
 
 
 def test_job_presets_compose_to_the_cells_configuration(tmp_path):
@@ -168,10 +191,13 @@ def test_job_presets_compose_to_the_cells_configuration(tmp_path):
     jobs = [j for j in sweep.all_jobs(sweep.plan(spec, [2], results, root=tmp_path)) if j.row.id == "ogm_ge"]
     root = sweep.write_presets(spec, jobs, results)
     assert sorted(p.name for p in (root / "experiment" / sweep.JOB_GROUP).iterdir()) == [
-        "ogm_ge__cremad__s2.yaml", "ogm_ge__kinetics_sounds__s2.yaml"]
+        "ogm_ge__cremad__s2.yaml",
+        "ogm_ge__kinetics_sounds__s2.yaml",
+    ]
     for job in jobs:
-        via_preset = sweep._hydra_compose([f"hydra.searchpath=[file://{root.resolve()}]",
-                                           f"experiment={sweep.job_option(job)}"], hydra_config=True)
+        via_preset = sweep._hydra_compose(
+            [f"hydra.searchpath=[file://{root.resolve()}]", f"experiment={sweep.job_option(job)}"], hydra_config=True
+        )
         via_overrides = sweep._hydra_compose(sweep.job_overrides(spec, job), hydra_config=True)
         assert via_preset.hydra.sweep.subdir == f"ogm_ge__{job.col.id}/seed2"
         for cfg in (via_preset, via_overrides):
@@ -192,16 +218,37 @@ def test_dry_run_prints_every_job_the_launcher_settings_and_one_command(tmp_path
     results = tmp_path / "results"
     write_run(results / "t" / "runs" / "concat__cremad" / "seed0", 0.5)
     lines = []
-    sweep.run_sweep(spec, [0, 1], "slurm", ["hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=600"],
-                    results, dry_run=True, log=lines.append)
+    sweep.run_sweep(
+        spec,
+        [0, 1],
+        "slurm",
+        ["hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=600"],
+        results,
+        dry_run=True,
+        log=lines.append,
+    )
     out = "\n".join(lines)
     assert "7 to run" in out and "7 job(s) in one multirun (one Slurm job array)" in out
-    for job in ("concat__cremad__s1", "ogm_ge__cremad__s0", "ogm_ge__kinetics_sounds__s1",
-                "concat__kinetics_sounds__s0"):
+    for job in (
+        "concat__cremad__s1",
+        "ogm_ge__cremad__s0",
+        "ogm_ge__kinetics_sounds__s1",
+        "concat__kinetics_sounds__s0",
+    ):
         assert job in out
     assert "concat__cremad__s0:" not in out  # finished: not launched again
-    for setting in ("partition=gpu", "timeout_min=600", "gpus_per_node=1", "cpus_per_task=10", "mem_gb=64",
-                    "max_num_timeout=10", "'requeue': True", "signal_delay_s=120", "name=otf-t", "trainer.resume=auto"):
+    for setting in (
+        "partition=gpu",
+        "timeout_min=600",
+        "gpus_per_node=1",
+        "cpus_per_task=10",
+        "mem_gb=64",
+        "max_num_timeout=10",
+        "'requeue': True",
+        "signal_delay_s=120",
+        "name=otf-t",
+        "trainer.resume=auto",
+    ):
         assert setting in out, setting
     commands = [ln.strip() for ln in lines if "onthefly.train -m" in ln]
     assert len(commands) == 1
@@ -220,15 +267,17 @@ def test_launchers_are_the_repositorys_presets():
 
 
 def test_a_cell_that_does_not_compose_fails_alone(tmp_path):
-    spec = load_spec(write_spec(tmp_path, BASE_SPEC.replace("[modulation=ogm_ge]",
-                                                            "[modulation=ogm_ge, modulation.alpah=1]")))
+    spec = load_spec(
+        write_spec(tmp_path, BASE_SPEC.replace("[modulation=ogm_ge]", "[modulation=ogm_ge, modulation.alpah=1]"))
+    )
     jobs = sweep.all_jobs(sweep.plan(spec, [0], tmp_path / "r", root=tmp_path))
     errors = sweep.check_cells(spec, jobs, ["trainer.epochs=1", "hydra.launcher.n_jobs=2"])
     assert sorted(errors) == [("ogm_ge", "cremad"), ("ogm_ge", "kinetics_sounds")]  # the concat cells compose
     assert "alpah" in errors[("ogm_ge", "cremad")]
     # a value its schema refuses is caught before launch as well
-    spec = load_spec(write_spec(tmp_path, BASE_SPEC.replace("[modulation=none]", "[modulation=none, trainer.epochs=0]"),
-                                name="t2"))
+    spec = load_spec(
+        write_spec(tmp_path, BASE_SPEC.replace("[modulation=none]", "[modulation=none, trainer.epochs=0]"), name="t2")
+    )
     errors = sweep.check_cells(spec, sweep.all_jobs(sweep.plan(spec, [0], tmp_path / "r", root=tmp_path)), [])
     assert sorted(errors) == [("concat", "cremad"), ("concat", "kinetics_sounds")]
     assert "trainer.epochs=0: must be >= 1" in errors[("concat", "cremad")]
@@ -312,8 +361,9 @@ def test_a_cell_short_of_seeds_says_how_many_and_why(tmp_path):
     notes = wide.attrs["notes"]
     assert wide.loc["concat", "CREMA-D acc"] == "60.0 ± 10.0 (n=2) [1]"
     assert notes[0] == f"seed 2 failed: TrainingError: out of memory (log: {seed2})"
-    failed = ("seeds 0,1,2 failed: TrainingError: loss was NaN/Inf (log: "
-              f"{runs / 'ogm_ge__cremad'}/seed{{0,1,2}}/train.log)")
+    failed = (
+        f"seeds 0,1,2 failed: TrainingError: loss was NaN/Inf (log: {runs / 'ogm_ge__cremad'}/seed{{0,1,2}}/train.log)"
+    )
     assert wide.loc["ogm_ge", "CREMA-D acc"] == f"– [{notes.index(failed) + 1}]"
     assert wide.loc["probe_row", "CREMA-D probe/acc_audio"].startswith("– [")  # finished runs without probe.json
     assert any("finished without probe/acc_audio (the probe analysis has not run)" in n for n in notes)
@@ -345,9 +395,14 @@ class FakeApi:
 
 def test_wandb_records_take_the_same_path_as_local(tmp_path):
     spec = load_spec(write_spec(tmp_path, BASE_SPEC))
-    api = FakeApi([FakeRun("a", "concat", "cremad", 0, 0.5), FakeRun("b", "concat", "cremad", 1, 0.7),
-                   FakeRun("c", "ogm_ge", "cremad", 0, 0.9, state="running"),  # unfinished: left out
-                   FakeRun("d", "unknown_row", "cremad", 0, 0.1)])  # not a row of this spec
+    api = FakeApi(
+        [
+            FakeRun("a", "concat", "cremad", 0, 0.5),
+            FakeRun("b", "concat", "cremad", 1, 0.7),
+            FakeRun("c", "ogm_ge", "cremad", 0, 0.9, state="running"),  # unfinished: left out
+            FakeRun("d", "unknown_row", "cremad", 0, 0.1),
+        ]
+    )  # not a row of this spec
     records = aggregate.wandb_records(spec, api, project="onthefly", entity="lab")
     assert api.calls == [("lab/onthefly", {"group": "t"})]
     assert sorted(records["seed"]) == [0, 1] and set(records["row"]) == {"concat"}
@@ -358,14 +413,18 @@ def test_wandb_records_take_the_same_path_as_local(tmp_path):
     for seed, acc in [(0, 0.5), (1, 0.7)]:
         write_run(tmp_path / "res" / "t" / "runs" / "concat__cremad" / f"seed{seed}", acc)
     local = aggregate.summarise(spec, aggregate.local_records(spec, tmp_path / "res")).set_index(["row", "col", "key"])
-    assert local.loc[("concat", "cremad", "test/acc"), ["n", "mean", "std"]].tolist() == \
-        summary.loc[("concat", "cremad", "test/acc"), ["n", "mean", "std"]].tolist()
+    assert (
+        local.loc[("concat", "cremad", "test/acc"), ["n", "mean", "std"]].tolist()
+        == summary.loc[("concat", "cremad", "test/acc"), ["n", "mean", "std"]].tolist()
+    )
 
 
 def test_published_numbers_follow_the_rows_table_and_metric(tmp_path):
-    text = BASE_SPEC.replace("probe_row: {{same_runs_as: concat, values: [probe/acc_audio]}}",
-                             "probe_row: {{same_runs_as: concat, values: [probe/acc_audio], "
-                             "published: {{table: table1, fusion: audio_only, method: none, metric: acc}}}}")
+    text = BASE_SPEC.replace(
+        "probe_row: {{same_runs_as: concat, values: [probe/acc_audio]}}",
+        "probe_row: {{same_runs_as: concat, values: [probe/acc_audio], "
+        "published: {{table: table1, fusion: audio_only, method: none, metric: acc}}}}",
+    )
     spec = load_spec(write_spec(tmp_path, text))
     pub = aggregate.published_numbers(spec)
     assert pub[("probe_row", "cremad", "probe/acc_audio")] == pytest.approx(52.5)  # CVPR Table 1 audio probe
@@ -384,15 +443,34 @@ def test_published_csv_is_well_formed():
 
 
 # --- end to end ------------------------------------------------------------------------------------------------
-TINY_TABLE = ["trainer.epochs=1", "dataset.num_train=48", "dataset.num_val=24", "dataset.num_test=24",
-              "trainer.batch_size=16", "trainer.eval_batch_size=24", "logger.mode=disabled"]
+TINY_TABLE = [
+    "trainer.epochs=1",
+    "dataset.num_train=48",
+    "dataset.num_val=24",
+    "dataset.num_test=24",
+    "trainer.batch_size=16",
+    "trainer.eval_batch_size=24",
+    "logger.mode=disabled",
+]
 
 
 @pytest.mark.slow
 def test_reproduce_table_demo_end_to_end(tmp_path):
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "onthefly.tables", "--results", str(results), "run", "demo", "--seeds", "0",
-           "--wandb", "disabled", *TINY_TABLE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "onthefly.tables",
+        "--results",
+        str(results),
+        "run",
+        "demo",
+        "--seeds",
+        "0",
+        "--wandb",
+        "disabled",
+        *TINY_TABLE,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = results / "demo"
@@ -413,7 +491,8 @@ def test_projected_hours_is_runs_times_epochs_times_clips_over_throughput(tmp_pa
     text = BASE_SPEC.replace("cremad: {{preset: demo,", "cremad: {{preset: demo, train_clips: 3600,")
     spec = load_spec(write_spec(tmp_path, text))
     hours = __import__("onthefly.tables.spec", fromlist=["projected_hours"]).projected_hours(
-        spec, samples_per_s=100.0, epochs_of=lambda col: 10)
+        spec, samples_per_s=100.0, epochs_of=lambda col: 10
+    )
     # 2 rows own runs (probe_row reads concat's) x 3 seeds = 6 runs; 6 x 10 epochs x 3600 clips / 100 per s = 2160 s
     assert hours["cremad"] == pytest.approx(0.6)
     assert hours["kinetics_sounds"] is None  # no train_clips given
@@ -428,8 +507,12 @@ def test_every_cell_of_every_spec_composes():
     from onthefly.tables.spec import all_specs
 
     # fusion heads compose with anything (the loader checks the option exists): one representative per rest
-    cells = {tuple(o for o in spec.cell_overrides(r, c) if not o.startswith("fusion="))
-             for spec in all_specs() for r, c in spec.run_cells() if not c.pending}
+    cells = {
+        tuple(o for o in spec.cell_overrides(r, c) if not o.startswith("fusion="))
+        for spec in all_specs()
+        for r, c in spec.run_cells()
+        if not c.pending
+    }
     assert len(cells) > 40
     failures = []
     for overrides in sorted(cells):
@@ -441,7 +524,9 @@ def test_every_cell_of_every_spec_composes():
 
 
 def test_method_overrides_apply_only_to_their_method(tmp_path):
-    text = BASE_SPEC.replace("cremad: {{preset: demo,", "cremad: {{preset: demo, method_overrides: {{ogm_ge: [modulation.alpha=2.6]}},")
+    text = BASE_SPEC.replace(
+        "cremad: {{preset: demo,", "cremad: {{preset: demo, method_overrides: {{ogm_ge: [modulation.alpha=2.6]}},"
+    )
     spec = load_spec(write_spec(tmp_path, text))
     rows = {r.id: r for r in spec.rows}
     col = spec.columns[0]
@@ -474,8 +559,17 @@ def test_table_sweep_with_a_failing_cell_runs_the_rest_reports_it_and_exits_1(tm
     path = write_spec(tmp_path, FAILING_SPEC)
     monkeypatch.setattr(tables_cli, "spec_path", lambda name: path)
     results = tmp_path / "results"
-    argv = ["--results", str(results), "run", "t", "--wandb", "disabled", *TINY_TABLE, "trainer.threads=1",
-            "trainer.plots=false"]
+    argv = [
+        "--results",
+        str(results),
+        "run",
+        "t",
+        "--wandb",
+        "disabled",
+        *TINY_TABLE,
+        "trainer.threads=1",
+        "trainer.plots=false",
+    ]
     assert tables_cli.main([*argv, "--launcher", "local"]) == 1
     out = capsys.readouterr()
     runs = results / "t" / "runs"
@@ -513,7 +607,9 @@ def test_table_sweep_with_a_failing_cell_runs_the_rest_reports_it_and_exits_1(tm
 def test_report_spec_has_a_section_per_dataset_with_curves_grouped_by_method(tmp_path):
     from onthefly.tables import report
 
-    text = BASE_SPEC.replace("kinetics_sounds: {{preset: demo,", "kinetics_sounds: {{preset: demo, pending: reader missing,")
+    text = BASE_SPEC.replace(
+        "kinetics_sounds: {{preset: demo,", "kinetics_sounds: {{preset: demo, pending: reader missing,"
+    )
     spec = load_spec(write_spec(tmp_path, text))
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "table.md").write_text("### a test table\n\n| row | CREMA-D acc |\n")
@@ -523,8 +619,15 @@ def test_report_spec_has_a_section_per_dataset_with_curves_grouped_by_method(tmp
     section = rspec["sections"][0]
     assert section["filter"] == {"group": "t", "tag": "cremad"}
     ys = [p["y"][0] for p in section["panels"]]
-    assert ys == ["train/rho_audio", "train/rho_visual", "train/k_audio", "train/k_visual", "train/q_audio",
-                  "train/q_visual", "val/acc"]
+    assert ys == [
+        "train/rho_audio",
+        "train/rho_visual",
+        "train/k_audio",
+        "train/k_visual",
+        "train/q_audio",
+        "train/q_visual",
+        "val/acc",
+    ]
     assert {p["groupby"] for p in section["panels"]} == {"JobType"}  # table runs: job_type = the row
     assert rspec["published_vs_ours"].startswith("### a test table")
 
@@ -544,8 +647,9 @@ def test_report_offline_writes_the_specification_and_says_what_to_run(tmp_path, 
     grids = [b for b in saved["wandb_viewspec"]["blocks"] if b.get("type") == "panel-grid"]
     assert len(grids) == 3  # two datasets, then the runs table
     runset = grids[0]["metadata"]["runSets"][0]
-    assert {"key": {"section": "run", "name": "group"}, "op": "=", "value": "t", "disabled": False} in \
-        runset["filters"]["filters"]
+    assert {"key": {"section": "run", "name": "group"}, "op": "=", "value": "t", "disabled": False} in runset[
+        "filters"
+    ]["filters"]
     assert any(f["key"]["name"] == "tags" and f["value"] == ["cremad"] for f in runset["filters"]["filters"])
     assert runset["grouping"] == [{"section": "run", "name": "jobType"}]
     panels = grids[0]["metadata"]["panelBankSectionConfig"]["panels"]

@@ -1,4 +1,5 @@
 """Tasks (losses, class logits, metrics), the MOSI metric functions, sequence encoders and the AVQA head."""
+
 from __future__ import annotations
 
 import math
@@ -126,8 +127,7 @@ def test_question_encoder_encodes_question_and_choices():
     tokens = torch.tensor([[3, 4, 5, 0], [7, 0, 0, 0]])
     choices = torch.randint(2, 20, (2, 4, 3))
     choices[:, :, 2] = 0
-    q = {"tokens": tokens, "length": torch.tensor([3, 1]), "choices": choices,
-         "choice_lengths": torch.full((2, 4), 2)}
+    q = {"tokens": tokens, "length": torch.tensor([3, 1]), "choices": choices, "choice_lengths": torch.full((2, 4), 2)}
     out = enc(q)
     assert out.shape == (2, 5, 8)
     assert enc({"tokens": tokens, "length": torch.tensor([3, 1])}).shape == (2, 1, 8)
@@ -137,18 +137,24 @@ def test_question_encoder_encodes_question_and_choices():
 
 def test_qa_head_scores_choices_and_zero_out_keeps_the_question():
     torch.manual_seed(0)
-    head = QuestionConditionedFusion({"audio": 6, "visual": 5}, num_classes=4, context_dims={"question": 8},
-                                     hidden=16).eval()
-    feats = {"audio": torch.randn(3, 6), "visual": torch.randn(3, 5), "question": torch.randn(3, 5, 8),
-             "qtype": torch.tensor([0, 1, 0])}
+    head = QuestionConditionedFusion(
+        {"audio": 6, "visual": 5}, num_classes=4, context_dims={"question": 8}, hidden=16
+    ).eval()
+    feats = {
+        "audio": torch.randn(3, 6),
+        "visual": torch.randn(3, 5),
+        "question": torch.randn(3, 5, 8),
+        "qtype": torch.tensor([0, 1, 0]),
+    }
     logits = head(feats)
     assert logits.shape == (3, 4)
     z = head.unimodal_logits(feats, "zero_out")
     assert set(z) == {"audio", "visual"} and z["audio"].shape == (3, 4)
     expected = head({**feats, "visual": torch.zeros(3, 5)})
     assert torch.allclose(z["audio"], expected, atol=1e-6)
-    vocab = QuestionConditionedFusion({"audio": 6, "visual": 5}, num_classes=9, context_dims={"question": 8},
-                                      answer="vocabulary", hidden=16)
+    vocab = QuestionConditionedFusion(
+        {"audio": 6, "visual": 5}, num_classes=9, context_dims={"question": 8}, answer="vocabulary", hidden=16
+    )
     assert vocab({**feats, "question": feats["question"][:, :1]}).shape == (3, 9)
     with pytest.raises(ValueError, match="qa_vocabulary"):
         head({**feats, "question": feats["question"][:, :1]})
@@ -160,8 +166,11 @@ def test_model_passes_context_and_side_targets_through_and_zero_out_ignores_them
     head = ConcatFusion({"text": 6, "audio": 8}, 2)
     model = MultimodalModel(encoders, head, passthrough=["score"]).eval()
     assert model.input_keys == ["text", "audio", "score"]
-    inputs = {"text": {"x": torch.randn(2, 5, 4), "length": torch.tensor([5, 2])},
-              "audio": {"x": torch.randn(2, 3, 3), "length": torch.tensor([3, 3])}, "score": torch.tensor([0.5, -1.0])}
+    inputs = {
+        "text": {"x": torch.randn(2, 5, 4), "length": torch.tensor([5, 2])},
+        "audio": {"x": torch.randn(2, 3, 3), "length": torch.tensor([3, 3])},
+        "score": torch.tensor([0.5, -1.0]),
+    }
     feats = model.encode(inputs)
     assert torch.equal(feats["score"], inputs["score"])
     natural = head.unimodal_logits(feats, "natural")

@@ -1,4 +1,5 @@
 """End-to-end training runs: every fusion head, every method, three modalities, uni-modal models, seeds."""
+
 from __future__ import annotations
 
 import warnings
@@ -7,8 +8,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import EPOCHS, STEPS_PER_EPOCH, epoch_rows, read_metrics, read_results
 from onthefly.engine.errors import TrainingError
+
+from conftest import EPOCHS, STEPS_PER_EPOCH, epoch_rows, read_metrics, read_results
 
 FUSIONS = {
     "concat": [],
@@ -34,8 +36,19 @@ def test_each_fusion_writes_every_artefact(train_run, fusion):
 
     metrics = read_metrics(out)
     assert list(metrics["epoch"]) == [*range(EPOCHS), EPOCHS], "one row per epoch, then the test row"
-    for col in ("train/loss", "train/acc", "val/acc", "val/map", "val/acc_audio", "val/acc_visual",
-                "train/rho_audio", "train/rho_visual", "test/acc", "test/map", "time/epoch_s"):
+    for col in (
+        "train/loss",
+        "train/acc",
+        "val/acc",
+        "val/map",
+        "val/acc_audio",
+        "val/acc_visual",
+        "train/rho_audio",
+        "train/rho_visual",
+        "test/acc",
+        "test/map",
+        "time/epoch_s",
+    ):
         assert col in metrics.columns, f"{col} not in metrics.csv columns {list(metrics.columns)}"
     per_epoch = epoch_rows(metrics)
     assert per_epoch["train/loss"].notna().all() and per_epoch["val/acc"].between(0, 1).all()
@@ -144,9 +157,19 @@ def test_ogm_on_an_mlp_encoder_warns_when_scope_is_conv(tmp_path):
     from onthefly.config import compose
     from onthefly.engine.run import run
 
-    base = ["debug=fast", "dataset=synth_av3", "modulation=ogm_ge", "dataset.num_train=16", "dataset.num_val=16",
-            "dataset.num_test=16", "trainer.batch_size=16", "trainer.epochs=1", "trainer.threads=1",
-            "trainer.eval_test=false", "trainer.save_checkpoint=false"]
+    base = [
+        "debug=fast",
+        "dataset=synth_av3",
+        "modulation=ogm_ge",
+        "dataset.num_train=16",
+        "dataset.num_val=16",
+        "dataset.num_test=16",
+        "trainer.batch_size=16",
+        "trainer.epochs=1",
+        "trainer.threads=1",
+        "trainer.eval_test=false",
+        "trainer.save_checkpoint=false",
+    ]
     with pytest.warns(UserWarning, match="sensor encoder.*modulation.scope=all"):
         run(compose([*base, "modulation.scope=conv"]), tmp_path / "conv")
     with warnings.catch_warnings():
@@ -211,8 +234,13 @@ def test_same_seed_same_numbers_other_seed_differs(train_run):
 def test_a_trailing_batch_of_one_clip_is_dropped_not_fatal(train_run):
     """65 training clips in batches of 16 leave one clip over: BatchNorm cannot train on a batch of one
     (ResNet18's last stage is 1x1 here), so that batch is dropped and the epoch has 4 steps, not 5."""
-    results, out = train_run("dataset.num_train=65", "trainer.batch_size=16", "trainer.epochs=1",
-                             "trainer.limit_train_batches=null", name="odd")
+    results, out = train_run(
+        "dataset.num_train=65",
+        "trainer.batch_size=16",
+        "trainer.epochs=1",
+        "trainer.limit_train_batches=null",
+        name="odd",
+    )
     assert results["status"] == "ok"
     import pandas as pd
 

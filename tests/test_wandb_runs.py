@@ -1,5 +1,6 @@
 """What W&B records for a run, read back from its offline files and held against steps.csv, metrics.csv and
 results.json; the run's identity (name, group, job type, choices); analyses in runs of their own."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,10 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from conftest import EPOCHS, STEPS_PER_EPOCH, TINY, read_results, subprocess_env
 from onthefly.engine.errors import TrainingError
 from onthefly.engine.identity import identify
+
+from conftest import EPOCHS, STEPS_PER_EPOCH, TINY, read_results, subprocess_env
 from wandb_file import read_run
 
 METHODS = ("ogm", "ogm_ge")
@@ -25,16 +27,33 @@ def sweep(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("sweep_cwd")
     env = subprocess_env()
     env.pop("WANDB_SERVICE", None)
-    proc = subprocess.run([sys.executable, "-m", "onthefly.train", "-m", f"modulation={','.join(METHODS)}", *TINY,
-                           "logger.mode=offline", "trainer.plots=true", "hydra.sweep.dir=sweep",
-                           "hydra.sweep.subdir=${hydra.job.num}"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onthefly.train",
+            "-m",
+            f"modulation={','.join(METHODS)}",
+            *TINY,
+            "logger.mode=offline",
+            "trainer.plots=true",
+            "hydra.sweep.dir=sweep",
+            "hydra.sweep.subdir=${hydra.job.num}",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd / "sweep"
 
 
 def _job(sweep: Path, method: str) -> tuple[Path, object]:
-    (run_dir,) = [p.parent for p in sweep.glob("*/results.json") if read_results(p.parent)["choices"]["modulation"] == method]
+    (run_dir,) = [
+        p.parent for p in sweep.glob("*/results.json") if read_results(p.parent)["choices"]["modulation"] == method
+    ]
     (offline,) = list((run_dir / "wandb").glob("offline-run-*"))
     return run_dir, read_run(offline)
 
@@ -62,7 +81,7 @@ def test_wandb_history_and_summary_are_the_local_files(sweep, method):
     assert [r["epoch"] for r in epoch_rows] == list(per_epoch["epoch"]) == list(range(EPOCHS))
     for row, (_, expected) in zip(epoch_rows, per_epoch.iterrows()):
         for column in [c for c in metrics.columns if c.startswith(("train/", "val/"))]:
-            key = "train_epoch/" + column[len("train/"):] if column.startswith("train/") else column
+            key = "train_epoch/" + column[len("train/") :] if column.startswith("train/") else column
             assert row[key] == expected[column], (row["epoch"], key)
         assert row["train_epoch/lr"] == expected["lr"]
         assert row["_step"] == (row["epoch"] + 1) * STEPS_PER_EPOCH
@@ -99,8 +118,9 @@ def test_sweep_runs_share_a_group_and_are_named_by_their_method(sweep):
 
 
 # --- identity from a Hydra job's config (no run needed) ----------------------------------------------------------
-def _hydra_job(overrides: list[str], mode: str = "RUN", sweep_overrides: list[str] | None = None,
-               out: Path | None = None):
+def _hydra_job(
+    overrides: list[str], mode: str = "RUN", sweep_overrides: list[str] | None = None, out: Path | None = None
+):
     """(cfg, its Hydra node) as Hydra hands them to a job; in MULTIRUN with the sweep's multirun.yaml."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -125,11 +145,11 @@ def _hydra_job(overrides: list[str], mode: str = "RUN", sweep_overrides: list[st
 
 def test_sweep_name_holds_every_swept_key_and_the_group_is_the_sweep(tmp_path):
     job = ["modulation=ogm_ge", "seed=1", "optim.lr=0.02", "dataset.num_train=64", "trainer.num_workers=2"]
-    swept = ["modulation=ogm,ogm_ge", "seed=0,1", "optim.lr=0.01,0.02", "dataset.num_train=64",
-             "trainer.num_workers=2"]
+    swept = ["modulation=ogm,ogm_ge", "seed=0,1", "optim.lr=0.01,0.02", "dataset.num_train=64", "trainer.num_workers=2"]
     (tmp_path / "multirun" / "day" / "time").mkdir(parents=True)
-    cfg, hydra = _hydra_job([*job, f"paths.output_root={tmp_path}"], "MULTIRUN", swept,
-                            tmp_path / "multirun" / "day" / "time")
+    cfg, hydra = _hydra_job(
+        [*job, f"paths.output_root={tmp_path}"], "MULTIRUN", swept, tmp_path / "multirun" / "day" / "time"
+    )
     who = identify(cfg, hydra)
     assert who.name == "synth_av-concat-ogm_ge-s1 optim.lr=0.02"  # num_train and workers are not swept
     assert who.group == "multirun/day/time" and who.job_type == "ogm_ge"
@@ -143,8 +163,9 @@ def test_single_run_is_named_by_its_choices_and_has_no_group():
 
 
 def test_logger_settings_win_over_the_derived_identity():
-    cfg, hydra = _hydra_job(["modulation=ogm", "logger.name=mine", "logger.group=g", "logger.job_type=j",
-                             "logger.tags=[a,b]"])
+    cfg, hydra = _hydra_job(
+        ["modulation=ogm", "logger.name=mine", "logger.group=g", "logger.job_type=j", "logger.tags=[a,b]"]
+    )
     who = identify(cfg, hydra)
     assert (who.name, who.group, who.job_type, who.tags) == ("mine", "g", "j", ["a", "b"])
 

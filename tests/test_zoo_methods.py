@@ -3,6 +3,7 @@
 Each method's arithmetic is checked on small fixed tensors against values worked by hand (or an independent
 formula written here), then each runs once end to end on the tiny synthetic benchmark, every `variant` included.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -12,9 +13,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from test_methods import AV, _one_torch_thread, mlp_model  # noqa: F401  (the fixture: one torch thread)
+from test_methods import assert_close as close
 from torch import nn
 
-from conftest import read_results
 from onthefly.models import MultimodalModel
 from onthefly.models.encoders import MLPEncoder
 from onthefly.models.fusion import ConcatFusion, FiLMFusion
@@ -32,8 +34,8 @@ from onthefly.modulation.mmcosine import CosineHead, MMCosine, cosine_logits, su
 from onthefly.modulation.mmpareto import MMPareto, pareto_gradients, pareto_weights
 from onthefly.modulation.pmr import PMR, class_means, pmr_coefficients, prototype_logits, prototype_scores
 from onthefly.modulation.umt import UME, UMT, EnsembleHead, distill_losses, load_teacher
-from test_methods import AV, _one_torch_thread, mlp_model  # noqa: F401  (the fixture: one torch thread)
-from test_methods import assert_close as close
+
+from conftest import read_results
 
 
 def batch(b=6, dims=(5, 7), num_classes=3, seed=1):
@@ -44,8 +46,15 @@ def batch(b=6, dims=(5, 7), num_classes=3, seed=1):
 
 def step_ctx(model, inputs, labels, epoch=0, global_step=0) -> StepContext:
     """A context after the model's forward, as the trainer builds it (features, fused logits)."""
-    ctx = StepContext(epoch=epoch, step=0, global_step=global_step, model=model, modalities=list(model.modalities),
-                      inputs=inputs, labels=labels)
+    ctx = StepContext(
+        epoch=epoch,
+        step=0,
+        global_step=global_step,
+        model=model,
+        modalities=list(model.modalities),
+        inputs=inputs,
+        labels=labels,
+    )
     ctx.features = model.encode(inputs)
     ctx.logits = model.head(ctx.features)
     return ctx
@@ -76,17 +85,22 @@ def test_pmr_prototype_loss_has_a_finite_gradient_where_a_feature_sits_on_its_pr
 
 def test_pmr_scores_are_batch_sums_of_true_class_softmax():
     # audio rows: softmax([0, 0]) = [1/2, 1/2], softmax([log 3, 0]) = [3/4, 1/4]; labels [0, 1] -> 1/2 + 1/4
-    logits = {"audio": torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]),
-              "visual": torch.tensor([[math.log(4), 0.0], [0.0, 0.0]])}  # 4/5 + 1/2
+    logits = {
+        "audio": torch.tensor([[0.0, 0.0], [math.log(3), 0.0]]),
+        "visual": torch.tensor([[math.log(4), 0.0], [0.0, 0.0]]),
+    }  # 4/5 + 1/2
     close(prototype_scores(logits, torch.tensor([0, 1])), [0.75, 1.3])
 
 
-@pytest.mark.parametrize("scores,expected", [
-    ([2.0, 1.0], [0.0, 2.5]),  # ρ = S_a/S_v > 1: visual is pushed
-    ([1.0, 2.0], [2.5, 0.0]),  # ρ < 1: audio
-    ([1.5, 1.5], [0.0, 0.0]),  # ρ = 1: neither
-    ([3.0, 1.0, 2.0], [0.0, 2.5, 2.5]),  # three modalities: every one below the best
-])
+@pytest.mark.parametrize(
+    "scores,expected",
+    [
+        ([2.0, 1.0], [0.0, 2.5]),  # ρ = S_a/S_v > 1: visual is pushed
+        ([1.0, 2.0], [2.5, 0.0]),  # ρ < 1: audio
+        ([1.5, 1.5], [0.0, 0.0]),  # ρ = 1: neither
+        ([3.0, 1.0, 2.0], [0.0, 2.5, 2.5]),  # three modalities: every one below the best
+    ],
+)
 def test_pmr_coefficients_push_only_the_lagging_modality(scores, expected):
     close(pmr_coefficients(torch.tensor(scores), 2.5), expected)
 
@@ -112,14 +126,21 @@ class Passthrough(nn.Module):
 
 
 def test_pmr_prototype_pass_reads_a_tenth_of_the_batches_in_eval_mode_and_blends_from_epoch_two():
-    model = MultimodalModel({"audio": Passthrough(2), "visual": Passthrough(1)},
-                            ConcatFusion({"audio": 2, "visual": 1}, 3))
+    model = MultimodalModel(
+        {"audio": Passthrough(2), "visual": Passthrough(1)}, ConcatFusion({"audio": 2, "visual": 1}, 3)
+    )
     model.train()
-    batches = [({"audio": torch.tensor([[1.0, 0.0], [3.0, 2.0]]), "visual": torch.tensor([[1.0], [5.0]])},
-                torch.tensor([0, 0])),
-               ({"audio": torch.tensor([[0.0, 4.0], [9.0, 9.0]]), "visual": torch.tensor([[2.0], [9.0]])},
-                torch.tensor([1, 2])),
-               ({"audio": torch.tensor([[100.0, 100.0]]), "visual": torch.tensor([[100.0]])}, torch.tensor([2]))]
+    batches = [
+        (
+            {"audio": torch.tensor([[1.0, 0.0], [3.0, 2.0]]), "visual": torch.tensor([[1.0], [5.0]])},
+            torch.tensor([0, 0]),
+        ),
+        (
+            {"audio": torch.tensor([[0.0, 4.0], [9.0, 9.0]]), "visual": torch.tensor([[2.0], [9.0]])},
+            torch.tensor([1, 2]),
+        ),
+        ({"audio": torch.tensor([[100.0, 100.0]]), "visual": torch.tensor([[100.0]])}, torch.tensor([2])),
+    ]
     read = []
 
     def batches_fn(split, max_batches=None, with_index=False):
@@ -130,8 +151,15 @@ def test_pmr_prototype_pass_reads_a_tenth_of_the_batches_in_eval_mode_and_blends
     pmr.setup(model, 3)
 
     def ctx(epoch):
-        return StepContext(epoch=epoch, step=0, global_step=0, model=model, modalities=AV, batches=batches_fn,
-                           num_batches=lambda split: 25)
+        return StepContext(
+            epoch=epoch,
+            step=0,
+            global_step=0,
+            model=model,
+            modalities=AV,
+            batches=batches_fn,
+            num_batches=lambda split: 25,
+        )
 
     pmr.epoch_start(ctx(0))  # ⌊25/10⌋ = 2 batches of train; class 2 appears once in them
     assert read == [("train", 2)]
@@ -139,14 +167,18 @@ def test_pmr_prototype_pass_reads_a_tenth_of_the_batches_in_eval_mode_and_blends
     close(pmr.prototypes["audio"], [[2.0, 1.0], [0.0, 4.0], [9.0, 9.0]])
     close(pmr.prototypes["visual"], [[3.0], [2.0], [9.0]])
     first = {m: c.clone() for m, c in pmr.prototypes.items()}
-    batches[0] = ({"audio": torch.tensor([[5.0, 5.0], [5.0, 5.0]]), "visual": torch.tensor([[7.0], [7.0]])},
-                  torch.tensor([0, 0]))
+    batches[0] = (
+        {"audio": torch.tensor([[5.0, 5.0], [5.0, 5.0]]), "visual": torch.tensor([[7.0], [7.0]])},
+        torch.tensor([0, 0]),
+    )
     pmr.epoch_start(ctx(1))  # the pass before epoch 1 is fresh (as released)
     close(pmr.prototypes["audio"][0], [5.0, 5.0])
     pmr.epoch_start(ctx(2))  # from epoch 2 on: (1 - μ)·new + μ·old, here new = old = [5, 5] for class 0
     close(pmr.prototypes["audio"][0], [5.0, 5.0])
-    batches[0] = ({"audio": torch.tensor([[1.0, 1.0], [1.0, 1.0]]), "visual": torch.tensor([[1.0], [1.0]])},
-                  torch.tensor([0, 0]))
+    batches[0] = (
+        {"audio": torch.tensor([[1.0, 1.0], [1.0, 1.0]]), "visual": torch.tensor([[1.0], [1.0]])},
+        torch.tensor([0, 0]),
+    )
     pmr.epoch_start(ctx(3))
     close(pmr.prototypes["audio"][0], [3.0, 3.0])  # 0.5·[1, 1] + 0.5·[5, 5]
     close(pmr.prototypes["audio"][1], first["audio"][1])  # unchanged class: blend of equal prototypes
@@ -176,8 +208,9 @@ def test_pmr_adds_the_prototype_loss_of_the_lagging_modality_only():
 # --- AGM -------------------------------------------------------------------------------------------------------
 def _random_coalitions(m, b=3, k=4):
     g = torch.Generator().manual_seed(m)
-    return {frozenset(s): torch.randn(b, k, generator=g)
-            for r in range(m + 1) for s in itertools.combinations(range(m), r)}
+    return {
+        frozenset(s): torch.randn(b, k, generator=g) for r in range(m + 1) for s in itertools.combinations(range(m), r)
+    }
 
 
 def test_agm_two_modality_shares_are_the_released_formula():
@@ -401,8 +434,13 @@ def test_mmpareto_compares_two_different_gradients_per_encoder():
         # the encoder's new gradient follows from the two independent gradients
         c1, _ = pareto_weights(g_mm, g_u)
         sizes = [p.numel() for p in model.encoders[m].parameters()]
-        want, _ = pareto_gradients([a + b for a, b in zip(g_mm.split(sizes), g_u.split(sizes))],
-                                   list(g_mm.split(sizes)), list(g_u.split(sizes)), c1, 1.5)
+        want, _ = pareto_gradients(
+            [a + b for a, b in zip(g_mm.split(sizes), g_u.split(sizes))],
+            list(g_mm.split(sizes)),
+            list(g_u.split(sizes)),
+            c1,
+            1.5,
+        )
         got = torch.cat([p.grad.reshape(-1) for p in model.encoders[m].parameters()])
         close(got, torch.cat(want), atol=1e-6)
 
@@ -536,8 +574,10 @@ def test_ume_trains_each_modality_alone_and_wraps_the_head():
     assert ctx.loss_weight == 0.0
     for m in AV:
         close(ctx.extra_losses[f"ume_{m}"], F.cross_entropy(model.head.heads[m](ctx.features[m]), labels))
-    close(ctx.logits, (model.head.heads["audio"](ctx.features["audio"]) +
-                       model.head.heads["visual"](ctx.features["visual"])) / 2)
+    close(
+        ctx.logits,
+        (model.head.heads["audio"](ctx.features["audio"]) + model.head.heads["visual"](ctx.features["visual"])) / 2,
+    )
 
 
 # --- end to end: each method (and each variant) on the tiny synthetic benchmark ------------------------------------
@@ -596,15 +636,41 @@ def test_umt_trains_its_teachers_first_then_reuses_named_ones(train_run):
         assert read_results(out / "prerequisites" / f"teacher_{m}")["modalities"] == [m]
     assert steps_of(out)["train/umt_mse_audio"].notna().all()
     teachers = [f"+modulation.teachers.{m}={out / 'prerequisites' / f'teacher_{m}'}" for m in AV]
-    results, again = train_run("modulation=umt", *teachers, "modulation.train_teachers=false",
-                               "modulation.variant=balancebenchmark", name="named")
+    results, again = train_run(
+        "modulation=umt",
+        *teachers,
+        "modulation.train_teachers=false",
+        "modulation.variant=balancebenchmark",
+        name="named",
+    )
     assert results["status"] == "ok" and not (again / "prerequisites").exists()
 
 
 # --- the zoo table specs -------------------------------------------------------------------------------------------
-ZOO_ROWS = {"none", "ogm_ge", "opm", "opm_ogm", "gblending", "pmr", "agm", "mmpareto", "mmcosine", "umt", "ume",
-            "cml", "lfm", "inforeg", "mbsd", "amco", "greedy", "mla", "reconboost", "relearning", "valuation_sample",
-            "valuation_modality"}
+ZOO_ROWS = {
+    "none",
+    "ogm_ge",
+    "opm",
+    "opm_ogm",
+    "gblending",
+    "pmr",
+    "agm",
+    "mmpareto",
+    "mmcosine",
+    "umt",
+    "ume",
+    "cml",
+    "lfm",
+    "inforeg",
+    "mbsd",
+    "amco",
+    "greedy",
+    "mla",
+    "reconboost",
+    "relearning",
+    "valuation_sample",
+    "valuation_modality",
+}
 SGD_ROWS = ("agm", "mmpareto", "inforeg", "mla", "reconboost", "relearning")  # their authors' optimizer
 
 
@@ -618,8 +684,9 @@ def _spec_with_known_methods(name: str, tmp_path):
 
     raw = yaml.safe_load((EXPERIMENTS_DIR / f"{name}.yaml").read_text())
     assert set(raw["rows"]) == ZOO_ROWS
-    assert raw["columns"].keys() == ({"synth_av"} if name == "zoo-demo" else
-                                     {"cremad", "kinetics_sounds", "ucf101", "vggsound"})
+    assert raw["columns"].keys() == (
+        {"synth_av"} if name == "zoo-demo" else {"cremad", "kinetics_sounds", "ucf101", "vggsound"}
+    )
 
     def method(row):
         return next(o.split("=", 1)[1] for o in row["overrides"] if o.startswith("modulation="))
@@ -640,8 +707,11 @@ def test_zoo_specs_compose_every_cell_of_the_methods_present(name, tmp_path):
     for row, col in spec.run_cells():
         cfg = compose(spec.cell_overrides(row, col))
         gradient_scaling = row.id in SGD_ROWS
-        expected = "SGD" if gradient_scaling else ("Adam" if row.id.startswith("valuation") and col.id == "kinetics_sounds"
-                                                   else "AdamW")  # valuation's released Kinetics-Sounds recipe: Adam
+        expected = (
+            "SGD"
+            if gradient_scaling
+            else ("Adam" if row.id.startswith("valuation") and col.id == "kinetics_sounds" else "AdamW")
+        )  # valuation's released Kinetics-Sounds recipe: Adam
         assert cfg.optim._target_.rsplit(".", 1)[1] == expected, (row.id, col.id)
         if gradient_scaling:
             assert cfg.optim.weight_decay == pytest.approx(1e-4)
@@ -667,15 +737,18 @@ def test_zoo_published_rows_name_the_benchmarks_methods():
                 assert (col, row["published"]["method"]) in published, (rid, col)
 
 
-@pytest.mark.parametrize("overrides,key", [
-    (["modulation=pmr", "modulation.proto_fraction=0"], "modulation.proto_fraction"),
-    (["modulation=pmr", "modulation.momentum=1.5"], "modulation.momentum"),
-    (["modulation=agm", "modulation.clip=0"], "modulation.clip"),
-    (["modulation=mmpareto", "modulation.gamma=-1"], "modulation.gamma"),
-    (["modulation=mmcosine", "modulation.scale=0"], "modulation.scale"),
-    (["modulation=umt", "modulation.teacher_epochs=0"], "modulation.teacher_epochs"),
-    (["modulation=agm", "modulation.variant=bb"], "modulation.variant"),
-])
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["modulation=pmr", "modulation.proto_fraction=0"], "modulation.proto_fraction"),
+        (["modulation=pmr", "modulation.momentum=1.5"], "modulation.momentum"),
+        (["modulation=agm", "modulation.clip=0"], "modulation.clip"),
+        (["modulation=mmpareto", "modulation.gamma=-1"], "modulation.gamma"),
+        (["modulation=mmcosine", "modulation.scale=0"], "modulation.scale"),
+        (["modulation=umt", "modulation.teacher_epochs=0"], "modulation.teacher_epochs"),
+        (["modulation=agm", "modulation.variant=bb"], "modulation.variant"),
+    ],
+)
 def test_zoo_options_out_of_range_fail_at_compose_time_naming_the_key(overrides, key):
     from onthefly.config import compose
 
@@ -684,9 +757,15 @@ def test_zoo_options_out_of_range_fail_at_compose_time_naming_the_key(overrides,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [["modulation=pmr", "modulation.momentum=0.5"], ["modulation=agm"],
-                                       ["modulation=umt", "modulation.variant=balancebenchmark"]],
-                         ids=["pmr", "agm", "umt_bb"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["modulation=pmr", "modulation.momentum=0.5"],
+        ["modulation=agm"],
+        ["modulation=umt", "modulation.variant=balancebenchmark"],
+    ],
+    ids=["pmr", "agm", "umt_bb"],
+)
 def test_a_resume_mid_epoch_equals_the_uninterrupted_run(overrides, train_run, tmp_path):
     """The methods' state (prototypes, running targets) is in the checkpoint and UMT's teachers are read again:
     resuming in the middle of epoch 1 gives the same numbers."""

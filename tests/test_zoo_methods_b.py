@@ -2,6 +2,7 @@
 
 Each method's quantities on fixed small tensors against values worked by hand (in the comments) or by an
 independent formula written here; then one short run of each method and variant on synth_av (slow)."""
+
 from __future__ import annotations
 
 import math
@@ -12,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from test_methods import _one_torch_thread  # noqa: F401  (autouse: one torch thread for the tiny tensor ops)
 from torch import nn
 
-from conftest import read_metrics, read_results
 from onthefly.engine import checkpoint as ckpt
 from onthefly.models import MultimodalModel
 from onthefly.models.fusion import ConcatFusion, FiLMFusion, SumFusion
@@ -25,7 +26,8 @@ from onthefly.modulation.cml import CML, confidence_hinge, partial_logits
 from onthefly.modulation.inforeg import InfoReg, regulation_coefficients, window_indicator
 from onthefly.modulation.lfm import FITTED_COEFFS, LFM, alignment_divergence, fitted_alpha
 from onthefly.modulation.mbsd import MBSD, pair_terms
-from test_methods import _one_torch_thread  # noqa: F401  (autouse: one torch thread for the tiny tensor ops)
+
+from conftest import read_metrics, read_results
 
 AV = ["audio", "visual"]
 LN = math.log
@@ -95,7 +97,7 @@ def test_cml_chain_zeroes_the_modalities_in_each_samples_order():
     level1, level2 = partial_logits(head, feats, list(dims), positions)
 
     def zeroed(i, gone):
-        return head({m: torch.zeros_like(f[i:i + 1]) if m in gone else f[i:i + 1] for m, f in feats.items()})[0]
+        return head({m: torch.zeros_like(f[i : i + 1]) if m in gone else f[i : i + 1] for m, f in feats.items()})[0]
 
     close(level1, torch.stack([zeroed(0, {"sensor"}), zeroed(1, {"visual"})]))
     close(level2, torch.stack([zeroed(0, {"sensor", "audio"}), zeroed(1, {"visual", "sensor"})]))
@@ -111,9 +113,17 @@ def test_cml_loss_averages_the_chain_and_adds_lambda_times_the_hinge(monkeypatch
     method.setup(model, 3)
     ctx = ctx_for(model, features=feats, labels=labels, logits=model.head(feats))
     method.after_forward(ctx)
-    partial = torch.stack([model.head({"audio": torch.zeros(1, 4) if p[0] == 0 else feats["audio"][i:i + 1],
-                                       "visual": torch.zeros(1, 4) if p[1] == 0 else feats["visual"][i:i + 1]})[0]
-                           for i, p in enumerate(positions)])
+    partial = torch.stack(
+        [
+            model.head(
+                {
+                    "audio": torch.zeros(1, 4) if p[0] == 0 else feats["audio"][i : i + 1],
+                    "visual": torch.zeros(1, 4) if p[1] == 0 else feats["visual"][i : i + 1],
+                }
+            )[0]
+            for i, p in enumerate(positions)
+        ]
+    )
     assert ctx.loss_weight == pytest.approx(0.5)
     close(ctx.extra_losses["cml_ce_partial"], 0.5 * F.cross_entropy(partial, labels))
     close(ctx.extra_losses["cml_rank"], 0.1 * confidence_hinge(ctx.logits, partial, labels)[0])
@@ -178,7 +188,7 @@ def test_lfm_schedule_follows_the_epoch_and_can_be_stretched():
 def test_lfm_alignment_is_the_released_divergence():
     za = torch.tensor([[0.0, LN(3)], [LN(2), 0.0]])  # p = [1/4, 3/4], [2/3, 1/3]
     zb = torch.tensor([[0.0, 0.0], [0.0, LN(4)]])  # q = [1/2, 1/2], [1/5, 4/5]
-    p, q = np.array([[.25, .75], [2 / 3, 1 / 3]]), np.array([[.5, .5], [.2, .8]])
+    p, q = np.array([[0.25, 0.75], [2 / 3, 1 / 3]]), np.array([[0.5, 0.5], [0.2, 0.8]])
     m = (p + q) / 2
     expected = 0.5 * ((m * np.log(m / p)).sum(1) + (m * np.log(m / q)).sum(1)).mean()  # ½[KL(m‖p) + KL(m‖q)]
     close(alignment_divergence(za, zb), expected)
@@ -291,8 +301,10 @@ def test_inforeg_coefficients_by_hand():
     close(regulation_coefficients(torch.tensor([3.0, 1.0]), coef, False), [0.0, 0.0])
     close(regulation_coefficients(torch.tensor([2.0, 2.0]), coef, True), [0.0, 0.0])  # a tie regulates nobody
     # three modalities: the leader's gap is to the runner-up
-    close(regulation_coefficients(torch.tensor([1.0, 4.0, 3.5]), torch.tensor([0.9, 0.5, 0.2]), True),
-          [0.0, 0.5 * math.exp(math.tanh(0.5)), 0.0])
+    close(
+        regulation_coefficients(torch.tensor([1.0, 4.0, 3.5]), torch.tensor([0.9, 0.5, 0.2]), True),
+        [0.0, 0.5 * math.exp(math.tanh(0.5)), 0.0],
+    )
 
 
 def test_inforeg_proximal_gradient_and_fisher_trace():
@@ -321,7 +333,7 @@ def test_inforeg_proximal_gradient_and_fisher_trace():
     method.epoch_end(ctx_for(model))
     weight = model.encoders["audio"].fc.weight
     close(method.traces["audio"][-1], (weight.grad**2).mean(), tol=1e-5)
-    close(method.traces["visual"][-1], (model.encoders["visual"].fc.weight.grad**2).mean(), tol=1e-5)
+    close(method.traces["visual"][-1], (model.encoders["visual"].fc.weight.grad ** 2).mean(), tol=1e-5)
 
 
 def test_inforeg_logs_its_coefficients_and_leaves_gradients_alone_when_the_window_is_closed():
@@ -339,8 +351,11 @@ def test_inforeg_logs_its_coefficients_and_leaves_gradients_alone_when_the_windo
     method.after_backward(ctx)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
     assert float(ctx.metrics["inforeg_open"]) == 0.0 and float(ctx.metrics["inforeg_beta_audio"]) == 0.0
-    close(ctx.metrics["inforeg_dist_audio"], 0.1 * math.sqrt(sum(p.numel() for p in model.encoders["audio"].parameters())),
-          tol=1e-5)
+    close(
+        ctx.metrics["inforeg_dist_audio"],
+        0.1 * math.sqrt(sum(p.numel() for p in model.encoders["audio"].parameters())),
+        tol=1e-5,
+    )
 
 
 def test_inforeg_needs_one_coefficient_per_modality():
@@ -385,8 +400,8 @@ def test_mbsd_corrected_distils_the_stronger_distribution_with_w_detached():
     labels = torch.tensor([1, 1])
     terms = pair_terms(za, zb, labels, rs_on_probs=False, variant="corrected")
     # sample 0: a is stronger (.75 > .5): KL(p_a ‖ p_b); sample 1: b is stronger (.8 > 1/3): KL(p_b ‖ p_a)
-    strong = np.array([[.25, .75], [.2, .8]])
-    weak = np.array([[.5, .5], [2 / 3, 1 / 3]])
+    strong = np.array([[0.25, 0.75], [0.2, 0.8]])
+    weak = np.array([[0.5, 0.5], [2 / 3, 1 / 3]])
     close(terms["kd"], (strong * np.log(strong / weak)).sum(1))
     assert not terms["w"].requires_grad
     (terms["kd"].sum()).backward()
@@ -538,16 +553,27 @@ RUNS = {
     "cml_bb": (["modulation=cml", "modulation.variant=balancebenchmark"], ["cml_rank", "cml_removed_visual"]),
     "lfm": (["modulation=lfm"], ["lfm_alpha1", "lfm_alpha2", "lfm_align", "lfm_ce"]),
     "lfm_bb": (["modulation=lfm", "modulation.variant=balancebenchmark"], ["lfm_alpha1", "lfm_alpha2"]),
-    "inforeg": (["modulation=inforeg"], ["inforeg_beta_audio", "inforeg_beta_visual", "inforeg_k", "inforeg_dist_audio",
-                                         "inforeg_trace_audio", "inforeg_score_visual"]),
+    "inforeg": (
+        ["modulation=inforeg"],
+        [
+            "inforeg_beta_audio",
+            "inforeg_beta_visual",
+            "inforeg_k",
+            "inforeg_dist_audio",
+            "inforeg_trace_audio",
+            "inforeg_score_visual",
+        ],
+    ),
     "mbsd": (["modulation=mbsd"], ["mbsd_w", "mbsd_rs", "mbsd_kd", "mbsd_ce_audio", "mbsd_teacher_visual"]),
     "mbsd_corrected": (["modulation=mbsd", "modulation.variant=corrected"], ["mbsd_w", "mbsd_kd"]),
     "amco": (["modulation=amco"], ["amco_D_audio", "amco_flag_visual", "amco_pt", "amco_ce_audio"]),
     "amco_feature": (["modulation=amco", "modulation.variant=feature"], ["amco_D_visual", "amco_pt", "amco_masked"]),
     "amco_base": (["modulation=amco", "modulation.variant=bb_base_model"], ["amco_ce_audio", "amco_ce_visual"]),
     "cml_3": (["dataset=synth_av3", "modulation=cml"], ["cml_rank", "cml_removed_sensor"]),
-    "inforeg_3": (["dataset=synth_av3", "modulation=inforeg", "modulation.coef=[0.95,0.1,0.1]"],
-                  ["inforeg_beta_sensor", "inforeg_k"]),
+    "inforeg_3": (
+        ["dataset=synth_av3", "modulation=inforeg", "modulation.coef=[0.95,0.1,0.1]"],
+        ["inforeg_beta_sensor", "inforeg_k"],
+    ),
 }
 
 
@@ -564,10 +590,16 @@ def test_each_method_and_variant_trains_on_synth_av_and_logs_its_coefficients(tr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [["modulation=inforeg"], ["modulation=amco"],
-                                       ["modulation=cml", "modulation.variant=balancebenchmark"],
-                                       ["modulation=lfm", "modulation.variant=balancebenchmark"]],
-                         ids=["inforeg", "amco", "cml_bb", "lfm_bb"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["modulation=inforeg"],
+        ["modulation=amco"],
+        ["modulation=cml", "modulation.variant=balancebenchmark"],
+        ["modulation=lfm", "modulation.variant=balancebenchmark"],
+    ],
+    ids=["inforeg", "amco", "cml_bb", "lfm_bb"],
+)
 def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_one(train_run, tmp_path, overrides):
     common = [*overrides, "trainer.checkpoint_every_n_steps=3", "trainer.keep_checkpoints=10"]
     _, full = train_run(*common, name="full")
@@ -575,5 +607,8 @@ def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_one(train_run, tmp_pat
     (part / "checkpoints").mkdir(parents=True)
     shutil.copy(ckpt.path_for(full, 6), part / "checkpoints")
     _, resumed = train_run(*common, "trainer.resume=auto", name="part")
-    pd.testing.assert_frame_equal(read_metrics(full).drop(columns=["time/epoch_s"]),
-                                  read_metrics(resumed).drop(columns=["time/epoch_s"]), check_exact=True)
+    pd.testing.assert_frame_equal(
+        read_metrics(full).drop(columns=["time/epoch_s"]),
+        read_metrics(resumed).drop(columns=["time/epoch_s"]),
+        check_exact=True,
+    )

@@ -1,5 +1,6 @@
 """Methods that change the step or the epochs (MLA, ReconBoost, Diagnosing & Re-learning, modality valuation): their
 math on fixed tensors against hand-worked values or independent formulas, and one tiny end-to-end run each."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ def test_owm_update_deflates_p_along_the_feature():
     # from the identity: P = I - r rᵀ / (α + |r|²), so P r = α / (α + 25) r and P leaves r's complement alone
     assert torch.allclose(p, torch.eye(3, dtype=torch.float64) - torch.outer(r, r) / (alpha + 25))
     assert torch.allclose(p @ r, alpha / (alpha + 25) * r)
-    assert torch.allclose(p @ torch.tensor([4.0, -3.0, 0.0], dtype=torch.float64), torch.tensor([4.0, -3.0, 0.0],
-                                                                                                   dtype=torch.float64))
+    assert torch.allclose(
+        p @ torch.tensor([4.0, -3.0, 0.0], dtype=torch.float64), torch.tensor([4.0, -3.0, 0.0], dtype=torch.float64)
+    )
     assert step_alpha(0.1, 0, 10) == pytest.approx(0.1) and step_alpha(0.1, 5, 10) == pytest.approx(0.1**1.5)
     assert step_alpha(0.1, 3, None) == pytest.approx(0.1)
 
@@ -149,8 +151,15 @@ def test_reconcilement_has_a_gradient_only_in_the_paper_variant():
 
 def test_stage_schedule_phases_members_and_previous():
     s = StageSchedule(["audio", "visual"], boost=2, rectify=1)
-    assert [s.phase(e) for e in range(7)] == ["boost_audio", "boost_audio", "rectify", "boost_visual", "boost_visual",
-                                             "rectify", "boost_audio"]
+    assert [s.phase(e) for e in range(7)] == [
+        "boost_audio",
+        "boost_audio",
+        "rectify",
+        "boost_visual",
+        "boost_visual",
+        "rectify",
+        "boost_audio",
+    ]
     assert [s.members(e) for e in (0, 2, 3, 6)] == [["audio"], ["audio"], ["audio", "visual"], ["audio", "visual"]]
     assert [s.previous(e) for e in (0, 3, 6)] == [None, "audio", "visual"]
 
@@ -172,8 +181,7 @@ class _Encoders(nn.Module):
 
 def test_reconboost_phase_groups_and_lr_decay():
     model = _Encoders()
-    method = ReconBoost(boost_epochs=1, rectify_epochs=1, boost_lr=0.1, rectify_lr=0.2, lr_decay=0.5,
-                        lr_decay_every=1)
+    method = ReconBoost(boost_epochs=1, rectify_epochs=1, boost_lr=0.1, rectify_lr=0.2, lr_decay=0.5, lr_decay_every=1)
     method.setup(model, 3)
     assert isinstance(model.head, EnsembleHead)
 
@@ -184,7 +192,9 @@ def test_reconboost_phase_groups_and_lr_decay():
     assert ids(boost) == {id(p) for p in [*model.encoders["audio"].parameters(), *model.head.classifier.parameters()]}
     assert boost["lr"] == pytest.approx(0.1) and boost["weight_decay"] == pytest.approx(5e-4)
     rectify = method.param_groups(model, None, 1)[0]  # stage 0 rectify: audio is the only member
-    assert id(model.head.boost_rate) in ids(rectify) and not ids(rectify) & {id(p) for p in model.encoders["visual"].parameters()}
+    assert id(model.head.boost_rate) in ids(rectify) and not ids(rectify) & {
+        id(p) for p in model.encoders["visual"].parameters()
+    }
     late = method.param_groups(model, None, 3)[0]  # stage 1 rectify: both members, lr halved once
     assert {id(p) for p in model.encoders["visual"].parameters()} <= ids(late)
     assert late["lr"] == pytest.approx(0.1)
@@ -195,8 +205,9 @@ def test_reconboost_phase_groups_and_lr_decay():
     model.head.set_members(["audio", "visual"])
     with torch.no_grad():
         model.head.boost_rate.fill_(2.0)
-    assert torch.allclose(model.head(feats), 2 * (model.head.classifier(feats["audio"])
-                                                  + model.head.classifier(feats["visual"])))
+    assert torch.allclose(
+        model.head(feats), 2 * (model.head.classifier(feats["audio"]) + model.head.classifier(feats["visual"]))
+    )
 
 
 # --- Diagnosing & Re-learning --------------------------------------------------------------------------------------
@@ -235,8 +246,9 @@ def test_relearning_refuses_a_val_split_that_is_the_test_split():
     def distinct(split, limit=None, with_index=False):
         return iter([batch if split == "val" else other])
 
-    Relearning().train_start(StepContext(epoch=0, step=0, global_step=0, model=None, modalities=["audio"],
-                                         batches=distinct))
+    Relearning().train_start(
+        StepContext(epoch=0, step=0, global_step=0, model=None, modalities=["audio"], batches=distinct)
+    )
 
 
 # --- valuation -----------------------------------------------------------------------------------------------------
@@ -284,15 +296,21 @@ def test_mla_runs_and_best_pt_predicts_with_its_fusion(train_run):
 
 @pytest.mark.slow
 def test_mla_released_with_batch_fusion_runs(train_run):
-    results, out = train_run("modulation=mla", "modulation.variant=released", "modulation.fusion=dynamic_batch",
-                             "trainer.epochs=1")
+    results, out = train_run(
+        "modulation=mla", "modulation.variant=released", "modulation.fusion=dynamic_batch", "trainer.epochs=1"
+    )
     assert results["status"] == "ok" and "train/mla_alpha" not in pd.read_csv(out / "steps.csv").columns
 
 
 @pytest.mark.slow
 def test_reconboost_runs_its_phases_with_their_optimizers(train_run):
-    results, out = train_run("modulation=reconboost", "modulation.boost_epochs=1", "modulation.rectify_epochs=1",
-                             "modulation.boost_lr=0.02", "modulation.rectify_lr=0.01")
+    results, out = train_run(
+        "modulation=reconboost",
+        "modulation.boost_epochs=1",
+        "modulation.rectify_epochs=1",
+        "modulation.boost_lr=0.02",
+        "modulation.rectify_lr=0.01",
+    )
     epochs = read_metrics(out)
     epochs = epochs[epochs["phase"].notna()]
     assert epochs["phase"].tolist() == ["boost_audio", "rectify"]

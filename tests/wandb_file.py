@@ -6,6 +6,7 @@ so this decodes the container itself: a LevelDB-style log (a 7-byte file header 
 payloads are wandb's own protobuf ``Record`` messages (``wandb.proto.wandb_internal_pb2``). The values are read
 with wandb's protobuf classes; only the framing is done here.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,13 +34,13 @@ def records(path: Path):
         if left_in_block < _HEADER:  # block trailer: zero padding
             pos += left_in_block
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
         if length == 0 and kind == 0:  # zero fill at the end of a block or of a file being written
             pos += left_in_block
             continue
         if pos + _HEADER + length > len(data):  # a record still being written
             return
-        body = data[pos + _HEADER:pos + _HEADER + length]
+        body = data[pos + _HEADER : pos + _HEADER + length]
         assert zlib.crc32(bytes([kind]) + body) & 0xFFFFFFFF == crc, f"bad checksum at byte {pos} of {path}"
         pos += _HEADER + length
         if kind == _FULL:

@@ -5,6 +5,7 @@ robustness  fused test accuracy when one modality is removed for a fraction r of
 estimator   how often the head's own uni-modal estimator and zero-out name the same dominant modality
 plots       ρ / k / q curves from the run's steps.csv (plots/*.png)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ from onthefly.config import register_configs
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m onthefly.analyse", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m onthefly.analyse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["probe", "robustness", "estimator", "plots"])
     parser.add_argument("overrides", nargs="*", help="run_dir=PATH (required), device=auto, seed=0")
     args = parser.parse_args(argv)
@@ -30,7 +32,9 @@ def _parse(argv):
     if "run_dir" not in opts:
         parser.error("run_dir=PATH is required (a folder written by `python -m onthefly.train`)")
     if not Path(opts["run_dir"]).is_dir():
-        parser.error(f"run_dir={opts['run_dir']} is not a folder (expected a run folder written by `python -m onthefly.train`)")
+        parser.error(
+            f"run_dir={opts['run_dir']} is not a folder (expected a run folder written by `python -m onthefly.train`)"
+        )
     return args.command, Path(opts["run_dir"]), opts["device"], int(opts["seed"])
 
 
@@ -49,10 +53,21 @@ def _log_to_wandb(run_dir: Path, kind: str, payload: dict, images: dict) -> None
     if not info:
         return
     mode = os.environ.get("WANDB_MODE") or info.get("mode") or "offline"
-    config = {"analysis": kind, "analysed_run": info["id"], "analysed_run_dir": str(run_dir.resolve()),
-              "choices": json.loads(results.read_text()).get("choices") or {}}
-    options = {"mode": mode, "project": info.get("project"), "entity": info.get("entity"), "group": info.get("group"),
-               "job_type": "analysis", "name": f"{info.get('name') or info['id']}:{kind}", "tags": [kind]}
+    config = {
+        "analysis": kind,
+        "analysed_run": info["id"],
+        "analysed_run_dir": str(run_dir.resolve()),
+        "choices": json.loads(results.read_text()).get("choices") or {},
+    }
+    options = {
+        "mode": mode,
+        "project": info.get("project"),
+        "entity": info.get("entity"),
+        "group": info.get("group"),
+        "job_type": "analysis",
+        "name": f"{info.get('name') or info['id']}:{kind}",
+        "tags": [kind],
+    }
     run, _ = open_wandb_run(run_dir, config, options)
     if run is None:
         return
@@ -115,8 +130,11 @@ def main(argv=None) -> int:
 
     if command == "plots":
         paths = run_plots(run_dir)
-        print("\n".join(map(str, paths)) or f"nothing to plot: {run_dir} has no steps.csv with rho/k/q columns "
-              "(a uni-modal run, or logger.log_steps=false)")
+        print(
+            "\n".join(map(str, paths))
+            or f"nothing to plot: {run_dir} has no steps.csv with rho/k/q columns "
+            "(a uni-modal run, or logger.log_steps=false)"
+        )
         return 0
     from onthefly.engine.errors import TrainingError
 

@@ -17,6 +17,7 @@ forward, cross-entropy, backward, optimizer step. Every method is timed through 
 own hooks. On a CPU the step uses a smaller batch and every part takes fewer steps (`--quick` on CPU by default):
 the figures are then CPU figures, printed as such.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,23 @@ def _trainer(method: str, device: torch.device, bare: bool = False, precision: s
     from onthefly.engine.trainer import Trainer
     from onthefly.logging import RunLogger
 
-    cfg = compose([f"modulation={method}", f"backbone={BACKBONE}", "optim=sgd", "dataset.num_classes=6",
-                   "dataset.num_train=8", "dataset.num_val=8", "dataset.num_test=8", f"trainer.device={device}",
-                   f"trainer.precision={precision}", "trainer.deterministic=false", "trainer.progress=false",
-                   "trainer.num_workers=0", "logger.mode=disabled"])
+    cfg = compose(
+        [
+            f"modulation={method}",
+            f"backbone={BACKBONE}",
+            "optim=sgd",
+            "dataset.num_classes=6",
+            "dataset.num_train=8",
+            "dataset.num_val=8",
+            "dataset.num_test=8",
+            f"trainer.device={device}",
+            f"trainer.precision={precision}",
+            "trainer.deterministic=false",
+            "trainer.progress=false",
+            "trainer.num_workers=0",
+            "logger.mode=disabled",
+        ]
+    )
     parts = build(cfg, device)
     logger = RunLogger(Path("."), {}, {"mode": "disabled"}, enabled=False)
     trainer = Trainer.from_parts(cfg, parts, logger, device)
@@ -68,8 +82,10 @@ def _trainer(method: str, device: torch.device, bare: bool = False, precision: s
 
 def _batch(audio_shape, frames: int, size: int, batch: int, device: torch.device):
     g = torch.Generator().manual_seed(0)
-    inputs = {"audio": torch.randn(batch, *audio_shape, generator=g),
-              "visual": torch.randn(batch, frames, 3, size, size, generator=g)}
+    inputs = {
+        "audio": torch.randn(batch, *audio_shape, generator=g),
+        "visual": torch.randn(batch, frames, 3, size, size, generator=g),
+    }
     labels = torch.randint(0, 6, (batch,), generator=g)
     return {m: x.to(device) for m, x in inputs.items()}, labels.to(device)
 
@@ -92,8 +108,10 @@ def step_overhead(device: torch.device, batch: int, repeats: int, warmup: int, p
     a change in the machine's load hits all of them alike."""
     audio, frames, size = SHAPES["CREMA-D"][0], SHAPES["CREMA-D"][1], SHAPES["CREMA-D"][2]
     inputs, labels = _batch(audio, frames, size, batch, device)
-    variants = {"bare": _trainer("none", device, bare=True, precision=precision),
-                "none (ρ measured)": _trainer("none", device, precision=precision)}
+    variants = {
+        "bare": _trainer("none", device, bare=True, precision=precision),
+        "none (ρ measured)": _trainer("none", device, precision=precision),
+    }
     variants.update({m: _trainer(m, device, precision=precision) for m in METHODS})
     times: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
@@ -106,8 +124,13 @@ def step_overhead(device: torch.device, batch: int, repeats: int, warmup: int, p
                 times[name].append(t)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     spread = {name: (min(ts), max(ts)) for name, ts in times.items()}
-    return {"batch": batch, "repeats": repeats, "median_s": med, "range_s": spread,
-            "ratio": {n: med[n] / med["bare"] for n in med}}
+    return {
+        "batch": batch,
+        "repeats": repeats,
+        "median_s": med,
+        "range_s": spread,
+        "ratio": {n: med[n] / med["bare"] for n in med},
+    }
 
 
 # --- (b) the input pipeline -----------------------------------------------------------------------------------
@@ -135,8 +158,10 @@ def make_caches(workdir: Path, clips: int, sources: int, workers: int) -> dict[s
     sources also as a raw tree for :class:`DecodeInGetitem` (``<workdir>/raw_cremad``)."""
     from data_prep.bench import build_cache, generate_clips
 
-    made = {"cremad": generate_clips(workdir / "sources", "cremad", sources - 1, SOURCES),
-            "kinetics": generate_clips(workdir / "sources", "kinetics", sources - 1, SOURCES)}
+    made = {
+        "cremad": generate_clips(workdir / "sources", "cremad", sources - 1, SOURCES),
+        "kinetics": generate_clips(workdir / "sources", "kinetics", sources - 1, SOURCES),
+    }
     caches = {}
     for label, (dataset, preset) in READERS.items():
         recipe = _reader_cfg(preset, workdir).dataset.audio_recipe
@@ -181,8 +206,9 @@ class DecodeInGetitem(torch.utils.data.Dataset):
                 (root / sub).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src[key], root / sub / f"{cid}{ext}")
             if src["video"] not in frames:
-                frames[src["video"]] = [encode_frame(f, 90) for f in
-                                        decode_container(Path(src["video"]), short_side=None).frames]
+                frames[src["video"]] = [
+                    encode_frame(f, 90) for f in decode_container(Path(src["video"]), short_side=None).frames
+                ]
             folder = root / "frames" / cid
             folder.mkdir(parents=True, exist_ok=True)
             for k, jpeg in enumerate(frames[src["video"]]):
@@ -235,8 +261,11 @@ def _per_sample(dataset, items: int) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     for k in range(items):
         seeded[(1, k % n)]
-    return {"ms_per_sample": 1000 * (time.perf_counter() - wall) / items,
-            "cpu_ms_per_sample": 1000 * (time.process_time() - cpu) / items, "items": items}
+    return {
+        "ms_per_sample": 1000 * (time.perf_counter() - wall) / items,
+        "cpu_ms_per_sample": 1000 * (time.process_time() - cpu) / items,
+        "items": items,
+    }
 
 
 def _audio_ms(dataset, items: int) -> Optional[float]:
@@ -271,8 +300,9 @@ def _loader_rate(dataset, batch: int, workers: int, batches: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def reader_throughput(workdir: Path, items: int, batches: int, workers: int, clips: int, sources: int,
-                      prep_workers: int) -> dict:
+def reader_throughput(
+    workdir: Path, items: int, batches: int, workers: int, clips: int, sources: int, prep_workers: int
+) -> dict:
     """(b) For each recipe: the cache reader training uses, on a cache the prep built from generated clips
     (its preset's frames, image size, crop and audio crop), in ms per sample on one core and in samples/s through
     the training loader with ``workers`` workers; for CREMA-D also :class:`DecodeInGetitem` (JPEG files, and
@@ -287,24 +317,44 @@ def reader_throughput(workdir: Path, items: int, batches: int, workers: int, cli
         cfg = _reader_cfg(preset, caches[label])
         train = build_splits(cfg).train
         ds = cfg.dataset
-        what = (f"cache, {ds.audio_recipe}, {ds.num_frames} frame{'s' if ds.num_frames > 1 else ''} "
-                f"{ds.image_size}" + (f", {ds.audio_crop}-frame audio crop" if ds.get("audio_crop") else ""))
+        what = f"cache, {ds.audio_recipe}, {ds.num_frames} frame{'s' if ds.num_frames > 1 else ''} {ds.image_size}" + (
+            f", {ds.audio_crop}-frame audio crop" if ds.get("audio_crop") else ""
+        )
         batch = min(int(cfg.trainer.batch_size), len(train))  # the preset's batch (tiny test caches: all of train)
-        row = {"reader": f"{label} {what}", "dataset": label, "kind": "cache", "batch": batch,
-               **_per_sample(train, items), "audio_cpu_ms": _audio_ms(train, items)}
+        row = {
+            "reader": f"{label} {what}",
+            "dataset": label,
+            "kind": "cache",
+            "batch": batch,
+            **_per_sample(train, items),
+            "audio_cpu_ms": _audio_ms(train, items),
+        }
         row["samples_s"] = _loader_rate(train, row["batch"], workers, batches)
         rows.append(row)
         if dataset == "cremad":
             for video in (False, True):
                 base = DecodeInGetitem(caches["raw_cremad"], train=True, video=video)
                 what = "WAV + frame from the FLV (PyAV)" if video else "WAV + JPEG frame files"
-                row = {"reader": f"CREMA-D decode in __getitem__ ({what})", "dataset": label, "kind": "decode",
-                       "batch": rows[-1]["batch"], **_per_sample(base, items), "audio_cpu_ms": None}
+                row = {
+                    "reader": f"CREMA-D decode in __getitem__ ({what})",
+                    "dataset": label,
+                    "kind": "decode",
+                    "batch": rows[-1]["batch"],
+                    **_per_sample(base, items),
+                    "audio_cpu_ms": None,
+                }
                 row["samples_s"] = _loader_rate(base, row["batch"], workers, batches)
                 rows.append(row)
     cache = rows[0]
-    return {"workers": workers, "items": items, "clips": clips, "setup_s": time.perf_counter() - t0, "rows": rows,
-            "goal_ms": GOAL_MS, "goal_met": cache["cpu_ms_per_sample"] <= GOAL_MS}
+    return {
+        "workers": workers,
+        "items": items,
+        "clips": clips,
+        "setup_s": time.perf_counter() - t0,
+        "rows": rows,
+        "goal_ms": GOAL_MS,
+        "goal_met": cache["cpu_ms_per_sample"] <= GOAL_MS,
+    }
 
 
 def model_rate(device: torch.device, batch: int, steps: int) -> float:
@@ -333,12 +383,25 @@ def _shape_worker(name: str, device_name: str, steps: int, warmup: bool, queue) 
         if warmup:
             _timed_step(trainer, inputs, labels)  # allocations, cuDNN autotuning
         step = statistics.median(_timed_step(trainer, inputs, labels) for _ in range(steps))
-        peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-        queue.put({"dataset": name, "protocol": protocol, "batch": batch, "audio": "x".join(map(str, audio[1:])),
-                   "frames": f"{frames}x{size}", "samples_s": batch / step, "step_s": step, "peak_gib": peak,
-                   "memory": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-                   "rss_before_gib": before / 2**20})
+        peak = (
+            torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        )
+        queue.put(
+            {
+                "dataset": name,
+                "protocol": protocol,
+                "batch": batch,
+                "audio": "x".join(map(str, audio[1:])),
+                "frames": f"{frames}x{size}",
+                "samples_s": batch / step,
+                "step_s": step,
+                "peak_gib": peak,
+                "memory": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+                "rss_before_gib": before / 2**20,
+            }
+        )
     except Exception as err:  # noqa: BLE001  (reported in the table, the other shapes still run)
         queue.put({"dataset": name, "error": f"{type(err).__name__}: {err}"})
 
@@ -357,8 +420,9 @@ def shape_throughput(device: torch.device, steps: int, warmup: bool) -> list[dic
 
 # --- (d) DDP scaling ---------------------------------------------------------------------------------------
 def _ddp_worker(rank: int, world: int, port: int, per_gpu: int, steps: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     from onthefly.config import compose
     from onthefly.engine import distributed as ddp
     from onthefly.engine.build import build
@@ -367,9 +431,19 @@ def _ddp_worker(rank: int, world: int, port: int, per_gpu: int, steps: int, queu
 
     info, device = ddp.setup("cuda")
     try:
-        cfg = compose(["modulation=ogm_ge", "backbone=resnet18", "dataset.num_classes=6", "dataset.num_train=64",
-                       "dataset.num_val=8", "dataset.num_test=8", f"trainer.batch_size={per_gpu * world}",
-                       "trainer.deterministic=false", "logger.mode=disabled"])
+        cfg = compose(
+            [
+                "modulation=ogm_ge",
+                "backbone=resnet18",
+                "dataset.num_classes=6",
+                "dataset.num_train=64",
+                "dataset.num_val=8",
+                "dataset.num_test=8",
+                f"trainer.batch_size={per_gpu * world}",
+                "trainer.deterministic=false",
+                "logger.mode=disabled",
+            ]
+        )
         parts = build(cfg, device, info)
         logger = RunLogger(Path("."), {}, {"mode": "disabled"}, enabled=False)
         trainer = Trainer.from_parts(cfg, parts, logger, device, dist=info)
@@ -407,22 +481,23 @@ def ddp_scaling(steps: int, per_gpu: int = 64) -> dict:
         rates[world] = queue.get()
         for p in procs:
             p.join()
-    return {"gpus": gpus, "per_gpu_batch": per_gpu, "samples_s": rates,
-            "efficiency": rates[gpus] / (gpus * rates[1])}
+    return {"gpus": gpus, "per_gpu_batch": per_gpu, "samples_s": rates, "efficiency": rates[gpus] / (gpus * rates[1])}
 
 
 # --- report -------------------------------------------------------------------------------------------------
 def print_readers(b: dict) -> str:
     """The (b) figures as aligned text."""
     width = max(len(r["reader"]) for r in b["rows"])
-    lines = [f"    {'reader':<{width}}  {'ms/sample':>9}  {'CPU ms':>7}  {'of which audio':>14}  "
-             f"{'samples/s':>9}  batch"]
+    lines = [
+        f"    {'reader':<{width}}  {'ms/sample':>9}  {'CPU ms':>7}  {'of which audio':>14}  {'samples/s':>9}  batch"
+    ]
     for r in b["rows"]:
         audio = f"{r['audio_cpu_ms']:.2f}" if r.get("audio_cpu_ms") is not None else "-"
-        lines.append(f"    {r['reader']:<{width}}  {r['ms_per_sample']:>9.2f}  {r['cpu_ms_per_sample']:>7.2f}  "
-                     f"{audio:>14}  {r['samples_s']:>9.1f}  {r['batch']:>5}")
+        lines.append(
+            f"    {r['reader']:<{width}}  {r['ms_per_sample']:>9.2f}  {r['cpu_ms_per_sample']:>7.2f}  "
+            f"{audio:>14}  {r['samples_s']:>9.1f}  {r['batch']:>5}"
+        )
     return "\n".join(lines)
-
 
 
 def _machine(device: torch.device) -> str:
@@ -432,10 +507,16 @@ def _machine(device: torch.device) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
-                   help="fewer steps and a smaller (a)/(b) batch; default: on for CPU, off for CUDA")
+    p.add_argument(
+        "--quick",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fewer steps and a smaller (a)/(b) batch; default: on for CPU, off for CUDA",
+    )
     p.add_argument("--precision", default="32", choices=["32", "bf16", "fp16"], help="precision of the (a) steps")
     p.add_argument("--workers", type=int, default=None, help="loader workers for (b); default: min(cores, 16)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
@@ -453,34 +534,53 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"onthefly bench on {_machine(device)}; {'quick (CPU) settings' if quick else 'full settings'}", flush=True)
     figures: dict = {"machine": _machine(device), "quick": quick}
 
-    a = step_overhead(device, step_batch, repeats=6 if quick else 30, warmup=1 if quick else 5, precision=args.precision)
+    a = step_overhead(
+        device, step_batch, repeats=6 if quick else 30, warmup=1 if quick else 5, precision=args.precision
+    )
     figures["a_step_overhead"] = a
-    print(f"\n(a) train-step time / bare step  [full ResNet18, CREMA-D shapes, batch {a['batch']}, "
-          f"median of {a['repeats']} repeats, methods interleaved in a new order each round, precision "
-          f"{args.precision}]")
+    print(
+        f"\n(a) train-step time / bare step  [full ResNet18, CREMA-D shapes, batch {a['batch']}, "
+        f"median of {a['repeats']} repeats, methods interleaved in a new order each round, precision "
+        f"{args.precision}]"
+    )
     print("    bare = modulation=none without the per-step uni-modal estimate (forward, loss, backward, SGD step)")
     for name, ratio in a["ratio"].items():
         lo, hi = a["range_s"][name]
-        print(f"    {name:<20} {a['median_s'][name] * 1000:9.1f} ms  (range {lo * 1000:.0f}-{hi * 1000:.0f})   "
-              f"ratio {ratio:.3f}")
+        print(
+            f"    {name:<20} {a['median_s'][name] * 1000:9.1f} ms  (range {lo * 1000:.0f}-{hi * 1000:.0f})   "
+            f"ratio {ratio:.3f}"
+        )
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        b = reader_throughput(Path(tmp), items=150 if quick else 600, batches=6 if quick else 30, workers=workers,
-                              clips=80 if quick else 256, sources=4, prep_workers=workers)
+        b = reader_throughput(
+            Path(tmp),
+            items=150 if quick else 600,
+            batches=6 if quick else 30,
+            workers=workers,
+            clips=80 if quick else 256,
+            sources=4,
+            prep_workers=workers,
+        )
     b["model_batch"] = pipe_batch
     b["model_samples_s"] = model_rate(device, pipe_batch, steps=1 if quick else 10)
     b["ratio"] = b["rows"][0]["samples_s"] / b["model_samples_s"]
     figures["b_pipeline"] = b
-    print(f"\n(b) input pipeline: the cache reader training uses (frames decoded and cropped as in training) beside "
-          f"a loader that decodes media in __getitem__  [a cache of {b['clips']} clips per recipe, made by the prep "
-          f"from generated clips of realistic size; one process with one thread = one loader worker, "
-          f"{b['items']} items; loader: the training loader with {b['workers']} workers, the preset's batch]")
+    print(
+        f"\n(b) input pipeline: the cache reader training uses (frames decoded and cropped as in training) beside "
+        f"a loader that decodes media in __getitem__  [a cache of {b['clips']} clips per recipe, made by the prep "
+        f"from generated clips of realistic size; one process with one thread = one loader worker, "
+        f"{b['items']} items; loader: the training loader with {b['workers']} workers, the preset's batch]"
+    )
     print(print_readers(b))
     verdict = "met" if b["goal_met"] else "NOT met"
-    print(f"    goal: CREMA-D cache reader <= {b['goal_ms']:g} ms per sample per core (CPU time): {verdict} "
-          f"({b['rows'][0]['cpu_ms_per_sample']:.2f} ms)")
-    print(f"    model (OGM-GE step, batch {pipe_batch}): {b['model_samples_s']:.1f} samples/s; CREMA-D loader / model "
-          f"= {b['ratio']:.1f}")
+    print(
+        f"    goal: CREMA-D cache reader <= {b['goal_ms']:g} ms per sample per core (CPU time): {verdict} "
+        f"({b['rows'][0]['cpu_ms_per_sample']:.2f} ms)"
+    )
+    print(
+        f"    model (OGM-GE step, batch {pipe_batch}): {b['model_samples_s']:.1f} samples/s; CREMA-D loader / model "
+        f"= {b['ratio']:.1f}"
+    )
 
     c = shape_throughput(device, steps=1 if quick else 10, warmup=not quick)
     figures["c_shapes"] = c
@@ -490,18 +590,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "error" in row:
             print(f"    {row['dataset']:<16} failed: {row['error']}")
             continue
-        print(f"    {row['dataset']:<16} {row['protocol']:<10} batch {row['batch']:>3}  audio {row['audio']:<9} "
-              f"frames {row['frames']:<6} {row['samples_s']:8.1f} samples/s  peak {row['peak_gib']:.2f} GiB "
-              f"({row['memory']})")
+        print(
+            f"    {row['dataset']:<16} {row['protocol']:<10} batch {row['batch']:>3}  audio {row['audio']:<9} "
+            f"frames {row['frames']:<6} {row['samples_s']:8.1f} samples/s  peak {row['peak_gib']:.2f} GiB "
+            f"({row['memory']})"
+        )
 
     d = ddp_scaling(steps=3 if quick else 20)
     figures["d_ddp"] = d
     if "skipped" in d:
         print(f"\n(d) DDP scaling: skipped ({d['skipped']})")
     else:
-        print(f"\n(d) DDP scaling over {d['gpus']} GPUs (batch {d['per_gpu_batch']} per GPU): "
-              f"1 GPU {d['samples_s'][1]:.1f} samples/s, {d['gpus']} GPUs {d['samples_s'][d['gpus']]:.1f} samples/s, "
-              f"efficiency {d['efficiency']:.3f}")
+        print(
+            f"\n(d) DDP scaling over {d['gpus']} GPUs (batch {d['per_gpu_batch']} per GPU): "
+            f"1 GPU {d['samples_s'][1]:.1f} samples/s, {d['gpus']} GPUs {d['samples_s'][d['gpus']]:.1f} samples/s, "
+            f"efficiency {d['efficiency']:.3f}"
+        )
     figures["wall_s"] = time.time() - t0
     print(f"\nbench took {figures['wall_s']:.0f} s")
     if args.json:

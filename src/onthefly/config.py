@@ -21,6 +21,7 @@ signatures of configurable classes alike; OmegaConf sees the plain type, :func:`
 same annotations carry :data:`MAY_CHANGE_ON_RESUME`, the flag of a setting that may differ between a run and its
 resume (how it runs, not what it computes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,7 +49,6 @@ _SCHEMA_MODULES = (
     "onthefly.modulation",
     "onthefly.tasks",
 )
-
 
 
 # --- what a value may be: metadata carried by the types ------------------------------------------------------
@@ -101,10 +101,14 @@ class Range(Constraint):
     def problem(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
-        ok = not math.isnan(value) and all((
-            self.ge is None or value >= self.ge, self.gt is None or value > self.gt,
-            self.le is None or value <= self.le, self.lt is None or value < self.lt,
-        ))
+        ok = not math.isnan(value) and all(
+            (
+                self.ge is None or value >= self.ge,
+                self.gt is None or value > self.gt,
+                self.le is None or value <= self.le,
+                self.lt is None or value < self.lt,
+            )
+        )
         return None if ok else f"must be {self.text}"
 
 
@@ -249,8 +253,9 @@ class TrainerConfig:
     batch_size: PositiveInt = 64
     eval_batch_size: PositiveInt = 256
     num_workers: Annotated[int, Range(ge=0), _Resumable] = 0
-    device: Annotated[str, Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"), CudaAvailable(),
-                      _Resumable] = "auto"
+    device: Annotated[
+        str, Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"), CudaAvailable(), _Resumable
+    ] = "auto"
     threads: Annotated[Optional[int], Range(ge=1), _Resumable] = None
     # NHWC conv layout: auto = on for CUDA (tensor cores), off on CPU, where oneDNN's AVX-512 NHWC weight-gradient
     # kernel crashes on some conv shapes (README, troubleshooting); true forces it on any device, with a warning on CPU
@@ -396,8 +401,14 @@ class ConstantLRConfig:
 
 # schema of every node that names a `_target_` (filled by register_configs and @configurable)
 _SCHEMAS: Dict[str, type] = {}
-_WRITTEN_OUT = {"backbone_schema": BackboneConfig, "SGD_schema": SGDConfig, "AdamW_schema": AdamWConfig,
-                "Adam_schema": AdamConfig, "StepLR_schema": StepLRConfig, "ConstantLR_schema": ConstantLRConfig}
+_WRITTEN_OUT = {
+    "backbone_schema": BackboneConfig,
+    "SGD_schema": SGDConfig,
+    "AdamW_schema": AdamWConfig,
+    "Adam_schema": AdamConfig,
+    "StepLR_schema": StepLRConfig,
+    "ConstantLR_schema": ConstantLRConfig,
+}
 
 
 def _store_schema(name: str, schema: type) -> None:
@@ -492,7 +503,7 @@ def register_configs() -> None:
 
 
 # --- walking a composed config with its schemas ----------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _field_hints(schema: type) -> Dict[str, Any]:
     return typing.get_type_hints(schema, include_extras=True)
 
@@ -590,8 +601,12 @@ def problems(cfg: DictConfig | dict, environment: bool = False) -> list[str]:
     walk(resolved, visit)
     # a key written as a reference to another (`width: ${backbone.width}`) is not reported when that one is
     references: dict[str, str] = {}
-    walk(written, lambda key, value, _: references.update({key: value[2:-1]})
-         if isinstance(value, str) and _REFERENCE.fullmatch(value) else None)
+    walk(
+        written,
+        lambda key, value, _: (
+            references.update({key: value[2:-1]}) if isinstance(value, str) and _REFERENCE.fullmatch(value) else None
+        ),
+    )
     return [text for key, text in found.items() if references.get(key) not in found]
 
 

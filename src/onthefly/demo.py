@@ -14,6 +14,7 @@ probe.json, best.pt, W&B offline run). Finished runs are reused (an interrupted 
 The table committed in docs/demo.md (and shown in README.md) is what this command printed on the machine named
 there; the demo says whether a fresh table differs from it, and ``--update-docs`` rewrites it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,18 @@ BEGIN = "<!-- demo-table:begin -->"
 END = "<!-- demo-table:end -->"
 # column -> the record key it shows (the table machinery's value keys); a uni-modal run's accuracy is also its
 # modality's accuracy
-COLUMNS = {"fused acc": "test/acc", "acc audio": "test/acc_audio", "acc visual": "test/acc_visual",
-           "probe audio": "probe/acc_audio", "probe visual": "probe/acc_visual"}
-PAIRED = {"Δ fused acc": "fused acc", "Δ probe audio": "probe audio", "Δ probe visual": "probe visual"}  # paired, vs joint
+COLUMNS = {
+    "fused acc": "test/acc",
+    "acc audio": "test/acc_audio",
+    "acc visual": "test/acc_visual",
+    "probe audio": "probe/acc_audio",
+    "probe visual": "probe/acc_visual",
+}
+PAIRED = {
+    "Δ fused acc": "fused acc",
+    "Δ probe audio": "probe audio",
+    "Δ probe visual": "probe visual",
+}  # paired, vs joint
 
 
 # --- the table -------------------------------------------------------------------------------------------------
@@ -164,18 +174,28 @@ def machine() -> str:
     return f"{cores} CPU cores ({cpu}), torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def block_text(table_md: str, seeds: list[int], epochs: int, wall_s: float, jobs: int, trained: int, total: int,
-               command: str = "make demo") -> str:
+def block_text(
+    table_md: str,
+    seeds: list[int],
+    epochs: int,
+    wall_s: float,
+    jobs: int,
+    trained: int,
+    total: int,
+    command: str = "make demo",
+) -> str:
     """The committed block: the table, what it is, and where and how fast it was measured."""
     minutes, seconds = divmod(int(round(wall_s)), 60)
     reused = "" if trained == total else f"; {total - trained} of the {total} runs were reused from an earlier demo"
-    return (f"{table_md}\n\n"
-            f"synth_av test set, in %, checkpoint selected on val: mean ± std (population) over seeds "
-            f"{','.join(map(str, seeds))}, {epochs} epochs per run. Δ: the method's run minus the joint run of the "
-            f"same seed, mean ± std over those seeds, (k/n): in k of the n seeds it is positive. Selected epoch: "
-            f"lowest–highest over the seeds (the first epoch is 0).\n"
-            f"Measured: `{command}`, {total} runs, {jobs} at a time with one thread each, wall time "
-            f"{minutes} min {seconds:02d} s{reused}; {machine()}.")
+    return (
+        f"{table_md}\n\n"
+        f"synth_av test set, in %, checkpoint selected on val: mean ± std (population) over seeds "
+        f"{','.join(map(str, seeds))}, {epochs} epochs per run. Δ: the method's run minus the joint run of the "
+        f"same seed, mean ± std over those seeds, (k/n): in k of the n seeds it is positive. Selected epoch: "
+        f"lowest–highest over the seeds (the first epoch is 0).\n"
+        f"Measured: `{command}`, {total} runs, {jobs} at a time with one thread each, wall time "
+        f"{minutes} min {seconds:02d} s{reused}; {machine()}."
+    )
 
 
 # --- running it --------------------------------------------------------------------------------------------------
@@ -218,19 +238,29 @@ def default_results(overrides: list[str]) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m onthefly.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m onthefly.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each; default 2)")
-    parser.add_argument("--results", default=None,
-                        help="results root; the demo writes <results>/demo/ (default: outputs, or "
-                             "outputs/demo-variants/<hash> with overrides)")
-    parser.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"],
-                        help="where the table itself is logged (each run follows logger.mode)")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="results root; the demo writes <results>/demo/ (default: outputs, or "
+        "outputs/demo-variants/<hash> with overrides)",
+    )
+    parser.add_argument(
+        "--wandb",
+        default="offline",
+        choices=["offline", "online", "disabled"],
+        help="where the table itself is logged (each run follows logger.mode)",
+    )
     parser.add_argument("--retry-failed", action="store_true", help="run failed runs again (once the cause is fixed)")
-    parser.add_argument("--update-docs", action="store_true",
-                        help=f"write this table into {DOCS.relative_to(REPO)} and README.md (between the "
-                             "demo-table markers)")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help=f"write this table into {DOCS.relative_to(REPO)} and README.md (between the demo-table markers)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.epochs=4")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_SILENT", "true")  # dozens of W&B banners would bury the table
@@ -254,17 +284,29 @@ def main(argv=None) -> int:
         if not line.startswith("  #"):  # the per-job override lists: in sweep.log and the run folders
             print(line, flush=True)
 
-    print(f"onthefly demo: {len(spec.rows)} methods x {len(seeds)} seeds = {total} runs of {epochs} epochs on "
-          f"synth_av, {jobs} at a time, through the table machinery (experiments/demo.yaml) -> {results / SPEC}/",
-          flush=True)
+    print(
+        f"onthefly demo: {len(spec.rows)} methods x {len(seeds)} seeds = {total} runs of {epochs} epochs on "
+        f"synth_av, {jobs} at a time, through the table machinery (experiments/demo.yaml) -> {results / SPEC}/",
+        flush=True,
+    )
     t0 = time.time()
     todo = len(sweep.to_run(sweep.plan(spec, seeds, results, sweep.data_root(args.overrides))))
     if todo < total:
-        print(f"{total - todo} of the {total} runs are already done in {results / SPEC}/ (an earlier demo): reused; "
-              "remove that folder to train them again", flush=True)
+        print(
+            f"{total - todo} of the {total} runs are already done in {results / SPEC}/ (an earlier demo): reused; "
+            "remove that folder to train them again",
+            flush=True,
+        )
     try:
-        cells = sweep.run_sweep(spec, seeds, "parallel", [f"hydra.launcher.n_jobs={jobs}", *args.overrides], results,
-                                retry_failed=args.retry_failed, log=say)
+        cells = sweep.run_sweep(
+            spec,
+            seeds,
+            "parallel",
+            [f"hydra.launcher.n_jobs={jobs}", *args.overrides],
+            results,
+            retry_failed=args.retry_failed,
+            log=say,
+        )
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -273,11 +315,18 @@ def main(argv=None) -> int:
     if failed or unfinished:
         print("\n".join(sweep.failure_lines(cells)), file=sys.stderr)
         if unfinished:
-            print(f"{len(unfinished)} run(s) ended without a result: " + ", ".join(j.name for j in unfinished[:6])
-                  + f" (see {results / SPEC / 'sweep.log'})", file=sys.stderr)
-        print(f"error: {len(failed) + len(unfinished)} demo run(s) did not finish (see above); finished runs are "
-              "kept, and the next `make demo` runs only what is missing (failed runs with --retry-failed, once the "
-              "cause is fixed)", file=sys.stderr)
+            print(
+                f"{len(unfinished)} run(s) ended without a result: "
+                + ", ".join(j.name for j in unfinished[:6])
+                + f" (see {results / SPEC / 'sweep.log'})",
+                file=sys.stderr,
+            )
+        print(
+            f"error: {len(failed) + len(unfinished)} demo run(s) did not finish (see above); finished runs are "
+            "kept, and the next `make demo` runs only what is missing (failed runs with --retry-failed, once the "
+            "cause is fixed)",
+            file=sys.stderr,
+        )
         return 1
     print("linear probes of every encoder …", flush=True)
     run_analyses(spec, cells, seeds, results, jobs)
@@ -302,8 +351,10 @@ def main(argv=None) -> int:
         else:
             print(f"This table DIFFERS from the committed one in {DOCS.relative_to(REPO)} (and the README):")
             print("\n".join(diff))
-            print("Another CPU, torch version or BLAS can change the last digits; a different story is a bug. "
-                  "`python -m onthefly.demo --update-docs` writes this table there.")
+            print(
+                "Another CPU, torch version or BLAS can change the last digits; a different story is a bug. "
+                "`python -m onthefly.demo --update-docs` writes this table there."
+            )
     if args.update_docs:
         written = [str(p.relative_to(REPO)) for p in (DOCS, README) if p.exists() and write_block(p, block)]
         print(f"wrote the table into {', '.join(written) or 'nothing (no demo-table markers found)'}")

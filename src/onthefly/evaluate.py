@@ -1,4 +1,5 @@
 """Deprecated name of `python -m onthefly.analyse` (kept for one release): same commands, same arguments."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """PNG figures (matplotlib, headless): training curves of ρ / k / q, robustness curves, probe bars."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def line_plot(series: dict, path: Path, xlabel: str, ylabel: str, title: str = "", hline: Optional[float] = None,
-              integer_x: Optional[bool] = None) -> Path:
+def line_plot(
+    series: dict,
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    hline: Optional[float] = None,
+    integer_x: Optional[bool] = None,
+) -> Path:
     """series: {label: (x, y)} or {label: (x, y, y_std)} (a shaded band of ±std). ``integer_x``: ticks at whole
     numbers only (default: when the x axis is epochs or steps)."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -52,11 +60,19 @@ def step_curves(steps: pd.DataFrame, prefix: str, path: Path, title: str = "", s
     series = {c.split("_", 1)[1]: (steps["step"], steps[c].rolling(smooth, min_periods=1).mean()) for c in cols}
     what = QUANTITIES.get(prefix, prefix)
     title = title or f"{what} of each modality, rolling mean over {smooth} training steps"
-    return line_plot(series, path, xlabel="training step", ylabel=f"{what}, rolling mean", title=title,
-                     hline=1.0 if prefix == "rho" else None)
+    return line_plot(
+        series,
+        path,
+        xlabel="training step",
+        ylabel=f"{what}, rolling mean",
+        title=title,
+        hline=1.0 if prefix == "rho" else None,
+    )
 
 
-def grouped_bars(table: pd.DataFrame, path: Path, ylabel: str, title: str = "", errors: Optional[pd.DataFrame] = None) -> Path:
+def grouped_bars(
+    table: pd.DataFrame, path: Path, ylabel: str, title: str = "", errors: Optional[pd.DataFrame] = None
+) -> Path:
     """Bars for a table (rows: groups on the x axis, columns: bars within a group)."""
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(table) + 2), 4.2))
     table.plot.bar(ax=ax, yerr=errors, capsize=3, rot=20)

@@ -5,6 +5,7 @@ is a terminal. Anywhere else (a Slurm log, a joblib or submitit worker, a pipe, 
 line per update would fill the log with carriage returns. ``ONTHEFLY_PROGRESS=1`` forces bars on (a terminal
 that does not say it is one), ``ONTHEFLY_PROGRESS=0`` turns them off everywhere.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """Where the project's own files are: the Hydra configs, the table specs and the published numbers ship inside
 the package (``onthefly/conf``, ``onthefly/experiments`` in an installed wheel); in a source checkout they are the
 repository's top-level ``conf/`` and ``experiments/`` (the files a user edits), which the wheel is built from."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,7 +5,7 @@ head's outputs to
 
 * a per-sample training loss (:meth:`Task.loss`),
 * class logits (:meth:`Task.class_logits`): what the discrepancy ratio ρ, the uni-modal accuracies and the
-  training accuracy are computed from (METHOD.md §2 needs a softmax over classes), and
+  training accuracy are computed from (docs/method.md §2 needs a softmax over classes), and
 * evaluation metrics (:meth:`Task.metrics`), always with ``loss`` and ``acc`` (``acc`` selects the checkpoint).
 
 Side targets a task reads (MOSI's continuous ``score``, AVQA's ``qtype`` and ``relation``) are per-sample
@@ -19,6 +19,7 @@ Tasks:
                      Acc-2 and weighted F1 with and without neutral (score 0) segments; regression: MAE,
                      Pearson correlation, Acc-7
 """
+
 from __future__ import annotations
 
 import abc
@@ -112,11 +113,14 @@ class Sentiment(Task):
     def setup(self, splits) -> None:
         super().setup(splits)
         if splits.num_classes != 2:
-            raise ValueError(f"task=sentiment needs a 2-class dataset (y >= 0 vs y < 0); this one has "
-                             f"{splits.num_classes} classes")
+            raise ValueError(
+                f"task=sentiment needs a 2-class dataset (y >= 0 vs y < 0); this one has {splits.num_classes} classes"
+            )
         if self.score_key not in self.target_keys:
-            raise ValueError(f"task=sentiment reads the per-sample '{self.score_key}', which this dataset does not "
-                             f"provide (its targets: {self.target_keys}); use task=classification")
+            raise ValueError(
+                f"task=sentiment reads the per-sample '{self.score_key}', which this dataset does not "
+                f"provide (its targets: {self.target_keys}); use task=classification"
+            )
 
     @property
     def regression(self) -> bool:
@@ -167,4 +171,3 @@ def build_task(cfg, splits) -> Task:
     task: Task = instantiate(cfg.task) if "task" in cfg and cfg.task is not None else Classification()
     task.setup(splits)
     return task
-

@@ -8,6 +8,7 @@ and the error, the other jobs of a sweep run, and the command exits non-zero. Th
 selected checkpoint's score on its selection split (val accuracy by default): what a hyperparameter search
 (`hparams_search=…`) maximises.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,13 @@ def record_failure(out_dir: Path, cfg: DictConfig, err: BaseException, since: fl
     except Exception:  # noqa: BLE001  (a config that cannot resolve is itself the error; keep it unresolved)
         config = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}", "config": config,
-                                "epochs_done": 0}, indent=2, default=str))
+    path.write_text(
+        json.dumps(
+            {"status": "failed", "error": f"{type(err).__name__}: {err}", "config": config, "epochs_done": 0},
+            indent=2,
+            default=str,
+        )
+    )
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -1,4 +1,5 @@
-"""Audio features shared by the synthetic benchmark and the real datasets' prep code (DATA.md recipes)."""
+"""Audio features shared by the synthetic benchmark and the real datasets' prep code (docs/data.md recipes)."""
+
 from __future__ import annotations
 
 import torch

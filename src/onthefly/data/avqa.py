@@ -14,6 +14,7 @@ so no clip is in both. MUSIC-AVQA's train / val / test are its own.
 Tokens: lower-case, words are runs of letters and digits, an apostrophe inside a word kept ("what's");
 ids 0 = ``<pad>``, 1 = ``<unk>``, then the train split's words by count (ties alphabetical).
 """
+
 import logging
 import re
 import zipfile
@@ -28,8 +29,19 @@ from torch.utils.data import Dataset
 
 from onthefly.config import Range, configurable
 from onthefly.data.base import CacheDamagedError, CacheMissingError, DataSplits
-from onthefly.data.cache import (FORMAT_VERSION, INDEX_FILE, OK, RECIPE_FILE, SPLITS, CacheMismatchError, CacheReader,
-                                 audio_recipe, index_counts, load_json, prep_command)
+from onthefly.data.cache import (
+    FORMAT_VERSION,
+    INDEX_FILE,
+    OK,
+    RECIPE_FILE,
+    SPLITS,
+    CacheMismatchError,
+    CacheReader,
+    audio_recipe,
+    index_counts,
+    load_json,
+    prep_command,
+)
 from onthefly.data.clips import CachedClips, ClipCache, split_positions, stratified_holdout
 
 log = logging.getLogger("onthefly")
@@ -70,8 +82,16 @@ class AVQAQuestions(Dataset):
     "length": scalar, "choices": [4, Lc], "choice_lengths": [4]} (choices only for AVQA), "label", "qtype",
     "relation", "index"}."""
 
-    def __init__(self, clips: CachedClips, clip_of: np.ndarray, rows: pd.DataFrame, labels: np.ndarray,
-                 qtypes: np.ndarray, relations: np.ndarray, tokens: dict[str, np.ndarray]):
+    def __init__(
+        self,
+        clips: CachedClips,
+        clip_of: np.ndarray,
+        rows: pd.DataFrame,
+        labels: np.ndarray,
+        qtypes: np.ndarray,
+        relations: np.ndarray,
+        tokens: dict[str, np.ndarray],
+    ):
         self.clips, self.clip_of = clips, np.asarray(clip_of, dtype=np.int64)
         self.rows = rows.reset_index(drop=True)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -83,13 +103,20 @@ class AVQAQuestions(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.clips[int(self.clip_of[i])]
-        question = {"tokens": torch.from_numpy(self.tokens["question"][i]),
-                    "length": torch.tensor(self.tokens["question_length"][i])}
+        question = {
+            "tokens": torch.from_numpy(self.tokens["question"][i]),
+            "length": torch.tensor(self.tokens["question_length"][i]),
+        }
         if "choices" in self.tokens:
             question["choices"] = torch.from_numpy(self.tokens["choices"][i])
             question["choice_lengths"] = torch.from_numpy(self.tokens["choice_length"][i])
-        item.update(question=question, label=int(self.labels[i]), qtype=int(self.qtypes[i]),
-                    relation=int(self.relations[i]), index=i)
+        item.update(
+            question=question,
+            label=int(self.labels[i]),
+            qtype=int(self.qtypes[i]),
+            relation=int(self.relations[i]),
+            index=i,
+        )
         return item
 
 
@@ -121,25 +148,34 @@ class AVQA(ClipCache):
             other = "" if "FORMAT=music" in command else f" (MUSIC-AVQA: `{prep_command('avqa_music', self.root)}`)"
             raise CacheMissingError(
                 f"No AVQA cache at {self.root}. Build it with `{command}`{other}, or point paths.data_root (env "
-                "ONTHEFLY_DATA) or dataset.root at the folder that holds it.")
+                "ONTHEFLY_DATA) or dataset.root at the folder that holds it."
+            )
         recipe = load_json(self.root / RECIPE_FILE, self._rewrite(None, overwrite=True))
         if recipe.get("dataset") not in DATASETS.values():
-            raise CacheMismatchError(f"{self.root} holds a {recipe.get('dataset')} cache, not an AVQA one: set "
-                                     f"dataset.root to an AVQA cache, or build one with `{self._command()}`.")
+            raise CacheMismatchError(
+                f"{self.root} holds a {recipe.get('dataset')} cache, not an AVQA one: set "
+                f"dataset.root to an AVQA cache, or build one with `{self._command()}`."
+            )
         if recipe.get("format") != FORMAT_VERSION:
-            raise CacheMismatchError(f"The AVQA cache at {self.root} has format {recipe.get('format')}; this code "
-                                     f"reads format {FORMAT_VERSION}. Rebuild it with `{self._command(recipe)}`.")
+            raise CacheMismatchError(
+                f"The AVQA cache at {self.root} has format {recipe.get('format')}; this code "
+                f"reads format {FORMAT_VERSION}. Rebuild it with `{self._command(recipe)}`."
+            )
         missing = [f for f in (INDEX_FILE, TOKENS_FILE) if not (self.root / f).exists()]
         if missing:
-            raise CacheMissingError(f"The AVQA cache at {self.root} is incomplete ({', '.join(missing)} missing). "
-                                    f"Run `{self._command(recipe)}` again.")
+            raise CacheMissingError(
+                f"The AVQA cache at {self.root} is incomplete ({', '.join(missing)} missing). "
+                f"Run `{self._command(recipe)}` again."
+            )
         return recipe
 
     def _rewrite(self, recipe: Optional[dict], overwrite: bool = False) -> str:
         """The sentence that says how to repair the question tables: the prep rewrites all of them (and reuses
         its media cache)."""
-        return (f"Run `{self._command(recipe)}{' ARGS=overwrite=true' if overwrite else ''}` again: it rewrites the "
-                "question tables (recipe.json, index.csv, vocab.json, tokens.npz) and reuses the media cache.")
+        return (
+            f"Run `{self._command(recipe)}{' ARGS=overwrite=true' if overwrite else ''}` again: it rewrites the "
+            "question tables (recipe.json, index.csv, vocab.json, tokens.npz) and reuses the media cache."
+        )
 
     def _read_tables(self, recipe: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
         """index.csv and tokens.npz, checked against each other and against what recipe.json recorded (rows,
@@ -160,23 +196,31 @@ class AVQA(ClipCache):
             raise CacheDamagedError(
                 f"{self.root / INDEX_FILE} has {have['rows']} questions, usable per split {have['ok']}, where the "
                 f"prep wrote {rows}, usable {usable} (recipe.json): rows were deleted or edited, and training would "
-                f"silently use other questions. {fix}")
+                f"silently use other questions. {fix}"
+            )
         try:
             with np.load(self.root / TOKENS_FILE) as npz:
                 tokens = {k: npz[k] for k in npz.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise CacheDamagedError(f"{self.root / TOKENS_FILE} is damaged ({type(err).__name__}: {err}). {fix}") from None
+            raise CacheDamagedError(
+                f"{self.root / TOKENS_FILE} is damaged ({type(err).__name__}: {err}). {fix}"
+            ) from None
         if "question" not in tokens or any(len(v) != len(index) for v in tokens.values()):
-            raise CacheDamagedError(f"{self.root / TOKENS_FILE} does not hold a token row per question of "
-                                    f"{INDEX_FILE} ({len(index)}; a prep was interrupted?). {fix}")
+            raise CacheDamagedError(
+                f"{self.root / TOKENS_FILE} does not hold a token row per question of "
+                f"{INDEX_FILE} ({len(index)}; a prep was interrupted?). {fix}"
+            )
         vocab = load_json(self.root / VOCAB_FILE, fix) if (self.root / VOCAB_FILE).exists() else None
         size = int(recipe["vocab_size"])
         if vocab is not None and len(vocab.get("tokens", [])) != size:
-            raise CacheDamagedError(f"{self.root / VOCAB_FILE} holds {len(vocab.get('tokens', []))} words where "
-                                    f"recipe.json says {size}. {fix}")
+            raise CacheDamagedError(
+                f"{self.root / VOCAB_FILE} holds {len(vocab.get('tokens', []))} words where "
+                f"recipe.json says {size}. {fix}"
+            )
         if len(tokens["question"]) and (tokens["question"].min() < 0 or tokens["question"].max() >= size):
-            raise CacheDamagedError(f"{self.root / TOKENS_FILE} holds token ids outside the vocabulary of {size} "
-                                    f"words. {fix}")
+            raise CacheDamagedError(
+                f"{self.root / TOKENS_FILE} holds token ids outside the vocabulary of {size} words. {fix}"
+            )
         return index, tokens
 
     def open(self) -> CacheReader:
@@ -190,11 +234,15 @@ class AVQA(ClipCache):
                 f"The AVQA cache at {self.root} reads audio and frames from the media cache {path}, which is not "
                 f"there (moved or deleted). Run `{self._command(recipe)}` again: with MEDIA= (media=) it rebuilds "
                 "its own media cache; with VGGSOUND_CACHE= (vggsound_cache=) naming where your VGGSound cache is "
-                "now, only the question tables are rewritten.")
+                "now, only the question tables are rewritten."
+            )
         own = (recipe.get("media_cache") or {}).get("relative")  # built by the AVQA prep (else a VGGSound cache)
         media = CacheReader(path, MEDIA_DATASET, command=self._command(recipe) if own else None)
-        expected = {"dataset": MEDIA_DATASET, "audio": audio_recipe(MEDIA_DATASET, MEDIA_AUDIO),
-                    "frames.short_side": self.frame_short_side}
+        expected = {
+            "dataset": MEDIA_DATASET,
+            "audio": audio_recipe(MEDIA_DATASET, MEDIA_AUDIO),
+            "frames.short_side": self.frame_short_side,
+        }
         try:
             media.check(expected, {"frames.short_side": f"ARGS=short_side={self.frame_short_side}"})
         except CacheMismatchError as err:
@@ -202,13 +250,15 @@ class AVQA(ClipCache):
                 f"{err}\n(This is the media cache of the AVQA cache at {self.root}. Set dataset.frame_short_side "
                 "to the cache's value, or build an AVQA cache with its own media: "
                 f"`{self._command(recipe, '<folder>')} ARGS=short_side={self.frame_short_side}`, then set "
-                "dataset.root=<folder>.)") from None
+                "dataset.root=<folder>.)"
+            ) from None
         return media
 
     # --- splits -----------------------------------------------------------------------------------------------
     def _split_positions(self, ok: pd.DataFrame) -> dict[str, np.ndarray]:
         """Question positions of train / val / test; val = a held-out share of the train videos when the cache
         has no val split."""
+
         def by_video(train: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
             """All questions of a held-out share of the train videos (no clip in both train and val)."""
             videos, of = np.unique(ok["video"].to_numpy()[train], return_inverse=True)
@@ -227,9 +277,13 @@ class AVQA(ClipCache):
         usable = (index["status"] == OK).to_numpy()
         in_media = index["video"].isin(clip_pos.index).to_numpy()
         if (usable & ~in_media).any():
-            log.warning("%d AVQA questions marked ok name clips that the media cache %s no longer holds; they are "
-                        "left out (re-run `%s` to record them)", int((usable & ~in_media).sum()), media.root,
-                        self._command(recipe))
+            log.warning(
+                "%d AVQA questions marked ok name clips that the media cache %s no longer holds; they are "
+                "left out (re-run `%s` to record them)",
+                int((usable & ~in_media).sum()),
+                media.root,
+                self._command(recipe),
+            )
         keep = np.flatnonzero(usable & in_media)
         ok = index.iloc[keep].reset_index(drop=True)
         tokens = {k: v[keep] for k, v in tokens.items()}
@@ -239,21 +293,39 @@ class AVQA(ClipCache):
         labels = ok["label"].to_numpy(dtype=np.int64)
         clip_rows = clip_pos.loc[ok["video"].to_numpy()].to_numpy()
         parts = self._split_positions(ok)
-        log.info("%s cache %s: %s questions (train/val/test) over the media cache %s", recipe["dataset"], self.root,
-                 "/".join(str(len(parts[s])) for s in ("train", "val", "test")), media.root)
+        log.info(
+            "%s cache %s: %s questions (train/val/test) over the media cache %s",
+            recipe["dataset"],
+            self.root,
+            "/".join(str(len(parts[s])) for s in ("train", "val", "test")),
+            media.root,
+        )
 
         def make(split: str, train: bool) -> AVQAQuestions:
             idx = parts[split]
             unique, clip_of = np.unique(clip_rows[idx], return_inverse=True)
             split_clips = CachedClips(media, clips.iloc[unique], np.zeros(len(unique), np.int64), self, train)
-            return AVQAQuestions(split_clips, clip_of, ok.iloc[idx], labels[idx], qtypes[idx], relations[idx],
-                                 {k: v[idx] for k, v in tokens.items()})
+            return AVQAQuestions(
+                split_clips,
+                clip_of,
+                ok.iloc[idx],
+                labels[idx],
+                qtypes[idx],
+                relations[idx],
+                {k: v[idx] for k, v in tokens.items()},
+            )
 
         class_names = list(recipe["class_names"])
         return DataSplits(
-            train=make("train", True), val=make("val", False), test=make("test", False),
-            train_eval=make("train", False), num_classes=len(class_names), modalities=list(self.modalities),
-            class_names=class_names, encoder_args={"question": {"vocab_size": int(recipe["vocab_size"])}},
-            context=["question"], targets=["qtype", "relation"],
+            train=make("train", True),
+            val=make("val", False),
+            test=make("test", False),
+            train_eval=make("train", False),
+            num_classes=len(class_names),
+            modalities=list(self.modalities),
+            class_names=class_names,
+            encoder_args={"question": {"vocab_size": int(recipe["vocab_size"])}},
+            context=["question"],
+            targets=["qtype", "relation"],
             target_names={"qtype": qtype_names, "relation": relation_names},
         )

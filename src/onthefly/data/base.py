@@ -1,4 +1,5 @@
 """What every dataset builder hands the training loop."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

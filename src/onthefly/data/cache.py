@@ -21,6 +21,7 @@ A clip's JPEGs sit in the table at rows ``frame_start + t * len(streams) + s`` f
 ``s`` (``["visual"]``, or ``["visual", "flow_u", "flow_v"]`` for UCF-101). Paths in ``layout.json`` are relative
 to the cache folder, so a merged sharded cache (VGGSound) simply lists its shards' files.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,42 +43,116 @@ JOURNAL_FILE = "journal.jsonl"
 FRAME_TABLE_FILE = "frames/table.npy"
 ARRAY_DIR = "arrays"
 FRAME_DIR = "frames"
-INDEX_COLUMNS = ["id", "label", "split", "n_frames", "duration", "status", "reason", "source",
-                 "array_part", "array_row", "frame_start"]
+INDEX_COLUMNS = [
+    "id",
+    "label",
+    "split",
+    "n_frames",
+    "duration",
+    "status",
+    "reason",
+    "source",
+    "array_part",
+    "array_row",
+    "frame_start",
+]
 OK = "ok"
 SPLITS = ("train", "val", "test")
 
-# Audio recipes (DATA.md), by dataset and name. The prep computes exactly these; a reader expects them, so a
+# Audio recipes (docs/data.md), by dataset and name. The prep computes exactly these; a reader expects them, so a
 # cache made with other parameters is refused. Steps, in order: mono at `sample_rate`; `tile` to exactly that
 # many samples (repeat, then cut); `clip` to [-1, 1]; `subtract_mean`; then either `stft` (log(|X| + eps), Hann,
 # centred: [n_fft/2 + 1, frames]) or `fbank` (kaldi fbank, Hann window, no dither, no energy: [frames, mel]),
 # padded with zeros or cut to `frames`; then (x - norm_mean) / norm_std. `shape` is the result; `dtype` its storage.
 AUDIO_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "cremad": {
-        "ogm_ge": {"kind": "stft", "sample_rate": 22050, "tile": 66150, "clip": True, "subtract_mean": False,
-                   "n_fft": 512, "hop_length": 353, "eps": 1e-7, "shape": [257, 188], "dtype": "float32"},
-        "fbank": {"kind": "fbank", "sample_rate": 16000, "tile": 48000, "clip": True, "subtract_mean": True,
-                  "num_mel_bins": 128, "frame_length_ms": 25.0, "frame_shift_ms": 10.0, "frames": 298,
-                  "shape": [298, 128], "dtype": "float32"},
+        "ogm_ge": {
+            "kind": "stft",
+            "sample_rate": 22050,
+            "tile": 66150,
+            "clip": True,
+            "subtract_mean": False,
+            "n_fft": 512,
+            "hop_length": 353,
+            "eps": 1e-7,
+            "shape": [257, 188],
+            "dtype": "float32",
+        },
+        "fbank": {
+            "kind": "fbank",
+            "sample_rate": 16000,
+            "tile": 48000,
+            "clip": True,
+            "subtract_mean": True,
+            "num_mel_bins": 128,
+            "frame_length_ms": 25.0,
+            "frame_shift_ms": 10.0,
+            "frames": 298,
+            "shape": [298, 128],
+            "dtype": "float32",
+        },
     },
     "kinetics_sounds": {
-        "fbank": {"kind": "fbank", "sample_rate": 16000, "tile": None, "clip": False, "subtract_mean": True,
-                  "num_mel_bins": 128, "frame_length_ms": 25.0, "frame_shift_ms": 10.0, "frames": 1024,
-                  "norm_mean": -4.503877, "norm_std": 5.141276 * 2, "shape": [1024, 128], "dtype": "float32"},
+        "fbank": {
+            "kind": "fbank",
+            "sample_rate": 16000,
+            "tile": None,
+            "clip": False,
+            "subtract_mean": True,
+            "num_mel_bins": 128,
+            "frame_length_ms": 25.0,
+            "frame_shift_ms": 10.0,
+            "frames": 1024,
+            "norm_mean": -4.503877,
+            "norm_std": 5.141276 * 2,
+            "shape": [1024, 128],
+            "dtype": "float32",
+        },
         # the CVPR paper's 257 x 1,004 log spectrogram: 10 ms hop over 1,003 hops (10.03 s) of 16-kHz audio
-        "stft": {"kind": "stft", "sample_rate": 16000, "tile": 160480, "clip": True, "subtract_mean": False,
-                 "n_fft": 512, "hop_length": 160, "eps": 1e-7, "shape": [257, 1004], "dtype": "float32"},
+        "stft": {
+            "kind": "stft",
+            "sample_rate": 16000,
+            "tile": 160480,
+            "clip": True,
+            "subtract_mean": False,
+            "n_fft": 512,
+            "hop_length": 160,
+            "eps": 1e-7,
+            "shape": [257, 1004],
+            "dtype": "float32",
+        },
     },
     "vggsound": {
         # the whole 10-s clip; readers crop 626 frames (5 s): random in training, the centre in evaluation
-        "ogm_ge": {"kind": "stft", "sample_rate": 16000, "tile": 160000, "clip": True, "subtract_mean": False,
-                   "n_fft": 256, "hop_length": 128, "eps": 1e-7, "shape": [129, 1251], "dtype": "float16"},
+        "ogm_ge": {
+            "kind": "stft",
+            "sample_rate": 16000,
+            "tile": 160000,
+            "clip": True,
+            "subtract_mean": False,
+            "n_fft": 256,
+            "hop_length": 128,
+            "eps": 1e-7,
+            "shape": [129, 1251],
+            "dtype": "float16",
+        },
         # the CVPR release's recipe (docs/method.md §9): the first 10 s of the tiled waveform are cached; a reader
         # takes a `window` of it (5 s, any start in 0..5 s), clips it to [-1, 1] and takes the log-STFT of that
         # segment alone: 129 x 626
-        "segment": {"kind": "waveform", "sample_rate": 16000, "tile": 160000, "clip": False, "subtract_mean": False,
-                    "window": 80000, "segment_clip": True, "n_fft": 256, "hop_length": 128, "eps": 1e-7,
-                    "shape": [160000], "dtype": "float32"},
+        "segment": {
+            "kind": "waveform",
+            "sample_rate": 16000,
+            "tile": 160000,
+            "clip": False,
+            "subtract_mean": False,
+            "window": 80000,
+            "segment_clip": True,
+            "n_fft": 256,
+            "hop_length": 128,
+            "eps": 1e-7,
+            "shape": [160000],
+            "dtype": "float32",
+        },
     },
 }
 
@@ -94,7 +169,7 @@ RESAMPLE = ("sinc", "kaiser_best")
 # the audio prep options and their defaults (a recipe records only those that differ)
 AUDIO_PREP_DEFAULTS = {"downmix": DEFAULT_DOWNMIX, "resample": "sinc"}
 # Which frames the prep caches (recipe.json "frames.times"; a prep option): `centre` = the frame on screen at the
-# centre of each second (DATA.md); `second_start` = every int(fps)-th decoded frame from the first, i.e. the first
+# centre of each second (docs/data.md); `second_start` = every int(fps)-th decoded frame from the first, i.e. the first
 # frame of each second as the released extraction scripts count seconds.
 FRAME_TIMES = {"centre": "centre of each second", "second_start": "first frame of each second"}
 
@@ -147,8 +222,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def read_index(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"id": str, "label": str, "split": str, "status": str, "reason": str,
-                                    "source": str}, keep_default_na=False)
+    return pd.read_csv(
+        path,
+        dtype={"id": str, "label": str, "split": str, "status": str, "reason": str, "source": str},
+        keep_default_na=False,
+    )
 
 
 def index_counts(index: pd.DataFrame) -> dict[str, Any]:
@@ -197,7 +275,9 @@ def check_npy(path: Path, what: str, shape: Optional[tuple] = None, dtype: Optio
     else:
         if size != need:
             problem = f"is {size:,} bytes long where its header needs {need:,} ({'cut' if size < need else 'padded'})"
-        elif shape is not None and (len(have) != len(shape) or any(w is not None and w != h for w, h in zip(shape, have))):
+        elif shape is not None and (
+            len(have) != len(shape) or any(w is not None and w != h for w, h in zip(shape, have))
+        ):
             problem = f"holds an array of shape {list(have)}, not {['*' if w is None else w for w in shape]}"
         elif dtype is not None and have_dtype != np.dtype(dtype):
             problem = f"holds {have_dtype}, not {np.dtype(dtype)}"
@@ -228,8 +308,11 @@ class CacheReader:
                 f"The {dataset} cache at {self.root} is incomplete (its prep did not finish). Run `{self.command}` "
                 "again: it resumes where it stopped."
             )
-        self.recipe = load_json(self.root / RECIPE_FILE, f"It records how the cache was made, so nothing in "
-                                f"{self.root} can be trusted: rebuild it with `{self.command} ARGS=overwrite=true`.")
+        self.recipe = load_json(
+            self.root / RECIPE_FILE,
+            f"It records how the cache was made, so nothing in "
+            f"{self.root} can be trusted: rebuild it with `{self.command} ARGS=overwrite=true`.",
+        )
         if self.recipe.get("format") != FORMAT_VERSION:
             raise CacheMismatchError(
                 f"The cache at {self.root} has format {self.recipe.get('format')}; this code reads format "
@@ -259,18 +342,23 @@ class CacheReader:
         shard = re.match(r"shards/(\d+)-of-(\d+)/", path)
         merge = f"make prep-vggsound-merge OUT={self.root}"
         if shard:
-            return (f"Run that shard's prep again (`{prep_command(self.dataset, self.root, f'SHARD={shard[1]}/{shard[2]}')}`"
-                    f"): it re-prepares only the damaged clips; then `{merge}`.")
+            return (
+                f"Run that shard's prep again (`{prep_command(self.dataset, self.root, f'SHARD={shard[1]}/{shard[2]}')}`"
+                f"): it re-prepares only the damaged clips; then `{merge}`."
+            )
         if (self.recipe.get("splits") or {}).get("shards"):
             return f"Run `{merge}` again: it rewrites index.csv, layout.json and frames/table.npy from the shards."
-        return (f"Run `{self.command}` again: it resumes, re-prepares only the clips whose stored data is damaged, "
-                "and rewrites index.csv, layout.json and frames/table.npy from its journal.")
+        return (
+            f"Run `{self.command}` again: it resumes, re-prepares only the clips whose stored data is damaged, "
+            "and rewrites index.csv, layout.json and frames/table.npy from its journal."
+        )
 
     def _damaged(self, problem: str, path: str, ids: Sequence[str]) -> CacheDamagedError:
         shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
         held = f" Clips affected: {len(ids)} ({shown})." if len(ids) else ""
-        return CacheDamagedError(f"The {self.dataset} cache at {self.root} is damaged: {problem}{held} "
-                                 f"{self.repair(path)}")
+        return CacheDamagedError(
+            f"The {self.dataset} cache at {self.root} is damaged: {problem}{held} {self.repair(path)}"
+        )
 
     def check_files(self) -> None:
         """Check, without decoding anything, that index.csv holds what recipe.json says the prep cached and that
@@ -282,25 +370,37 @@ class CacheReader:
         recorded = self.recipe.get("index")
         if recorded is None and self.recipe.get("summary", {}).get("per_split"):  # caches from before "index"
             summary = self.recipe["summary"]
-            recorded = {"rows": summary.get("found"),
-                        "ok": {s: summary["per_split"].get(s, {}).get("cached", 0) for s in SPLITS}}
+            recorded = {
+                "rows": summary.get("found"),
+                "ok": {s: summary["per_split"].get(s, {}).get("cached", 0) for s in SPLITS},
+            }
         if recorded is not None:
             have = index_counts(self.index)
-            wrong = [f"{have['ok'][s]} usable {s} clips where the prep cached {recorded['ok'].get(s, 0)}"
-                     for s in SPLITS if have["ok"][s] != recorded["ok"].get(s, 0)]
+            wrong = [
+                f"{have['ok'][s]} usable {s} clips where the prep cached {recorded['ok'].get(s, 0)}"
+                for s in SPLITS
+                if have["ok"][s] != recorded["ok"].get(s, 0)
+            ]
             if recorded.get("rows") is not None and have["rows"] != recorded["rows"]:
                 wrong.append(f"{have['rows']} rows where the prep wrote {recorded['rows']}")
             if wrong:
-                raise self._damaged(f"{INDEX_FILE} has {'; '.join(wrong)} (recipe.json's record): rows were deleted "
-                                   "or edited, and training would silently use other clips.", INDEX_FILE, [])
+                raise self._damaged(
+                    f"{INDEX_FILE} has {'; '.join(wrong)} (recipe.json's record): rows were deleted "
+                    "or edited, and training would silently use other clips.",
+                    INDEX_FILE,
+                    [],
+                )
         array = self.layout.get("array")
         if array:
             parts = list(array["parts"])
             part, row = ok["array_part"].to_numpy(np.int64), ok["array_row"].to_numpy(np.int64)
             outside = (part < 0) | (part >= len(parts))
             if outside.any():
-                raise self._damaged(f"{INDEX_FILE} points usable rows at array parts that {LAYOUT_FILE} does not "
-                                   "list.", INDEX_FILE, list(ids[outside]))
+                raise self._damaged(
+                    f"{INDEX_FILE} points usable rows at array parts that {LAYOUT_FILE} does not list.",
+                    INDEX_FILE,
+                    list(ids[outside]),
+                )
             for p, name in enumerate(parts):
                 mine = part == p
                 try:
@@ -309,8 +409,11 @@ class CacheReader:
                     raise self._damaged(str(err), name, list(ids[mine])) from None
                 beyond = mine & (row >= shape[0])
                 if beyond.any():
-                    raise self._damaged(f"{name} has {shape[0]} rows, but {INDEX_FILE} points usable clips at rows "
-                                        "past its end.", name, list(ids[beyond]))
+                    raise self._damaged(
+                        f"{name} has {shape[0]} rows, but {INDEX_FILE} points usable clips at rows past its end.",
+                        name,
+                        list(ids[beyond]),
+                    )
         if self.streams:
             self._check_frames(ok, ids)
 
@@ -326,11 +429,15 @@ class CacheReader:
         end = start + ok["n_frames"].to_numpy(np.int64) * len(self.streams)
         outside = (start < 0) | (end <= start) | (end > shape[0])
         if outside.any():
-            raise self._damaged(f"{INDEX_FILE} points usable clips at frames outside {table_path} ({shape[0]} "
-                                "entries).", table_path, list(ids[outside]))
+            raise self._damaged(
+                f"{INDEX_FILE} points usable clips at frames outside {table_path} ({shape[0]} entries).",
+                table_path,
+                list(ids[outside]),
+            )
         if len(table) and (table[:, 0].min() < 0 or table[:, 0].max() >= len(parts) or (table[:, 1:] < 0).any()):
-            raise self._damaged(f"{table_path} names frame parts or byte ranges that {LAYOUT_FILE} does not hold.",
-                                table_path, [])
+            raise self._damaged(
+                f"{table_path} names frame parts or byte ranges that {LAYOUT_FILE} does not hold.", table_path, []
+            )
         stop = table[:, 1] + table[:, 2]
         order = np.argsort(start, kind="stable")
         for p, name in enumerate(parts):
@@ -339,7 +446,9 @@ class CacheReader:
             except OSError as err:
                 size, problem = -1, f"{self.root / name} (JPEG frames) is missing or unreadable ({err.strerror})."
             else:
-                problem = f"{self.root / name} (JPEG frames) is {size:,} bytes long, cut short of the frames stored in it."
+                problem = (
+                    f"{self.root / name} (JPEG frames) is {size:,} bytes long, cut short of the frames stored in it."
+                )
             cut = np.flatnonzero((table[:, 0] == p) & (stop > size))
             if len(cut):  # the clips whose frame range holds a cut frame
                 clip = order[np.searchsorted(start[order], cut, side="right") - 1]
@@ -371,17 +480,22 @@ class CacheReader:
                 have = have.get(part) if isinstance(have, dict) else None
             if isinstance(have, dict) and isinstance(want, dict) and have.get("name") != want.get("name"):
                 diffs.append((f"{key}.name", have.get("name"), want.get("name")))  # another recipe altogether
-                diffs += [(f"{key}.{k}", have.get(k), want.get(k)) for k in AUDIO_PREP_DEFAULTS
-                          if have.get(k) != want.get(k)]
+                diffs += [
+                    (f"{key}.{k}", have.get(k), want.get(k)) for k in AUDIO_PREP_DEFAULTS if have.get(k) != want.get(k)
+                ]
             elif isinstance(have, dict) and isinstance(want, dict):
-                diffs += [(f"{key}.{k}", have.get(k), want.get(k)) for k in sorted(set(have) | set(want), key=str)
-                          if _normal(have.get(k)) != _normal(want.get(k))]
+                diffs += [
+                    (f"{key}.{k}", have.get(k), want.get(k))
+                    for k in sorted(set(have) | set(want), key=str)
+                    if _normal(have.get(k)) != _normal(want.get(k))
+                ]
             elif _normal(have) != _normal(want):
                 diffs.append((key, have, want))
         if diffs:
             lines = "\n".join(f"  {k}: cache has {_shown(k, h)}, config asks for {_shown(k, w)}" for k, h, w in diffs)
-            wanted = dict.fromkeys(fix[k] if k in fix else fix[k.split(".")[0]]
-                                   for k, _, _ in diffs if k in fix or k.split(".")[0] in fix)
+            wanted = dict.fromkeys(
+                fix[k] if k in fix else fix[k.split(".")[0]] for k, _, _ in diffs if k in fix or k.split(".")[0] in fix
+            )
             args = make_args(list(wanted))
             raise CacheMismatchError(
                 f"The {self.dataset} cache at {self.root} was prepared differently from what the config asks:\n"
@@ -433,7 +547,7 @@ def _shown(key: str, value: Any) -> str:
 def make_args(parts: list[str]) -> str:
     """Make-variable assignments with every ``ARGS=...`` joined into one (make keeps only the last ARGS)."""
     plain = [p for p in parts if not p.startswith("ARGS=")]
-    extra = [p[len("ARGS="):] for p in parts if p.startswith("ARGS=")]
+    extra = [p[len("ARGS=") :] for p in parts if p.startswith("ARGS=")]
     if len(extra) > 1:
         plain.append(f'ARGS="{" ".join(extra)}"')
     elif extra:

@@ -6,6 +6,7 @@ time where the recipe says so) and T JPEG frames chosen by :mod:`onthefly.data.s
 through the train or evaluation frame transform. UCF-101's RGB and optical flow share one crop and one flip
 (the flip negates the horizontal flow u).
 """
+
 import enum
 import io
 import logging
@@ -45,7 +46,7 @@ def decode_frames(jpegs: Sequence[bytes], gray: bool = False) -> torch.Tensor:
 
 
 class RGBFlowTransform:
-    """UCF-101's streams under one crop box and one flip (DATA.md): uint8 RGB [T, 3, H, W], optional flow
+    """UCF-101's streams under one crop box and one flip (docs/data.md): uint8 RGB [T, 3, H, W], optional flow
     [T, 2, h, w] and optional next-frame RGB [T, 3, H, W] -> normalised float RGB [T, 3, S, S], flow
     [T, 2, S, S] and RGB difference (next - current, TSN style) [T, 3, S, S] (None where not given).
 
@@ -85,7 +86,7 @@ class RGBFlowTransform:
 
 # --- the options that reproduce the released loaders (docs/method.md §9; conf/fidelity/ sets them) -----------
 class FrameTimes(str, enum.Enum):
-    centre = "centre"  # the frame at the centre of each second (DATA.md)
+    centre = "centre"  # the frame at the centre of each second (docs/data.md)
     second_start = "second_start"  # the first frame of each second (the released extraction scripts)
 
 
@@ -132,8 +133,7 @@ class CachedClips(Dataset):
     and the crop scale.
     """
 
-    def __init__(self, reader: CacheReader, rows: pd.DataFrame, labels: np.ndarray, options: "ClipCache",
-                 train: bool):
+    def __init__(self, reader: CacheReader, rows: pd.DataFrame, labels: np.ndarray, options: "ClipCache", train: bool):
         self.reader = reader
         self.rows = rows.reset_index(drop=True)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -200,8 +200,9 @@ class CachedClips(Dataset):
                 rgb = decode_frames(self._jpegs(i, "visual", times))
                 flow = rgb_next = None
                 if "flow" in needed:
-                    flow = torch.cat([decode_frames(self._jpegs(i, f"flow_{c}", times), gray=True)
-                                      for c in ("u", "v")], dim=1)
+                    flow = torch.cat(
+                        [decode_frames(self._jpegs(i, f"flow_{c}", times), gray=True) for c in ("u", "v")], dim=1
+                    )
                 if "rgb_diff" in needed:
                     rgb_next = decode_frames(self._jpegs(i, "visual_next", times))
                 outputs = dict(zip(("visual", "flow", "rgb_diff"), self.transform(rgb, flow, rgb_next)))
@@ -253,8 +254,10 @@ class ClipCache:
         """What the cache's recipe.json must hold for these options: {dotted key: (value, the prep argument
         that makes such a cache)}; a value of ``FIX_ONLY`` only names the prep argument for a key compared as part
         of another (a field of the ``audio`` recipe). Subclasses add theirs."""
-        return {"dataset": (self.name, ""),
-                "frames.short_side": (self.frame_short_side, f"ARGS=short_side={self.frame_short_side}")}
+        return {
+            "dataset": (self.name, ""),
+            "frames.short_side": (self.frame_short_side, f"ARGS=short_side={self.frame_short_side}"),
+        }
 
     def usable_rows(self, ok: pd.DataFrame) -> pd.DataFrame:
         """The cache's usable rows this dataset reads (a subclass may leave some out)."""
@@ -268,8 +271,10 @@ class ClipCache:
     def open(self) -> CacheReader:
         reader = CacheReader(self.root, self.name, prep_command(self.name, self.root, make_args(self.prep_args())))
         checks = self.recipe_checks()
-        reader.check({key: value for key, (value, _) in checks.items() if value is not FIX_ONLY},
-                     {key: arg for key, (_, arg) in checks.items() if arg})
+        reader.check(
+            {key: value for key, (value, _) in checks.items() if value is not FIX_ONLY},
+            {key: arg for key, (_, arg) in checks.items() if arg},
+        )
         return reader
 
     def splits(self) -> DataSplits:
@@ -281,18 +286,32 @@ class ClipCache:
         if unknown:
             raise ValueError(f"index.csv of {reader.root} names labels not in recipe.json's classes: {unknown[:5]}")
         labels = ok["label"].map(lookup).to_numpy()
-        parts = split_positions(ok["split"].to_numpy(), self.root, "clip", self.val_fraction,
-                                lambda train, fraction: stratified_holdout(train, labels[train], fraction, self.val_seed))
-        log.info("%s cache %s: %s clips (train/val/test), splits from %s", self.name, reader.root,
-                 "/".join(str(len(parts[s])) for s in ("train", "val", "test")), reader.recipe.get("splits"))
+        parts = split_positions(
+            ok["split"].to_numpy(),
+            self.root,
+            "clip",
+            self.val_fraction,
+            lambda train, fraction: stratified_holdout(train, labels[train], fraction, self.val_seed),
+        )
+        log.info(
+            "%s cache %s: %s clips (train/val/test), splits from %s",
+            self.name,
+            reader.root,
+            "/".join(str(len(parts[s])) for s in ("train", "val", "test")),
+            reader.recipe.get("splits"),
+        )
 
         def make(split: str, train: bool) -> CachedClips:
             idx = parts[split]
             return CachedClips(reader, ok.iloc[idx], labels[idx], self, train)
 
         return DataSplits(
-            train=make("train", True), val=make("val", False), test=make("test", False),
-            train_eval=make("train", False), num_classes=len(classes), modalities=list(self.modalities),
+            train=make("train", True),
+            val=make("val", False),
+            test=make("test", False),
+            train_eval=make("train", False),
+            num_classes=len(classes),
+            modalities=list(self.modalities),
             class_names=classes,
         )
 
@@ -323,13 +342,16 @@ class AudioClipCache(ClipCache):
         self.audio_eval_window = AudioEvalWindow(self.audio_eval_window)
         audio_recipe(self.name, self.audio_recipe)  # an unknown recipe name fails here, before any file is read
         if self.audio_crop is not None and self.audio_crop < 1:
-            raise ValueError(f"dataset.audio_crop must be at least 1 (or null: the whole spectrogram), got "
-                             f"{self.audio_crop}")
+            raise ValueError(
+                f"dataset.audio_crop must be at least 1 (or null: the whole spectrogram), got {self.audio_crop}"
+            )
 
     def recipe_checks(self) -> dict[str, tuple[Any, str]]:
-        checks = {**super().recipe_checks(),
-                  "audio": (audio_recipe(self.name, self.audio_recipe, **self.audio_prep()), f"AUDIO={self.audio_recipe}"),
-                  "frames.times": (FRAME_TIMES[self.frame_times.value], f"ARGS=frame_times={self.frame_times.value}")}
+        checks = {
+            **super().recipe_checks(),
+            "audio": (audio_recipe(self.name, self.audio_recipe, **self.audio_prep()), f"AUDIO={self.audio_recipe}"),
+            "frames.times": (FRAME_TIMES[self.frame_times.value], f"ARGS=frame_times={self.frame_times.value}"),
+        }
         for option, value in self.audio_prep().items():  # compared within "audio"; named for the fix
             checks[f"audio.{option}"] = (FIX_ONLY, f"ARGS={option}={value}")
         return checks
@@ -351,14 +373,23 @@ class AudioClipCache(ClipCache):
         if self.min_frames > 1 and "visual" in self.modalities:
             short = ok["n_frames"] < self.min_frames
             if short.any():
-                log.info("%s: %d clips with fewer than %d frames left out (dataset.min_frames)", self.name,
-                         int(short.sum()), self.min_frames)
+                log.info(
+                    "%s: %d clips with fewer than %d frames left out (dataset.min_frames)",
+                    self.name,
+                    int(short.sum()),
+                    self.min_frames,
+                )
             ok = ok[~short]
         return ok
 
 
-def split_positions(split: np.ndarray, root: Path, unit: str, val_fraction: float,
-                    hold_out: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+def split_positions(
+    split: np.ndarray,
+    root: Path,
+    unit: str,
+    val_fraction: float,
+    hold_out: Callable[[np.ndarray, float], tuple[np.ndarray, np.ndarray]],
+) -> dict[str, np.ndarray]:
     """Positions of train / val / test in a cache's usable rows (``split``: each row's split name). A cache
     without val gets ``hold_out(train positions, val_fraction) -> (train, val)`` when ``val_fraction`` > 0,
     else val = test (with a warning: choosing a checkpoint on val then chooses it on test). A split that ends
@@ -366,26 +397,41 @@ def split_positions(split: np.ndarray, root: Path, unit: str, val_fraction: floa
     out = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     for s in ("train", "test"):
         if len(out[s]) == 0:
-            raise EmptySplitError(f"the {s} split is empty: the cache at {root} has no usable {unit} in split "
-                                  f"'{s}'; see the status and reason columns of its index.csv")
+            raise EmptySplitError(
+                f"the {s} split is empty: the cache at {root} has no usable {unit} in split "
+                f"'{s}'; see the status and reason columns of its index.csv"
+            )
     if len(out["val"]) == 0:
         if val_fraction > 0:
             train = out["train"]
             out["train"], out["val"] = hold_out(train, val_fraction)
             if len(out["train"]) == 0:
-                usable = [f for f in (0.5, 0.25, 0.1, 0.05) if f < val_fraction
-                          and all(len(part) for part in hold_out(train, f))]
-                advice = (f"use a value of {usable[0]} or less" if usable else
-                          "it holds too few to hold any out: use dataset.val_fraction=0 (val = test)")
-                raise EmptySplitError(f"the train split is empty: dataset.val_fraction={val_fraction} moved all "
-                                      f"{len(train)} training {unit}s of {root} into val; {advice}")
+                usable = [
+                    f
+                    for f in (0.5, 0.25, 0.1, 0.05)
+                    if f < val_fraction and all(len(part) for part in hold_out(train, f))
+                ]
+                advice = (
+                    f"use a value of {usable[0]} or less"
+                    if usable
+                    else "it holds too few to hold any out: use dataset.val_fraction=0 (val = test)"
+                )
+                raise EmptySplitError(
+                    f"the train split is empty: dataset.val_fraction={val_fraction} moved all "
+                    f"{len(train)} training {unit}s of {root} into val; {advice}"
+                )
             if len(out["val"]) == 0:
-                raise EmptySplitError(f"the val split is empty: dataset.val_fraction={val_fraction} held out none "
-                                      f"of the {len(train)} training {unit}s of {root}; use a larger value, or 0 "
-                                      "to use the test split as val")
+                raise EmptySplitError(
+                    f"the val split is empty: dataset.val_fraction={val_fraction} held out none "
+                    f"of the {len(train)} training {unit}s of {root}; use a larger value, or 0 "
+                    "to use the test split as val"
+                )
         else:
-            log.warning("%s has no val split and dataset.val_fraction=0: val is the TEST split, so choosing a "
-                        "checkpoint on val chooses it on test", root)
+            log.warning(
+                "%s has no val split and dataset.val_fraction=0: val is the TEST split, so choosing a "
+                "checkpoint on val chooses it on test",
+                root,
+            )
             out["val"] = out["test"]
     return out
 

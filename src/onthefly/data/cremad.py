@@ -1,4 +1,5 @@
-"""CREMA-D (audio + visual, 6 emotions) from its prepared cache (`make prep-cremad`; DATA.md)."""
+"""CREMA-D (audio + visual, 6 emotions) from its prepared cache (`make prep-cremad`; docs/data.md)."""
+
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 

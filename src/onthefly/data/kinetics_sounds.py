@@ -1,4 +1,5 @@
 """Kinetics-Sounds (audio + visual, 31 Kinetics-400 classes) from its prepared cache (`make prep-kinetics-sounds`)."""
+
 from dataclasses import dataclass
 from typing import ClassVar
 

@@ -4,6 +4,7 @@ Training order is a function of (seed, epoch) only, and every item's random draw
 come from a generator seeded by (seed, epoch, index): a run gives the same numbers whatever the number of loader
 workers or ranks, and after a resume mid-epoch (``EpochSampler.start``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,15 +31,28 @@ class EpochSampler(DistributedSampler):
     on the seed and the epoch. ``indices``: the samples of an epoch (repeats allowed) when a method re-samples the
     training set; the permutation then runs over that list."""
 
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True,
-                 indices: Optional[Sequence[int]] = None):
+    def __init__(
+        self,
+        dataset,
+        num_replicas: int,
+        rank: int,
+        seed: int,
+        shuffle: bool = True,
+        indices: Optional[Sequence[int]] = None,
+    ):
         self.indices = None if indices is None else [int(i) for i in indices]
-        super().__init__(dataset if self.indices is None else self.indices, num_replicas=num_replicas, rank=rank,
-                         shuffle=shuffle, seed=seed, drop_last=False)
+        super().__init__(
+            dataset if self.indices is None else self.indices,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=False,
+        )
         self.start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, chosen = self.epoch, list(super().__iter__())[self.start:]
+        epoch, chosen = self.epoch, list(super().__iter__())[self.start :]
         if self.indices is not None:
             chosen = [self.indices[i] for i in chosen]
         return iter([(epoch, i) for i in chosen])
@@ -86,23 +100,36 @@ class LoaderOptions:
     pin_memory: bool = False  # page-locked batches (CUDA only)
 
 
-def loader(dataset, batch_size: int, options: LoaderOptions, seed: int, sampler=None, shuffle: bool = False,
-           drop_last: bool = False) -> DataLoader:
+def loader(
+    dataset,
+    batch_size: int,
+    options: LoaderOptions,
+    seed: int,
+    sampler=None,
+    shuffle: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
     """A DataLoader with the run's worker settings; its own generator, so creating an iterator never draws from
     the global RNG (an exact resume needs that)."""
     workers = options.num_workers
     extra = {"prefetch_factor": options.prefetch_factor} if workers > 0 and options.prefetch_factor else {}
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
-        pin_memory=options.pin_memory, persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed), **extra,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=shuffle,
+        num_workers=workers,
+        drop_last=drop_last,
+        pin_memory=options.pin_memory,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+        **extra,
     )
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int, device: torch.device):
     """A plain loader (analyses, probes). Training uses :func:`run_loaders` (sharded, resumable)."""
-    return loader(dataset, batch_size, LoaderOptions(num_workers, None, device.type == "cuda"), seed,
-                  shuffle=shuffle)
+    return loader(dataset, batch_size, LoaderOptions(num_workers, None, device.type == "cuda"), seed, shuffle=shuffle)
 
 
 @dataclass
@@ -119,22 +146,33 @@ class RunLoaders:
         return {"train": self.train, "val": self.val, "test": self.test}[split]
 
 
-def train_loader(train, seed: int, local_batch: int, options: LoaderOptions, world_size: int = 1, rank: int = 0,
-                 indices: Optional[Sequence[int]] = None) -> tuple[DataLoader, EpochSampler]:
+def train_loader(
+    train,
+    seed: int,
+    local_batch: int,
+    options: LoaderOptions,
+    world_size: int = 1,
+    rank: int = 0,
+    indices: Optional[Sequence[int]] = None,
+) -> tuple[DataLoader, EpochSampler]:
     """The training loader of one rank (shuffled per epoch, resumable, per-sample seeded) and its sampler."""
     sampler = EpochSampler(train, world_size, rank, seed, indices=indices)
     # a trailing batch of one clip would break BatchNorm in training: drop it (and only it)
-    return loader(SampleSeeded(train, seed), local_batch, options, seed, sampler,
-                  drop_last=sampler.num_samples % local_batch == 1), sampler
+    return loader(
+        SampleSeeded(train, seed), local_batch, options, seed, sampler, drop_last=sampler.num_samples % local_batch == 1
+    ), sampler
 
 
-def run_loaders(splits, seed: int, batch_size: int, eval_batch_size: int, options: LoaderOptions,
-                world_size: int = 1, rank: int = 0) -> RunLoaders:
+def run_loaders(
+    splits, seed: int, batch_size: int, eval_batch_size: int, options: LoaderOptions, world_size: int = 1, rank: int = 0
+) -> RunLoaders:
     """The loaders of one rank. ``batch_size`` is the global batch (each of the ``world_size`` ranks takes its
     share); evaluation is sharded in order (DistributedSampler without shuffling) when there are several ranks."""
     if batch_size % world_size:
-        raise ValueError(f"trainer.batch_size={batch_size} is the global batch: it must divide by the "
-                         f"{world_size} data-parallel ranks")
+        raise ValueError(
+            f"trainer.batch_size={batch_size} is the global batch: it must divide by the "
+            f"{world_size} data-parallel ranks"
+        )
     local = batch_size // world_size
     train, sampler = train_loader(splits["train"], seed, local, options, world_size, rank)
     eval_batch = -(-eval_batch_size // world_size)

@@ -13,6 +13,7 @@ Splits are ``train``, ``val`` (the pickle's ``valid``) and ``test``; modalities 
 ``visual`` (the pickle's ``vision``). Training is 2-class (score >= 0 is positive, as in the lab's benchmark);
 the score travels with every item for regression metrics.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,16 @@ from torch.utils.data import Dataset
 
 from onthefly.config import configurable
 from onthefly.data.base import CacheDamagedError, DataSplits, EmptySplitError, require_cache
-from onthefly.data.cache import (INDEX_FILE, RECIPE_FILE, SPLITS, CacheMismatchError, check_npy, index_counts,
-                                 load_json, prep_command)
+from onthefly.data.cache import (
+    INDEX_FILE,
+    RECIPE_FILE,
+    SPLITS,
+    CacheMismatchError,
+    check_npy,
+    index_counts,
+    load_json,
+    prep_command,
+)
 
 log = logging.getLogger("onthefly")
 
@@ -59,8 +68,14 @@ class MOSISplit(Dataset):
     scalar, "index": int}. T is the stored length (cut to ``max_len``), the same for every item, so the default
     collate stacks a batch; steps at and after ``length`` are zeros."""
 
-    def __init__(self, root: Path, split: str, modalities: Sequence[str], max_len: Optional[int] = None,
-                 stats: Optional[dict[str, tuple[np.ndarray, np.ndarray]]] = None):
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        modalities: Sequence[str],
+        max_len: Optional[int] = None,
+        stats: Optional[dict[str, tuple[np.ndarray, np.ndarray]]] = None,
+    ):
         self.root, self.split = Path(root), split
         self.modalities = list(modalities)
         self.max_len = max_len
@@ -135,8 +150,10 @@ class MOSI:
         Checks, without reading the arrays, that each one has the shape and file size recorded in recipe.json
         and that index.csv holds the segments the prep wrote."""
         command = prep_command(DATASET, self.root)
-        rerun = (f"Run `{command}` again: it rebuilds a damaged cache from the pickle (or add ARGS=overwrite=true "
-                 "to rebuild it whatever its state).")
+        rerun = (
+            f"Run `{command}` again: it rebuilds a damaged cache from the pickle (or add ARGS=overwrite=true "
+            "to rebuild it whatever its state)."
+        )
         recipe = load_json(require_cache(self.root / RECIPE_FILE, command), rerun)
         if recipe.get("dataset") != DATASET or recipe.get("format_version") != FORMAT_VERSION:
             raise CacheMismatchError(
@@ -151,15 +168,20 @@ class MOSI:
             for split in SPLITS:
                 n = int(recipe["splits"][split])
                 for m in self.modalities:
-                    check_npy(array_path(self.root, split, m), f"{split} {m} features",
-                              (n, int(recipe["max_len"][m]), int(recipe["dims"][m])), "float32")
+                    check_npy(
+                        array_path(self.root, split, m),
+                        f"{split} {m} features",
+                        (n, int(recipe["max_len"][m]), int(recipe["dims"][m])),
+                        "float32",
+                    )
                     check_npy(lengths_path(self.root, split, m), f"{split} {m} lengths", (n,), "int64")
                 check_npy(score_path(self.root, split), f"{split} scores", (n,), "float32")
         except CacheDamagedError as err:
             raise CacheDamagedError(f"The {DATASET} cache at {self.root} is damaged: {err} {rerun}") from None
         try:
-            index = pd.read_csv(self.root / INDEX_FILE, dtype={"id": str, "split": str, "status": str},
-                                keep_default_na=False)
+            index = pd.read_csv(
+                self.root / INDEX_FILE, dtype={"id": str, "split": str, "status": str}, keep_default_na=False
+            )
             have = index_counts(index)
         except (ValueError, KeyError, pd.errors.ParserError, UnicodeDecodeError) as err:
             raise CacheDamagedError(f"{self.root / INDEX_FILE} is damaged ({err}). {rerun}") from None
@@ -168,7 +190,8 @@ class MOSI:
         if have["rows"] != listed or have["ok"] != cached:
             raise CacheDamagedError(
                 f"{self.root / INDEX_FILE} has {have['rows']} segments, usable per split {have['ok']}, where the prep "
-                f"wrote {listed}, usable {cached} (recipe.json): rows were deleted or edited. {rerun}")
+                f"wrote {listed}, usable {cached} (recipe.json): rows were deleted or edited. {rerun}"
+            )
         return recipe
 
     def _stats(self, train: MOSISplit) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -198,24 +221,40 @@ class MOSI:
         parts = {s: MOSISplit(self.root, s, self.modalities, self.max_len) for s in SPLITS}
         for s in SPLITS:
             if len(parts[s]) == 0:
-                raise EmptySplitError(f"the {s} split is empty: the {DATASET} cache at {self.root} has no usable "
-                                      f"segment in split '{s}'; see the status and reason columns of its index.csv")
+                raise EmptySplitError(
+                    f"the {s} split is empty: the {DATASET} cache at {self.root} has no usable "
+                    f"segment in split '{s}'; see the status and reason columns of its index.csv"
+                )
         dims = {}
         for m in self.modalities:
             dims[m] = int(parts["train"].array(m).shape[2])
             if dims[m] != int(recipe["dims"][m]):
-                raise CacheMismatchError(f"{array_path(self.root, 'train', m)} has {dims[m]} features, recipe.json "
-                                         f"says {recipe['dims'][m]}: rebuild with `{prep_command(DATASET, self.root)} "
-                                         "ARGS=overwrite=true`")
+                raise CacheMismatchError(
+                    f"{array_path(self.root, 'train', m)} has {dims[m]} features, recipe.json "
+                    f"says {recipe['dims'][m]}: rebuild with `{prep_command(DATASET, self.root)} "
+                    "ARGS=overwrite=true`"
+                )
         if self.normalise:
             stats = self._stats(parts["train"])
             for part in parts.values():
                 part.stats = stats
-        log.info("%s cache %s (%s release, %s): %s segments (train/val/test), dims %s", DATASET, self.root,
-                 recipe.get("source_format"), "aligned" if recipe.get("aligned") else "unaligned",
-                 "/".join(str(len(parts[s])) for s in SPLITS), dims)
+        log.info(
+            "%s cache %s (%s release, %s): %s segments (train/val/test), dims %s",
+            DATASET,
+            self.root,
+            recipe.get("source_format"),
+            "aligned" if recipe.get("aligned") else "unaligned",
+            "/".join(str(len(parts[s])) for s in SPLITS),
+            dims,
+        )
         return DataSplits(
-            train=parts["train"], val=parts["val"], test=parts["test"], num_classes=2,
-            modalities=list(self.modalities), class_names=list(CLASS_NAMES),
-            encoder_args={m: {"in_dim": dims[m]} for m in self.modalities}, targets=["score"], train_eval=None,
+            train=parts["train"],
+            val=parts["val"],
+            test=parts["test"],
+            num_classes=2,
+            modalities=list(self.modalities),
+            class_names=list(CLASS_NAMES),
+            encoder_args={m: {"in_dim": dims[m]} for m in self.modalities},
+            targets=["score"],
+            train_eval=None,
         )

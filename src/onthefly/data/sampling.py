@@ -1,4 +1,4 @@
-"""Which of a clip's cached 1-fps frames a sample uses (DATA.md: decided at load time, not at prep time).
+"""Which of a clip's cached 1-fps frames a sample uses (docs/data.md: decided at load time, not at prep time).
 
 * ``segments`` (default): split the n frames into T equal segments; training takes a random frame in each,
   evaluation each segment's centre, so evaluation is deterministic.
@@ -18,6 +18,7 @@ evaluation alike:
 
 With fewer frames than T, segments are shorter than a frame and frames repeat.
 """
+
 from __future__ import annotations
 
 import enum
@@ -37,8 +38,9 @@ class Sampling(str, enum.Enum):
 FIXED = (Sampling.spread, Sampling.first, Sampling.segment_starts, Sampling.spread_shifted)  # no randomness
 
 
-def frame_indices(n: int, t: int, train: bool, mode: Sampling | str = Sampling.segments,
-                  generator: Optional[torch.Generator] = None) -> list[int]:
+def frame_indices(
+    n: int, t: int, train: bool, mode: Sampling | str = Sampling.segments, generator: Optional[torch.Generator] = None
+) -> list[int]:
     """T frame indices in [0, n), in time order (``spread_shifted``: in the released loader's order)."""
     if n < 1 or t < 1:
         raise ValueError(f"need at least one frame and one sample, got n={n}, t={t}")

@@ -15,6 +15,7 @@ how hard the signal is to learn. The corruptions are independent across modaliti
 complementary. Everything is generated in memory from ``seed``; each split has its own stream, so changing
 one split's size leaves the others unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -111,7 +112,9 @@ class SynthAV:
         # audio: log-spaced tone frequencies well inside the Nyquist band
         freqs = torch.logspace(math.log10(250.0), math.log10(0.35 * self.sample_rate), c)
         # visual: each class a sum of three coloured gratings with its own orientations and frequencies
-        yy, xx = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32), indexing="ij")
+        yy, xx = torch.meshgrid(
+            torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32), indexing="ij"
+        )
         theta = torch.rand(c, 3, generator=g) * math.pi
         cycles = 2.0 + 3.0 * torch.rand(c, 3, generator=g)
         phase = 2 * math.pi * torch.rand(c, 3, generator=g)
@@ -131,7 +134,9 @@ class SynthAV:
         t = torch.arange(length, dtype=torch.float32) / self.sample_rate
         f = protos["freqs"][cls] * (1 + 0.02 * torch.randn(n, generator=g))
         phase = 2 * math.pi * torch.rand(n, 2, generator=g)
-        tone = torch.sin(2 * math.pi * f[:, None] * t + phase[:, :1]) + 0.5 * torch.sin(4 * math.pi * f[:, None] * t + phase[:, 1:])
+        tone = torch.sin(2 * math.pi * f[:, None] * t + phase[:, :1]) + 0.5 * torch.sin(
+            4 * math.pi * f[:, None] * t + phase[:, 1:]
+        )
         amplitude = 0.2 + 0.3 * torch.rand(n, 1, generator=g)
         wave = amplitude * (tone + self.audio_noise * torch.randn(n, length, generator=g)) / (1 + self.audio_noise)
         return log_spectrogram(wave, self.n_fft, self.hop_length).unsqueeze(1)  # [n, 1, freq, time]
@@ -162,7 +167,11 @@ class SynthAV:
         n = self.sizes[split]
         labels = torch.arange(n) % self.num_classes  # balanced classes
         labels = labels[torch.randperm(n, generator=g)]
-        informative = {"audio": self.audio_informative, "visual": self.visual_informative, "sensor": self.sensor_informative}
+        informative = {
+            "audio": self.audio_informative,
+            "visual": self.visual_informative,
+            "sensor": self.sensor_informative,
+        }
         make = {"audio": self._audio, "visual": self._visual, "sensor": self._sensor}
         tensors = {}
         for m in ("audio", "visual", "sensor"):  # fixed order: the streams do not depend on `modalities`
@@ -179,8 +188,10 @@ class SynthAV:
         """The three splits (memoised per process: a sweep or the demo regenerates nothing it already has)."""
         for split, n in self.sizes.items():
             if n < 1:
-                raise EmptySplitError(f"the {split} split is empty: dataset.num_{split}={n}; use at least 1 (a few "
-                                      f"per class: dataset.num_classes={self.num_classes})")
+                raise EmptySplitError(
+                    f"the {split} split is empty: dataset.num_{split}={n}; use at least 1 (a few "
+                    f"per class: dataset.num_classes={self.num_classes})"
+                )
         key = repr(sorted(vars(self).items()))
         if key not in _MEMO:
             _MEMO.clear()  # keep one dataset in memory

@@ -1,9 +1,10 @@
-"""Frame transforms shared by every dataset with a visual stream (DATA.md: train crop + flip, eval resize).
+"""Frame transforms shared by every dataset with a visual stream (docs/data.md: train crop + flip, eval resize).
 
 A small hand-rolled pipeline instead of torchvision's v2 containers: the same operations (torchvision's
 RandomResizedCrop parameter sampling, antialiased bilinear resize, horizontal flip, ImageNet normalisation)
 at about a quarter of the per-clip cost, which matters when clips are transformed one by one on a CPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,14 @@ class FrameTransform:
     Kinetics-Sounds loader).
     """
 
-    def __init__(self, train: bool, size: int, scale: tuple[float, float] = (0.08, 1.0), per_frame: bool = False,
-                 eval_resize: str = "squash"):
+    def __init__(
+        self,
+        train: bool,
+        size: int,
+        scale: tuple[float, float] = (0.08, 1.0),
+        per_frame: bool = False,
+        eval_resize: str = "squash",
+    ):
         if eval_resize not in ("squash", "crop"):
             raise ValueError(f"eval_resize must be squash or crop, got {eval_resize!r}")
         self.train, self.size, self.scale = train, size, tuple(scale)
@@ -106,10 +113,17 @@ class FrameTransform:
         return torch.cat(out) if out else clips.new_zeros((0, t, 3, self.size, self.size), dtype=torch.float32)
 
     def __repr__(self) -> str:
-        return (f"FrameTransform(train={self.train}, size={self.size}, scale={self.scale}, "
-                f"per_frame={self.per_frame}, eval_resize={self.eval_resize})")
+        return (
+            f"FrameTransform(train={self.train}, size={self.size}, scale={self.scale}, "
+            f"per_frame={self.per_frame}, eval_resize={self.eval_resize})"
+        )
 
 
-def frame_transform(train: bool, size: int, scale: tuple[float, float] = (0.08, 1.0), per_frame: bool = False,
-                    eval_resize: str = "squash") -> FrameTransform:
+def frame_transform(
+    train: bool,
+    size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    per_frame: bool = False,
+    eval_resize: str = "squash",
+) -> FrameTransform:
     return FrameTransform(train, size, scale, per_frame, eval_resize)

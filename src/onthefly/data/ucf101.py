@@ -1,4 +1,5 @@
 """UCF-101 (RGB + optical flow, 101 classes) from its prepared cache (`make prep-ucf101`)."""
+
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, List
 
@@ -12,7 +13,7 @@ class UCF101(ClipCache):
     """UCF-101: modalities ``visual`` (RGB frames, 3 channels) and ``flow`` (TV-L1 u, v: 2 channels), sampled at
     the same times from 3 segments, with one shared crop and flip (u negated on a flip).
 
-    DATA.md leaves the journal's three-modality variant open; the likely third modality, the TSN-style RGB
+    The journal leaves its three-modality variant open; the likely third modality, the TSN-style RGB
     difference (the next video frame minus this one), is offered as modality ``rgb_diff``: add it to
     ``modalities`` after a prep with ``rgb_diff=true`` (which also caches each frame's successor).
 

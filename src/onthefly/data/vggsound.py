@@ -1,4 +1,5 @@
 """VGGSound (audio + visual, 309 classes) from its prepared cache (`make prep-vggsound`, shardable)."""
+
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Optional
 

@@ -1,4 +1,5 @@
 """After training: linear probes, missing-modality robustness, and loading a finished run from its folder."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,7 +38,9 @@ def load_run(run_dir: Path | str, device: str = "auto"):
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
     except Exception as err:  # noqa: BLE001
-        raise RuntimeError(f"{ckpt_path} is not a checkpoint of this run's model ({err}); retrain or pick another run.") from err
+        raise RuntimeError(
+            f"{ckpt_path} is not a checkpoint of this run's model ({err}); retrain or pick another run."
+        ) from err
     return cfg, model.to(dev), splits, dev
 
 
@@ -50,17 +53,28 @@ def probe(model, splits, device, batch_size: int = 256) -> dict[str, dict]:
     """Linear probe of each frozen encoder: trained on train, L2 chosen on val, accuracy on test.
 
     Returns {modality: {"acc", "val_acc", "l2"}}."""
-    (ftr, ytr), (fva, yva), (fte, yte) = (_features(model, splits, device, batch_size, s) for s in ("train", "val", "test"))
+    (ftr, ytr), (fva, yva), (fte, yte) = (
+        _features(model, splits, device, batch_size, s) for s in ("train", "val", "test")
+    )
 
     def vec(f):  # token features [N, T, d] (attention fusion) are probed through their mean token
         return f.flatten(1, -2).mean(1) if f.dim() > 2 else f
 
-    return {m: linear_probe((vec(ftr[m]), ytr), (vec(fva[m]), yva), (vec(fte[m]), yte), splits.num_classes)
-            for m in model.modalities}
+    return {
+        m: linear_probe((vec(ftr[m]), ytr), (vec(fva[m]), yva), (vec(fte[m]), yte), splits.num_classes)
+        for m in model.modalities
+    }
 
 
-def robustness(model, splits, device, ratios: Iterable[float] = RATIOS, batch_size: int = 256, seed: int = 0,
-               task: Optional[Task] = None):
+def robustness(
+    model,
+    splits,
+    device,
+    ratios: Iterable[float] = RATIOS,
+    batch_size: int = 256,
+    seed: int = 0,
+    task: Optional[Task] = None,
+):
     """{modality: [fused test accuracy with that modality removed for a fraction r of samples]}."""
     feats, labels = _features(model, splits, device, batch_size, "test")
     if len(model.modalities) < 2:
@@ -69,18 +83,24 @@ def robustness(model, splits, device, ratios: Iterable[float] = RATIOS, batch_si
         return {m: robustness_curve(model.head, feats, labels, m, ratios, seed, task) for m in model.modalities}
 
 
-def plot_robustness(curves: dict[str, list[float]], path: Path, ratios: Iterable[float] = RATIOS,
-                    title: Optional[str] = None) -> Path:
+def plot_robustness(
+    curves: dict[str, list[float]], path: Path, ratios: Iterable[float] = RATIOS, title: Optional[str] = None
+) -> Path:
     from onthefly.plots import line_plot
 
-    return line_plot({f"{m} removed": (list(ratios), accs) for m, accs in curves.items()}, path,
-                     xlabel="fraction of test samples without the modality", ylabel="fused accuracy",
-                     title=title or "missing-modality robustness")
+    return line_plot(
+        {f"{m} removed": (list(ratios), accs) for m, accs in curves.items()},
+        path,
+        xlabel="fraction of test samples without the modality",
+        ylabel="fused accuracy",
+        title=title or "missing-modality robustness",
+    )
 
 
 @torch.no_grad()
-def estimator_agreement(model, splits, device, batch_size: int = 64, reduce: str = "pairwise",
-                        task: Optional[Task] = None) -> dict:
+def estimator_agreement(
+    model, splits, device, batch_size: int = 64, reduce: str = "pairwise", task: Optional[Task] = None
+) -> dict:
     """How often the head's natural estimator and zero-out name the same dominant modality (argmax ρ), per
     test batch of ``batch_size``; with the mean ρ of each. Empty when the head has no natural estimator."""
     from onthefly.modulation.discrepancy import discrepancy
@@ -94,8 +114,12 @@ def estimator_agreement(model, splits, device, batch_size: int = 64, reduce: str
     loader = make_loader(splits.test, batch_size, False, 0, 0, device)
     for inputs, labels in iterate(loader, model.input_keys, device):
         feats = model.encode(inputs)
-        rhos = {e: discrepancy({m: task.class_logits(z) for m, z in head.unimodal_logits(feats, e).items()},
-                               labels, reduce)[1] for e in rho_sum}
+        rhos = {
+            e: discrepancy(
+                {m: task.class_logits(z) for m, z in head.unimodal_logits(feats, e).items()}, labels, reduce
+            )[1]
+            for e in rho_sum
+        }
         agree += int(rhos["natural"].argmax() == rhos["zero_out"].argmax())
         n += 1
         for e in rho_sum:

@@ -3,6 +3,7 @@
 Training (`onthefly.engine.run`), the analyses (`onthefly.engine.analysis`), `make bench` and the demo all build
 through :func:`build`, so a run is made the same way wherever it is made (and on every rank of a DDP run).
 """
+
 from __future__ import annotations
 
 import os
@@ -80,7 +81,8 @@ def check_targets(cfg, source: str) -> None:
                     raise TrainingError(
                         f"{source}: {here}={value!r} is not one of onthefly's registered classes, so it is not "
                         "built (a run folder's config may only name the project's own datasets, encoders, fusions, "
-                        "methods and tasks); restore the file from the run's original, or retrain")
+                        "methods and tasks); restore the file from the run's original, or retrain"
+                    )
                 walk(value, here)
         elif isinstance(node, list):
             for i, value in enumerate(node):
@@ -107,8 +109,9 @@ def build_model(cfg: DictConfig, splits, device: torch.device, info: Optional[Di
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif info.is_main:
-            warnings.warn("SyncBatchNorm needs a GPU: on this CPU (gloo) run BatchNorm statistics are per rank.",
-                          stacklevel=2)
+            warnings.warn(
+                "SyncBatchNorm needs a GPU: on this CPU (gloo) run BatchNorm statistics are per rank.", stacklevel=2
+            )
     model = model.to(device)
     if use_channels_last(tc.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
@@ -141,8 +144,9 @@ def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None
     return Parts(model, modulation, splits, optimizer, scheduler, modalities, task)
 
 
-def make_optimizer(cfg: DictConfig, model: nn.Module, modulation: Modulation, extra: Optional[nn.Module],
-                   epoch: int = 0):
+def make_optimizer(
+    cfg: DictConfig, model: nn.Module, modulation: Modulation, extra: Optional[nn.Module], epoch: int = 0
+):
     """(optimizer, scheduler) from cfg.optim / cfg.scheduler over the method's parameter groups for ``epoch``
     (a group's own options, e.g. its lr, override cfg.optim's)."""
     groups = modulation.param_groups(model, extra, epoch) or default_param_groups([model, extra])

@@ -6,6 +6,7 @@ the position in the epoch, every rank's RNG states, the best epoch so far and th
 to a temporary file and renamed (atomic on POSIX), and read back with ``torch.load(weights_only=True)``, so a
 checkpoint can hold tensors and plain Python values only.
 """
+
 from __future__ import annotations
 
 import errno
@@ -29,15 +30,19 @@ SUBDIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
-
 # --- RNG states (only tensors and plain values, so weights_only loading accepts them) -------------------------
 def rng_state(device: torch.device) -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": random.getstate(),
     }
 
@@ -143,10 +148,15 @@ def _disk_full_message(path: Path, obj: dict, err: OSError) -> str:
     except OSError:
         free = "free space unknown"
     older = [p for p in list_checkpoints(path.parent.parent) if p != path] if path.parent.name == SUBDIR else []
-    then = (f"then add trainer.resume=auto to the same command: the previous checkpoint {older[0]} is intact" if older
-            else f"then run the command again ({path} was not changed)")
-    return (f"disk full while writing {path} ({os.strerror(err.errno)}): {path.parent} has {free}, the file needs "
-            f"about {_size(_nbytes(obj))}. Free space there (or point the run at a larger disk), {then}.")
+    then = (
+        f"then add trainer.resume=auto to the same command: the previous checkpoint {older[0]} is intact"
+        if older
+        else f"then run the command again ({path} was not changed)"
+    )
+    return (
+        f"disk full while writing {path} ({os.strerror(err.errno)}): {path.parent} has {free}, the file needs "
+        f"about {_size(_nbytes(obj))}. Free space there (or point the run at a larger disk), {then}."
+    )
 
 
 def load(path: Path | str) -> dict:
@@ -202,7 +212,7 @@ def find_resume(run_dir: Path | str, resume: str) -> Optional[tuple[Path, dict]]
 
 def prune(run_dir: Path | str, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints."""
-    for path in list_checkpoints(run_dir)[max(keep, 1):]:
+    for path in list_checkpoints(run_dir)[max(keep, 1) :]:
         path.unlink(missing_ok=True)
 
 

@@ -4,9 +4,10 @@ sharded evaluation, seeded RNG streams, and the collectives the trainer needs (t
 
 One process per device. ``trainer.batch_size`` is the GLOBAL batch: each of the N ranks takes batch_size / N
 samples, so a run keeps its protocol (lr, batch) whatever N is. Every rank computes the same ρ, k and q: the
-scores s_m are summed over ranks before ρ (METHOD.md §2), and OGM edits gradients after DDP's all-reduce.
+scores s_m are summed over ranks before ρ (docs/method.md §2), and OGM edits gradients after DDP's all-reduce.
 Rank 0 alone writes logs, W&B and checkpoints. In a single process every helper here is a no-op.
 """
+
 from __future__ import annotations
 
 import contextlib

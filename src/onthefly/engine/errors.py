@@ -1,4 +1,5 @@
 """Errors the engine raises for a run that cannot go on; the command line prints their message as one line."""
+
 from __future__ import annotations
 
 

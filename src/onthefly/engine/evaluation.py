@@ -1,5 +1,6 @@
 """Evaluation passes: a split's fused metrics and per-modality accuracy (:func:`evaluate`), its features (for the
 linear probe and robustness), and the probe and robustness computations themselves."""
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, Optional
@@ -41,16 +42,23 @@ def iterate(loader, keys, device, limit: Optional[int] = None, with_index: bool 
 
 
 @torch.no_grad()
-def extract_features(model, loader, device, limit: Optional[int] = None, progress: bool = False,
-                     desc: str = "evaluate"):
+def extract_features(
+    model, loader, device, limit: Optional[int] = None, progress: bool = False, desc: str = "evaluate"
+):
     """The encoded split: ({key: [N, ...]}, labels [N]) in eval mode. Keys: the modalities' features, context
     encodings and passed-through side targets (everything :meth:`MultimodalModel.encode` returns).
     ``progress``: a progress bar over the batches (drawn only on a terminal, :mod:`onthefly.progress`)."""
     model.eval()
     feats, labels = {}, []
     total = len(loader) if limit is None else min(limit, len(loader))
-    batches = progress_bar(iterate(loader, model.input_keys, device, limit), enabled=progress, total=total,
-                           desc=desc, unit="batch", leave=False)
+    batches = progress_bar(
+        iterate(loader, model.input_keys, device, limit),
+        enabled=progress,
+        total=total,
+        desc=desc,
+        unit="batch",
+        leave=False,
+    )
     for inputs, y in batches:
         collect(feats, model.encode(inputs))
         labels.append(y)
@@ -64,8 +72,9 @@ def collect(store: dict[str, list], encoded: Dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def metrics_from_features(head, feats: Dict[str, torch.Tensor], labels: torch.Tensor, estimator,
-                          task: Optional[Task] = None) -> Dict[str, float]:
+def metrics_from_features(
+    head, feats: Dict[str, torch.Tensor], labels: torch.Tensor, estimator, task: Optional[Task] = None
+) -> Dict[str, float]:
     """The task's metrics of the fused prediction, plus ``acc_<modality>`` from the uni-modal logits."""
     task = task or Classification()
     outputs = head(feats)
@@ -79,8 +88,16 @@ def metrics_from_features(head, feats: Dict[str, torch.Tensor], labels: torch.Te
     return out
 
 
-def evaluate(model, loader, device, estimator, limit: Optional[int] = None, task: Optional[Task] = None,
-             progress: bool = False, desc: str = "evaluate") -> Dict[str, float]:
+def evaluate(
+    model,
+    loader,
+    device,
+    estimator,
+    limit: Optional[int] = None,
+    task: Optional[Task] = None,
+    progress: bool = False,
+    desc: str = "evaluate",
+) -> Dict[str, float]:
     """The task's metrics of ``loader``'s split (see :func:`metrics_from_features`), with a progress bar over its
     batches when ``progress`` (and stderr is a terminal)."""
     feats, labels = extract_features(model, loader, device, limit, progress, desc)
@@ -134,7 +151,12 @@ def linear_probe(
 
 @torch.no_grad()
 def robustness_curve(
-    head, feats: Dict[str, torch.Tensor], labels: torch.Tensor, modality: str, ratios: Iterable[float], seed: int = 0,
+    head,
+    feats: Dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    modality: str,
+    ratios: Iterable[float],
+    seed: int = 0,
     task: Optional[Task] = None,
 ) -> list[float]:
     """Fused accuracy when ``modality``'s feature is zeroed for a fraction r of test samples (same order for
@@ -150,4 +172,3 @@ def robustness_curve(
         f[modality] = torch.where(gone, torch.zeros_like(f[modality]), f[modality])
         accs.append(accuracy(task.class_logits(head(f)), labels))
     return accs
-

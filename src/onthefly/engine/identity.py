@@ -18,6 +18,7 @@ name and job type fall back to the class names of the dataset, fusion head and m
 
 The run name's one key is ``logger.name``; the top-level ``name`` is a deprecated alias of it (warning).
 """
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,15 @@ class RunIdentity:
 
     def wandb_options(self, logger_cfg) -> dict:
         """``wandb.init`` keyword arguments (mode, project, entity and this identity)."""
-        return {"mode": str(getattr(logger_cfg.mode, "value", logger_cfg.mode)), "project": logger_cfg.project,
-                "entity": logger_cfg.entity, "group": self.group, "job_type": self.job_type, "name": self.name,
-                "tags": list(self.tags)}
+        return {
+            "mode": str(getattr(logger_cfg.mode, "value", logger_cfg.mode)),
+            "project": logger_cfg.project,
+            "entity": logger_cfg.entity,
+            "group": self.group,
+            "job_type": self.job_type,
+            "name": self.name,
+            "tags": list(self.tags),
+        }
 
     def apply(self, cfg: DictConfig) -> None:
         """Write the decided name, group and job type into ``cfg.logger`` (so config.yaml records them)."""
@@ -114,9 +121,11 @@ def _check_mode(lc) -> None:
     try:
         lc.mode  # noqa: B018  (resolves the interpolation, validates the value)
     except OmegaConfBaseException as err:
-        raise TrainingError(f"logger.mode: the environment's WANDB_MODE={os.environ.get('WANDB_MODE')!r} is not one of "
-                            "offline, online, disabled; change or unset WANDB_MODE, or set logger.mode=... on the "
-                            f"command line ({str(err).splitlines()[0]})") from err
+        raise TrainingError(
+            f"logger.mode: the environment's WANDB_MODE={os.environ.get('WANDB_MODE')!r} is not one of "
+            "offline, online, disabled; change or unset WANDB_MODE, or set logger.mode=... on the "
+            f"command line ({str(err).splitlines()[0]})"
+        ) from err
 
 
 def _hydra_mode(hydra) -> str:
@@ -136,23 +145,35 @@ def identify(cfg: DictConfig, hydra: Any = None) -> RunIdentity:
     legacy = cfg.get("name")
     if legacy is not None:
         if lc.name is not None and lc.name != legacy:
-            raise TrainingError(f"name={legacy!r} and logger.name={lc.name!r} disagree: set the run name with "
-                                "logger.name only (the top-level name is a deprecated alias of it)")
-        warnings.warn(f"name={legacy!r}: the top-level `name` is deprecated; set the run name with "
-                      f"logger.name={legacy!r}.", FutureWarning, stacklevel=2)
+            raise TrainingError(
+                f"name={legacy!r} and logger.name={lc.name!r} disagree: set the run name with "
+                "logger.name only (the top-level name is a deprecated alias of it)"
+            )
+        warnings.warn(
+            f"name={legacy!r}: the top-level `name` is deprecated; set the run name with logger.name={legacy!r}.",
+            FutureWarning,
+            stacklevel=2,
+        )
 
     choices = {}
     if hydra is not None:
-        choices = {str(k): str(v) for k, v in (hydra.runtime.get("choices") or {}).items()
-                   if v is not None and not str(k).startswith("hydra/")}
+        choices = {
+            str(k): str(v)
+            for k, v in (hydra.runtime.get("choices") or {}).items()
+            if v is not None and not str(k).startswith("hydra/")
+        }
     parts = [choices.get(g) or _class(cfg.get(g)) for g in BASE]
     name = "-".join(parts) + f"-s{cfg.seed}"
     group = None
     if hydra is not None and _hydra_mode(hydra) == "MULTIRUN":
         swept = _swept_keys(hydra)
-        extras = [o.input_line for o in _parse(list(hydra.overrides.get("task") or []))
-                  if o.key_or_group not in (*BASE, "seed", "name") and not o.key_or_group.startswith(NOT_IN_NAME)
-                  and (swept is None or o.key_or_group in swept)]
+        extras = [
+            o.input_line
+            for o in _parse(list(hydra.overrides.get("task") or []))
+            if o.key_or_group not in (*BASE, "seed", "name")
+            and not o.key_or_group.startswith(NOT_IN_NAME)
+            and (swept is None or o.key_or_group in swept)
+        ]
         if extras:
             name = f"{name} {' '.join(extras)}"
         sweep_dir = _sweep_dir(hydra)

@@ -14,6 +14,7 @@ utilisation), and what a training step costs (parameters, FLOPs).
   updates have no FLOP formula in torch's ``FlopCounterMode`` and are not counted), and of an evaluation forward
   per sample.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,9 @@ from onthefly.modulation.valuation import sample_shapley, shapley_matrix, subset
 
 
 # --- Shapley values (the core lives with the valuation method, which re-samples the data by it) -----------------
-def shapley_metrics(correct: torch.Tensor, modalities: Sequence[str],
-                    sample_value: SampleValue | str = SampleValue.scaled) -> Dict[str, float]:
+def shapley_metrics(
+    correct: torch.Tensor, modalities: Sequence[str], sample_value: SampleValue | str = SampleValue.scaled
+) -> Dict[str, float]:
     """``shapley_<m>`` (dataset level, accuracy units, v(∅) = accuracy on all-zero features) and
     ``shapley_sample_<m>`` (mean per-sample φ) from :func:`subset_correct`'s table."""
     dataset = correct.double().mean(0) @ shapley_matrix(len(modalities)).to(correct.device)
@@ -103,8 +105,9 @@ class ImbalanceMetrics:
             self._counted_to = trainer.global_step
         out = {}
         if self._wanted(s.shapley, split):
-            out.update(shapley_metrics(subset_correct(head, feats, labels, task.class_logits), head.modalities,
-                                       s.sample_value))
+            out.update(
+                shapley_metrics(subset_correct(head, feats, labels, task.class_logits), head.modalities, s.sample_value)
+            )
         if self._wanted(s.utilization, split):
             out.update(self.utilization(split, feats, labels))
         return out
@@ -114,8 +117,9 @@ class ImbalanceMetrics:
         measure where the model has one, MMTM; else the fused accuracy with a modality's feature replaced by its
         train-split mean): one encoder pass over train and one over the split."""
         trainer = self.trainer
-        return conditional_utilisation(trainer.model, trainer._batches("train_eval"), trainer._batches(split),
-                                       trainer.task)
+        return conditional_utilisation(
+            trainer.model, trainer._batches("train_eval"), trainer._batches(split), trainer.task
+        )
 
     def counting(self):
         """A context for the first training step of each epoch this process runs: with ``trainer.imbalance.cost``
@@ -158,8 +162,13 @@ class ImbalanceMetrics:
         return {"flops_eval_per_sample": flops / max(len(labels), 1)}
 
     def state_dict(self) -> dict:
-        return {"flops_total": self.flops_total, "counted_to": self._counted_to, "step_flops": self.step_flops,
-                "phase_flops": dict(self.phase_flops), "cost": dict(self.cost)}
+        return {
+            "flops_total": self.flops_total,
+            "counted_to": self._counted_to,
+            "step_flops": self.step_flops,
+            "phase_flops": dict(self.phase_flops),
+            "cost": dict(self.cost),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.flops_total, self._counted_to = int(state.get("flops_total", 0)), int(state.get("counted_to", 0))
@@ -189,7 +198,7 @@ class ImbalanceMetrics:
         for key, value in test.items():
             for prefix in ("shapley_sample_", "shapley_", "cur_"):
                 if key.startswith(prefix):
-                    table[f"{prefix[:-1]}/{key[len(prefix):]}"] = value
+                    table[f"{prefix[:-1]}/{key[len(prefix) :]}"] = value
                     break
             if key == "d_util":
                 table["cur/d_util"] = value

@@ -3,6 +3,7 @@ Pearson correlation and Acc-7.
 
 Hand-written on torch tensors (no host copy, no run-time dependency); tests/test_metrics_sklearn.py checks every
 one against scikit-learn / SciPy on random inputs, ties and empty classes included."""
+
 from __future__ import annotations
 
 import torch

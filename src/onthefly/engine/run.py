@@ -5,6 +5,7 @@
 (`onthefly.engine.trainer`) and writes results.json, best.pt and the plots. Whatever happens, results.json says
 how the run ended and nothing already written is lost.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,13 +46,22 @@ def _resume_state(out_dir: Path, config: dict, tc, info: DistInfo) -> tuple[Opti
         saved = ckpt._flatten(state["config"])
         now = ckpt._flatten(config)
         shown = ", ".join(f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in differ[:6])
-        raise CheckpointError(f"checkpoint {chosen} belongs to a run with other settings ({shown}); resume with the "
-                              "same settings, or start a new run folder (or trainer.resume=never)")
+        raise CheckpointError(
+            f"checkpoint {chosen} belongs to a run with other settings ({shown}); resume with the "
+            "same settings, or start a new run folder (or trainer.resume=never)"
+        )
     if state["world_size"] != info.world_size and state["step_in_epoch"]:
-        raise CheckpointError(f"checkpoint {chosen} was written mid-epoch by {state['world_size']} ranks; resume it with "
-                              f"the same number of ranks (this run has {info.world_size}), or from an epoch-end checkpoint")
-    log.info("resuming from %s (epoch %d, step %d of it, global step %d)", chosen, state["epoch"],
-             state["step_in_epoch"], state["global_step"])
+        raise CheckpointError(
+            f"checkpoint {chosen} was written mid-epoch by {state['world_size']} ranks; resume it with "
+            f"the same number of ranks (this run has {info.world_size}), or from an epoch-end checkpoint"
+        )
+    log.info(
+        "resuming from %s (epoch %d, step %d of it, global step %d)",
+        chosen,
+        state["epoch"],
+        state["step_in_epoch"],
+        state["global_step"],
+    )
     return state, Path(chosen)
 
 
@@ -63,8 +73,9 @@ def _finished(run_dir: Path) -> bool:
     return done and (run_dir / "best.pt").exists()
 
 
-def _prerequisites(cfg: DictConfig, parts, out_dir: Path, info: DistInfo, device: torch.device,
-                   identity: RunIdentity) -> None:
+def _prerequisites(
+    cfg: DictConfig, parts, out_dir: Path, info: DistInfo, device: torch.device, identity: RunIdentity
+) -> None:
     """Train the plain runs the method asks for first (each in ``<run>/prerequisites/<name>/``, named
     ``<run name>-<name>`` in the run's group; a finished one is reused, an interrupted one resumes) and hand their
     folders to the method. The RNG streams are put back as they were, so the main run goes on as if built
@@ -84,9 +95,13 @@ def _prerequisites(cfg: DictConfig, parts, out_dir: Path, info: DistInfo, device
             sub.trainer.save_checkpoint = True  # the method reads its best.pt
             for key, value in changes.items():
                 OmegaConf.update(sub, key, value, merge=False)
-        sub_identity = RunIdentity(name=f"{identity.name or out_dir.name}-{name}"[:NAME_MAX], group=identity.group,
-                                   job_type="prerequisite", tags=list(identity.tags),
-                                   choices={**identity.choices, "modulation": "none"} if identity.choices else {})
+        sub_identity = RunIdentity(
+            name=f"{identity.name or out_dir.name}-{name}"[:NAME_MAX],
+            group=identity.group,
+            job_type="prerequisite",
+            tags=list(identity.tags),
+            choices={**identity.choices, "modulation": "none"} if identity.choices else {},
+        )
         log.info("training prerequisite run %r in %s", name, sub_dir)
         _train(sub, sub_dir, info, device, sub_identity)
     if saved is not None:
@@ -126,23 +141,36 @@ def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device,
     resume_state, resume_path = _resume_state(out_dir, config, tc, info)
     lc = cfg.logger
     logged_config = {**config, "choices": identity.choices} if identity.choices else config
-    logger = RunLogger(out_dir, logged_config, identity.wandb_options(lc), log_steps=lc.log_steps,
-                       enabled=info.is_main, resume=resume_state["logger"] if resume_state else None,
-                       resume_from=ckpt.run_dir_of(resume_path) if resume_path else None)
+    logger = RunLogger(
+        out_dir,
+        logged_config,
+        identity.wandb_options(lc),
+        log_steps=lc.log_steps,
+        enabled=info.is_main,
+        resume=resume_state["logger"] if resume_state else None,
+        resume_from=ckpt.run_dir_of(resume_path) if resume_path else None,
+    )
     failed = True
     try:
-        trainer = Trainer.from_parts(cfg, parts, logger, device, dist=info, out_dir=out_dir,
-                                     resume_state=resume_state)
+        trainer = Trainer.from_parts(cfg, parts, logger, device, dist=info, out_dir=out_dir, resume_state=resume_state)
         results = trainer.fit()
-        results.update(status="ok", modalities=modalities, num_classes=splits.num_classes,
-                       device=str(device), config=config, choices=identity.choices)
+        results.update(
+            status="ok",
+            modalities=modalities,
+            num_classes=splits.num_classes,
+            device=str(device),
+            config=config,
+            choices=identity.choices,
+        )
         if info.enabled:
             results["world_size"] = info.world_size
         if tc.save_checkpoint and info.is_main:
             best_epoch = results["best"]["epoch"] if results["best"] else None
             ckpt.write_atomic({"model": model.state_dict(), "epoch": best_epoch}, out_dir / "best.pt")
-            logger.log_model(out_dir / "best.pt", {"epoch": best_epoch, **{f"test/{k}": v for k, v in
-                                                                            results.get("test", {}).items()}})
+            logger.log_model(
+                out_dir / "best.pt",
+                {"epoch": best_epoch, **{f"test/{k}": v for k, v in results.get("test", {}).items()}},
+            )
         if tc.plots and info.is_main:
             from onthefly.plots import run_plots
 
@@ -151,8 +179,14 @@ def _train(cfg: DictConfig, out_dir: Path, info: DistInfo, device: torch.device,
         failed = False
         return results, model, splits
     except BaseException as err:  # record what happened, keep what was computed, re-raise
-        logger.finish({"status": "failed", "error": f"{type(err).__name__}: {err}", "config": config,
-                       "epochs_done": len(logger.epoch_rows)})
+        logger.finish(
+            {
+                "status": "failed",
+                "error": f"{type(err).__name__}: {err}",
+                "config": config,
+                "epochs_done": len(logger.epoch_rows),
+            }
+        )
         raise
     finally:
         logger.close(failed=failed)

@@ -10,6 +10,7 @@ mixed precision, and resumes from its checkpoints (`onthefly.engine.checkpoint`)
 The run around it (its folder, logger, resume, results) is `onthefly.engine.run`; what it trains is built by
 `onthefly.engine.build`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,7 +57,7 @@ class TrainForward(nn.Module):
     head all run inside this one call. Holds the model and the method's extra module (if any) as submodules so
     that DDP averages all their gradients."""
 
-    def __init__(self, trainer: "Trainer", model: nn.Module, extra: Optional[nn.Module]):
+    def __init__(self, trainer: Trainer, model: nn.Module, extra: Optional[nn.Module]):
         super().__init__()
         self.model, self.extra = model, extra
         object.__setattr__(self, "_trainer", trainer)  # a plain reference, not a submodule
@@ -81,9 +82,22 @@ class Trainer:
     step strategy that composes :meth:`forward`, :meth:`backward`, :meth:`after_backward` and :meth:`update`;
     it shapes the epochs through its schedule (phases with their own optimizer) and ``train_indices``."""
 
-    def __init__(self, cfg: DictConfig, model, modulation: Modulation, splits, optimizer, scheduler, logger: RunLogger,
-                 device, *, dist: Optional[DistInfo] = None, out_dir: Optional[Path] = None,
-                 resume_state: Optional[dict] = None, task: Optional[Task] = None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model,
+        modulation: Modulation,
+        splits,
+        optimizer,
+        scheduler,
+        logger: RunLogger,
+        device,
+        *,
+        dist: Optional[DistInfo] = None,
+        out_dir: Optional[Path] = None,
+        resume_state: Optional[dict] = None,
+        task: Optional[Task] = None,
+    ):
         self.cfg, self.tc = cfg, cfg.trainer
         self.model, self.modulation, self.splits = model, modulation, splits
         self.task = task if task is not None else build_task(cfg, splits)
@@ -100,11 +114,19 @@ class Trainer:
         self._check_estimator()
 
         # loaders: training is sharded over ranks (global batch = trainer.batch_size) and resumable mid-epoch
-        self.loader_options = LoaderOptions(self.tc.num_workers, self.tc.prefetch_factor,
-                                            self.tc.pin_memory and device.type == "cuda")
+        self.loader_options = LoaderOptions(
+            self.tc.num_workers, self.tc.prefetch_factor, self.tc.pin_memory and device.type == "cuda"
+        )
         try:
-            self.loaders = run_loaders(splits, cfg.seed, self.tc.batch_size, self.tc.eval_batch_size,
-                                       self.loader_options, self.dist.world_size, self.dist.rank)
+            self.loaders = run_loaders(
+                splits,
+                cfg.seed,
+                self.tc.batch_size,
+                self.tc.eval_batch_size,
+                self.loader_options,
+                self.dist.world_size,
+                self.dist.rank,
+            )
         except ValueError as err:
             raise TrainingError(str(err)) from err
         self.local_batch, self.train_sampler = self.loaders.local_batch, self.loaders.train_sampler
@@ -123,7 +145,8 @@ class Trainer:
         self.forward_module: nn.Module = TrainForward(self, model, self.extra)
         if self.dist.enabled:
             self.forward_module = nn.parallel.DistributedDataParallel(
-                self.forward_module, device_ids=None, find_unused_parameters=self.tc.find_unused_parameters)
+                self.forward_module, device_ids=None, find_unused_parameters=self.tc.find_unused_parameters
+            )
         self._all_reduce = ddp.all_reduce_sum if self.dist.enabled else None
 
         # resume state
@@ -133,10 +156,20 @@ class Trainer:
             self._load_state(resume_state)
 
     @classmethod
-    def from_parts(cls, cfg: DictConfig, parts, logger: RunLogger, device, **options) -> "Trainer":
+    def from_parts(cls, cfg: DictConfig, parts, logger: RunLogger, device, **options) -> Trainer:
         """A trainer for what :func:`onthefly.engine.build.build` made (``options``: dist, out_dir, resume_state)."""
-        return cls(cfg, parts.model, parts.modulation, parts.splits, parts.optimizer, parts.scheduler, logger, device,
-                   task=parts.task, **options)
+        return cls(
+            cfg,
+            parts.model,
+            parts.modulation,
+            parts.splits,
+            parts.optimizer,
+            parts.scheduler,
+            logger,
+            device,
+            task=parts.task,
+            **options,
+        )
 
     # --- set-up checks, and the data the hooks read ---------------------------------------------------------------
     def _check_estimator(self) -> None:
@@ -157,14 +190,18 @@ class Trainer:
     def _hook_loader(self, split: str, limit: Optional[int]):
         """(loader, batch limit) of a split for the hooks outside the step."""
         if self._hook_loaders is None:  # one process's loaders over the whole splits
-            self._hook_loaders = run_loaders(self.splits, self.cfg.seed, self.local_batch, self.tc.eval_batch_size,
-                                             self.loader_options)
+            self._hook_loaders = run_loaders(
+                self.splits, self.cfg.seed, self.local_batch, self.tc.eval_batch_size, self.loader_options
+            )
         if split == "train_eval":
             found = loader(self.splits.probe_train, self.tc.eval_batch_size, self.loader_options, self.cfg.seed)
         else:
             found = self._hook_loaders[split]
-        limit = limit if limit is not None else (
-            self.tc.limit_train_batches if split.startswith("train") else self.tc.limit_eval_batches)
+        limit = (
+            limit
+            if limit is not None
+            else (self.tc.limit_train_batches if split.startswith("train") else self.tc.limit_eval_batches)
+        )
         return found, limit
 
     def _batches(self, split: str, limit: Optional[int] = None, with_index: bool = False):
@@ -181,15 +218,26 @@ class Trainer:
         return len(found) if limit is None else min(limit, len(found))
 
     def _ctx(self, epoch: int, step: int) -> StepContext:
-        ctx = StepContext(epoch=epoch, step=step, global_step=self.global_step, model=self.model,
-                          modalities=self.modalities, device=self.device, batches=self._batches,
-                          num_batches=self._num_batches, phase=self.phase, shared_rng=lambda: self._rng(3),
-                          steps_in_epoch=self._steps_in_epoch, train_size=len(self.splits["train"]))
+        ctx = StepContext(
+            epoch=epoch,
+            step=step,
+            global_step=self.global_step,
+            model=self.model,
+            modalities=self.modalities,
+            device=self.device,
+            batches=self._batches,
+            num_batches=self._num_batches,
+            phase=self.phase,
+            shared_rng=lambda: self._rng(3),
+            steps_in_epoch=self._steps_in_epoch,
+            train_size=len(self.splits["train"]),
+        )
         ctx.discrepancy_of = lambda feats: self.discrepancy_with_grad(feats, ctx.labels, ctx.keep)
         return ctx
 
-    def discrepancy_with_grad(self, feats: dict, labels: torch.Tensor,
-                              keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def discrepancy_with_grad(
+        self, feats: dict, labels: torch.Tensor, keep: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s_m, ρ_m) of ``feats`` as :meth:`joint_loss` computes them, but differentiable w.r.t. the features, the
         head's weights held fixed (a hook that needs the gradient of ρ, docs/method.md §9). Under DDP the value is
         the global one and the gradient this rank's share times the world size, so that DDP's mean over ranks
@@ -199,8 +247,9 @@ class Trainer:
         logits = torch.func.functional_call(_Unimodal(head, self.estimator), fixed, (feats,))
         idx = labels.view(-1, 1)
         weight = None if keep is None else keep.all(dim=1).float()  # as joint_loss: altered samples leave the scores
-        probs = [torch.softmax(self.task.class_logits(z).float(), dim=1).gather(1, idx).squeeze(1)
-                 for z in logits.values()]
+        probs = [
+            torch.softmax(self.task.class_logits(z).float(), dim=1).gather(1, idx).squeeze(1) for z in logits.values()
+        ]
         local = torch.stack([(p if weight is None else p * weight).sum() for p in probs])
         if self._all_reduce is not None:
             world = self.dist.world_size
@@ -228,14 +277,18 @@ class Trainer:
         if self.use_rho:
             with torch.no_grad():
                 detached = {m: f.detach() for m, f in ctx.features.items()}
-                ctx.unimodal = {m: task.class_logits(z)
-                                for m, z in model.head.unimodal_logits(detached, self.estimator).items()}
+                ctx.unimodal = {
+                    m: task.class_logits(z) for m, z in model.head.unimodal_logits(detached, self.estimator).items()
+                }
                 # samples whose forward a method altered (a modality dropped inside the model) leave the scores
                 weight = None if ctx.keep is None else ctx.keep.all(dim=1)
-                ctx.scores, ctx.rho = discrepancy(ctx.unimodal, labels, self.cfg.discrepancy.reduce,
-                                                  all_reduce=self._all_reduce, weight=weight)
+                ctx.scores, ctx.rho = discrepancy(
+                    ctx.unimodal, labels, self.cfg.discrepancy.reduce, all_reduce=self._all_reduce, weight=weight
+                )
             ctx.log_per_modality("rho", ctx.rho)
-            ctx.log_per_modality("acc", torch.stack([(z.argmax(1) == labels).float().mean() for z in ctx.unimodal.values()]))
+            ctx.log_per_modality(
+                "acc", torch.stack([(z.argmax(1) == labels).float().mean() for z in ctx.unimodal.values()])
+            )
         hooks.on_features(ctx)
         ctx.logits = model.head(ctx.features)
         terms = getattr(model.head, "training_terms", None)
@@ -326,9 +379,13 @@ class Trainer:
         sampler.start = min(start * self.local_batch, sampler.num_samples)
         every = self.tc.checkpoint_every_n_steps
         try:
-            bar = progress_bar(iterate(self.loaders["train"], self.input_keys, self.device, max(total - start, 0), True),
-                               total=max(total - start, 0), desc=f"epoch {epoch}", leave=False,
-                               enabled=self.tc.progress and self.dist.is_main)
+            bar = progress_bar(
+                iterate(self.loaders["train"], self.input_keys, self.device, max(total - start, 0), True),
+                total=max(total - start, 0),
+                desc=f"epoch {epoch}",
+                leave=False,
+                enabled=self.tc.progress and self.dist.is_main,
+            )
             for step, (inputs, labels, indices) in enumerate(bar, start=start):
                 with self.imbalance.counting() if step == start else contextlib.nullcontext():  # its FLOPs
                     values = self.train_step(self._ctx(epoch, step), inputs, labels, indices)
@@ -355,8 +412,14 @@ class Trainer:
         indices = None if indices is None else [int(i) for i in indices]
         if indices != self._train_indices:
             self.loaders.train, self.train_sampler = train_loader(
-                self.splits["train"], self.cfg.seed, self.local_batch, self.loader_options, self.dist.world_size,
-                self.dist.rank, indices)
+                self.splits["train"],
+                self.cfg.seed,
+                self.local_batch,
+                self.loader_options,
+                self.dist.world_size,
+                self.dist.rank,
+                indices,
+            )
             self.loaders.train_sampler, self._train_indices = self.train_sampler, indices
         if not (self._pending is not None and self._pending["epoch"] == epoch):
             self.modulation.epoch_start(self._ctx(epoch, 0))
@@ -374,11 +437,18 @@ class Trainer:
             # one set of BatchNorm statistics on every rank (rank 0's, which best.pt saves): on CPU (no
             # SyncBatchNorm) each rank's running statistics differ by its own last batches
             ddp.broadcast_buffers(self.model, self.dist)
-            feats, labels = ddp.gathered_features(self.model, self.loaders[split], self.device,
-                                                  self.tc.limit_eval_batches, self.dist)
+            feats, labels = ddp.gathered_features(
+                self.model, self.loaders[split], self.device, self.tc.limit_eval_batches, self.dist
+            )
         else:
-            feats, labels = extract_features(self.model, self.loaders[split], self.device, self.tc.limit_eval_batches,
-                                             progress=self.tc.progress, desc=split)
+            feats, labels = extract_features(
+                self.model,
+                self.loaders[split],
+                self.device,
+                self.tc.limit_eval_batches,
+                progress=self.tc.progress,
+                desc=split,
+            )
         m = metrics_from_features(self.model.head, feats, labels, self.estimator, self.task)
         m.update(self.imbalance.on_split(split, feats, labels))
         return {f"{split}/{k}": v for k, v in m.items()}
@@ -386,8 +456,11 @@ class Trainer:
     def fit(self) -> dict:
         select = self.tc.select_on.value
         if select == Split.test.value:
-            warnings.warn("trainer.select_on=test: the checkpoint is chosen on the TEST split (as the official "
-                          "code does); its test numbers are optimistic.", stacklevel=2)
+            warnings.warn(
+                "trainer.select_on=test: the checkpoint is chosen on the TEST split (as the official "
+                "code does); its test numbers are optimistic.",
+                stacklevel=2,
+            )
         if self._resumed_rng is not None:
             ckpt.set_rng_state(self._resumed_rng, self.device)
         else:
@@ -408,8 +481,9 @@ class Trainer:
             end = self._ctx(epoch, 0)
             self.modulation.epoch_end(end)
             if end.metrics:  # the method's epoch-level quantities (one host sync)
-                values = torch.stack([torch.as_tensor(v, device=self.device).detach().float()
-                                      for v in end.metrics.values()]).tolist()
+                values = torch.stack(
+                    [torch.as_tensor(v, device=self.device).detach().float() for v in end.metrics.values()]
+                ).tolist()
                 row.update({f"train/{k}": v for k, v in zip(end.metrics, values)})
             row["time/epoch_s"] = time.time() - te
             score = row[f"{select}/acc"]
@@ -419,13 +493,22 @@ class Trainer:
             self.logger.log_epoch(row, self.global_step)
             self.history.append(row)
             if self.dist.is_main:
-                log.info("epoch %d  loss %.4f  train/acc %.3f  val/acc %.3f", epoch, row.get("train/loss", float("nan")),
-                         row.get("train/acc", float("nan")), row["val/acc"])
+                log.info(
+                    "epoch %d  loss %.4f  train/acc %.3f  val/acc %.3f",
+                    epoch,
+                    row.get("train/loss", float("nan")),
+                    row.get("train/acc", float("nan")),
+                    row["val/acc"],
+                )
             self.save_checkpoint(epoch + 1, 0, None)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        results = {"best": self.best, "train_time_s": time.time() - t0, "nonfinite_steps": self.nonfinite_steps,
-                   "last": self.history[-1] if self.history else {}}
+        results = {
+            "best": self.best,
+            "train_time_s": time.time() - t0,
+            "nonfinite_steps": self.nonfinite_steps,
+            "last": self.history[-1] if self.history else {},
+        }
         if self.scaler.is_enabled():
             results["overflow_steps"] = self.overflow_steps
         if self.tc.eval_test:
@@ -492,6 +575,10 @@ class Trainer:
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self.start_epoch = state["epoch"]
         if state["step_in_epoch"]:
-            self._pending = {"epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"], "acc": state["epoch_acc"]}
+            self._pending = {
+                "epoch": state["epoch"],
+                "step_in_epoch": state["step_in_epoch"],
+                "acc": state["epoch_acc"],
+            }
         rngs = state["rng"]
         self._resumed_rng = rngs[self.dist.rank % len(rngs)]

@@ -28,6 +28,7 @@ summary            the SELECTED checkpoint: ``best/epoch``, ``best/score`` (its 
                    ``nonfinite_steps``; results.json's ``imbalance`` keys (``shapley/<m>``, ``cost/<name>``, ...)
 =================  =============================================================================================
 """
+
 from __future__ import annotations
 
 STEP = "step"  # steps.csv: the global optimizer step (W&B: the history step of per-step rows)
@@ -54,7 +55,7 @@ def epoch_row_for_wandb(row: dict) -> dict:
     out = {}
     for key, value in row.items():
         if key.startswith(TRAIN):
-            key = TRAIN_EPOCH + key[len(TRAIN):]
+            key = TRAIN_EPOCH + key[len(TRAIN) :]
         elif key == LR:
             key = TRAIN_EPOCH + LR
         out[key] = value
@@ -67,8 +68,7 @@ def summary_for_wandb(results: dict, history: list[dict]) -> dict:
     out = {f"{BEST}{k}": v for k, v in best.items()}
     chosen = next((r for r in history if r.get(EPOCH) == best.get("epoch")), None)
     if chosen is not None:
-        out.update({k: v for k, v in epoch_row_for_wandb(chosen).items()
-                    if k.startswith((TRAIN_EPOCH, VAL))})
+        out.update({k: v for k, v in epoch_row_for_wandb(chosen).items() if k.startswith((TRAIN_EPOCH, VAL))})
     out.update({f"{TEST}{k}": v for k, v in (results.get("test") or {}).items()})
     for key in ("train_time_s", "nonfinite_steps", "overflow_steps"):
         if key in results:

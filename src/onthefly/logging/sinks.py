@@ -4,6 +4,7 @@ The local files are the record of a run; W&B is a copy for dashboards. So W&B tr
 W&B call that fails (its helper process died, the disk under its folder filled up, ...) is reported once, the W&B
 run is given up, and the CSV/JSON files go on. What each logged key means is in :mod:`onthefly.logging.names`.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,27 +90,39 @@ def open_wandb_run(folder: Path, config: dict, options: dict) -> tuple[Any, str]
     kwargs = {k: v for k, v in opts.items() if v not in (None, [], "")}
     settings = None if os.environ.get("WANDB_INIT_TIMEOUT") else wandb.Settings(init_timeout=INIT_TIMEOUT_S)
     try:
-        run = wandb.init(config=config, dir=str(folder), mode=mode, reinit="finish_previous", settings=settings,
-                         **kwargs)
+        run = wandb.init(
+            config=config, dir=str(folder), mode=mode, reinit="finish_previous", settings=settings, **kwargs
+        )
     except Exception as err:  # noqa: BLE001  (W&B trouble must not cost the run)
         if mode != "online":
-            warnings.warn(f"W&B could not start ({_first_line(err)}); continuing with the local CSV/JSON files in "
-                          f"{folder} only.", stacklevel=3)
+            warnings.warn(
+                f"W&B could not start ({_first_line(err)}); continuing with the local CSV/JSON files in {folder} only.",
+                stacklevel=3,
+            )
             return None, "disabled"
         try:
             run = wandb.init(config=config, dir=str(folder), mode="offline", reinit="finish_previous", **kwargs)
         except Exception as again:  # noqa: BLE001
-            warnings.warn(f"W&B could not start online ({_first_line(err)}) nor offline ({_first_line(again)}); "
-                          f"continuing with the local CSV/JSON files in {folder} only.", stacklevel=3)
+            warnings.warn(
+                f"W&B could not start online ({_first_line(err)}) nor offline ({_first_line(again)}); "
+                f"continuing with the local CSV/JSON files in {folder} only.",
+                stacklevel=3,
+            )
             return None, "disabled"
         where = Path(run.dir).parent
-        warnings.warn(f"W&B server not reached ({_first_line(err)}); this run logs OFFLINE to {where}: upload it "
-                      f"later with `wandb sync {where}` (WANDB_MODE=offline skips the wait when there is no network).",
-                      stacklevel=3)
+        warnings.warn(
+            f"W&B server not reached ({_first_line(err)}); this run logs OFFLINE to {where}: upload it "
+            f"later with `wandb sync {where}` (WANDB_MODE=offline skips the wait when there is no network).",
+            stacklevel=3,
+        )
         return run, "offline"
     if mode == "offline":
-        log.info("W&B run %s logs offline to %s (upload it with: wandb sync %s)", run.id, Path(run.dir).parent,
-                 Path(run.dir).parent)
+        log.info(
+            "W&B run %s logs offline to %s (upload it with: wandb sync %s)",
+            run.id,
+            Path(run.dir).parent,
+            Path(run.dir).parent,
+        )
     return run, mode
 
 
@@ -118,8 +131,16 @@ class RunLogger:
     name, tags. Online without a login, or without a server that answers within the init timeout, logs offline
     instead, with one warning that says how to upload the run later."""
 
-    def __init__(self, out_dir: Path, config: dict, wandb_options: dict, log_steps: bool = True,
-                 enabled: bool = True, resume: Optional[dict] = None, resume_from: Optional[Path] = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        config: dict,
+        wandb_options: dict,
+        log_steps: bool = True,
+        enabled: bool = True,
+        resume: Optional[dict] = None,
+        resume_from: Optional[Path] = None,
+    ):
         """``enabled=False`` (ranks other than 0 of a data-parallel run) writes nothing and starts no W&B run.
         ``resume``: a checkpoint's :meth:`state_dict`, to go on with its rows, steps.csv and W&B run id;
         ``resume_from``: the run folder that checkpoint was written in, when it is not ``out_dir``."""
@@ -147,17 +168,27 @@ class RunLogger:
         self.run = self._start_wandb(config, opts)
         if self.run is not None:
             run = self.run
-            self.wandb_info = {"id": run.id, "project": run.project, "entity": run.entity or None,
-                               "group": run.group or None, "job_type": run.job_type or None, "name": run.name,
-                               "mode": self.mode, "dir": str(Path(run.dir).parent)}
+            self.wandb_info = {
+                "id": run.id,
+                "project": run.project,
+                "entity": run.entity or None,
+                "group": run.group or None,
+                "job_type": run.job_type or None,
+                "name": run.name,
+                "mode": self.mode,
+                "dir": str(Path(run.dir).parent),
+            }
 
     # --- resume ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the logger. Pending step rows are written first, so that steps.csv holds
         exactly the steps up to ``steps_flushed`` when the checkpoint is taken."""
         self.flush_steps()
-        return {"epoch_rows": [dict(r) for r in self.epoch_rows], "steps_flushed": self.steps_flushed,
-                "wandb_id": self.wandb_info["id"] if self.wandb_info else None}
+        return {
+            "epoch_rows": [dict(r) for r in self.epoch_rows],
+            "steps_flushed": self.steps_flushed,
+            "wandb_id": self.wandb_info["id"] if self.wandb_info else None,
+        }
 
     def _restore(self, state: dict, source: Optional[Path] = None) -> None:
         """Take back a checkpoint's rows: metrics.csv rewritten from them, steps.csv cut back to the steps the
@@ -215,7 +246,9 @@ class RunLogger:
             warnings.warn(
                 f"W&B stopped working ({what}: {_first_line(err)}); training goes on without it. metrics.csv, "
                 f"steps.csv and results.json in {self.out_dir} hold every number; the W&B run "
-                f"{getattr(run, 'id', '?')} ends here.", stacklevel=4)
+                f"{getattr(run, 'id', '?')} ends here.",
+                stacklevel=4,
+            )
         try:  # end the broken run and drop wandb's connection, so a later run in this process starts afresh
             run.finish(exit_code=1)
         except Exception:  # noqa: BLE001
@@ -233,8 +266,7 @@ class RunLogger:
             return
         self._steps_pending.append({names.STEP: step, names.EPOCH: epoch, **metrics})
         self._wandb("log", lambda run: run.log(metrics, step=step))
-        if (len(self._steps_pending) >= STEPS_FLUSH_ROWS
-                or time.monotonic() - self._steps_flushed_at >= STEPS_FLUSH_S):
+        if len(self._steps_pending) >= STEPS_FLUSH_ROWS or time.monotonic() - self._steps_flushed_at >= STEPS_FLUSH_S:
             self.flush_steps()
 
     def flush_steps(self) -> None:

@@ -11,6 +11,7 @@ transformer fusion, so both designs here are assumptions.
   to each modality's tokens separately with its own CLS; feature of m: LN(CLS_m). A concat head fuses them. The
   modalities share parameters, so OGM scales feature gradients there (docs/method.md §10.4).
 """
+
 from __future__ import annotations
 
 import enum
@@ -37,8 +38,9 @@ def grid_positions(rows: int, cols: int, width: int, device, dtype) -> torch.Ten
 def encoder_layers(dim: int, layers: int, heads: int, ff_mult: int, dropout: float) -> nn.TransformerEncoder:
     if dim % heads:
         raise ConfigError(f"attention width {dim} must be divisible by heads {heads}")
-    layer = nn.TransformerEncoderLayer(dim, heads, ff_mult * dim, dropout, activation="gelu", batch_first=True,
-                                       norm_first=True)
+    layer = nn.TransformerEncoderLayer(
+        dim, heads, ff_mult * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+    )
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
@@ -96,9 +98,16 @@ class CrossAttentionFusion(FusionHead):
 
     natural_estimator = "masked"
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, layers: PositiveInt = 2,
-                 heads: PositiveInt = 4, ff_mult: PositiveInt = 4, dropout: DropoutRate = 0.1,
-                 absent: Absent = Absent.mask):
+    def __init__(
+        self,
+        feature_dims: Dict[str, int],
+        num_classes: int,
+        layers: PositiveInt = 2,
+        heads: PositiveInt = 4,
+        ff_mult: PositiveInt = 4,
+        dropout: DropoutRate = 0.1,
+        absent: Absent = Absent.mask,
+    ):
         super().__init__(feature_dims, num_classes)
         dims = set(feature_dims.values())
         if len(dims) != 1:
@@ -141,9 +150,16 @@ class SharedTokenTransformer(TokenEmbedding):
     fusion_name = "vatt_ma"
     shares_parameters = True
 
-    def __init__(self, encoders: Mapping[str, nn.Module], dim: PositiveInt = 256, max_frames: PositiveInt = 32,
-                 layers: PositiveInt = 2, heads: PositiveInt = 4, ff_mult: PositiveInt = 4,
-                 dropout: DropoutRate = 0.1):
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        dim: PositiveInt = 256,
+        max_frames: PositiveInt = 32,
+        layers: PositiveInt = 2,
+        heads: PositiveInt = 4,
+        ff_mult: PositiveInt = 4,
+        dropout: DropoutRate = 0.1,
+    ):
         super().__init__(encoders, dim, max_frames)
         self.cls = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, dim)) for m in encoders})
         for p in self.cls.values():

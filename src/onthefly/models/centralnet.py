@@ -12,6 +12,7 @@ averages of every ResNet18 stage (per clip for frames), so audio and visual grid
   are trainable scalars (init 1, no weight decay). Its training terms add β·CE(o_m) per modality for the branch
   classifiers o_m = W_m z_m + b_m.
 """
+
 from __future__ import annotations
 
 import enum
@@ -41,8 +42,10 @@ class CentralNetTaps(Interaction):
         super().__init__(encoders)
         channels = {m: tuple(enc.stage_channels) for m, enc in encoders.items()}
         if len(set(channels.values())) != 1:
-            raise ConfigError(f"fusion=centralnet sums the modalities' taps level by level, so every encoder needs the "
-                             f"same stage widths; got {channels}. Give the encoders one backbone.width.")
+            raise ConfigError(
+                f"fusion=centralnet sums the modalities' taps level by level, so every encoder needs the "
+                f"same stage widths; got {channels}. Give the encoders one backbone.width."
+            )
         self.tap_channels = list(next(iter(channels.values())))
         self.feature_dims = {m: sum(self.tap_channels) for m in encoders}
         self.head_args = {"tap_channels": self.tap_channels}
@@ -74,9 +77,17 @@ class _Block(nn.Module):
         batch_stats = self.training and h.shape[0] > 1
         if batch_stats and update_stats:
             return torch.relu(bn(h))
-        return torch.relu(F.batch_norm(h, None if batch_stats else bn.running_mean,
-                                       None if batch_stats else bn.running_var, bn.weight, bn.bias,
-                                       training=batch_stats, eps=bn.eps))
+        return torch.relu(
+            F.batch_norm(
+                h,
+                None if batch_stats else bn.running_mean,
+                None if batch_stats else bn.running_var,
+                bn.weight,
+                bn.bias,
+                training=batch_stats,
+                eps=bn.eps,
+            )
+        )
 
 
 class CentralEstimator(str, enum.Enum):
@@ -90,14 +101,22 @@ class CentralNetHead(FusionHead):
 
     natural_estimator = "central"
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, tap_channels: List[int],
-                 beta: NonNegativeFloat = 1.0,
-                 unimodal: CentralEstimator = CentralEstimator.central, alpha_init: float = 1.0):
+    def __init__(
+        self,
+        feature_dims: Dict[str, int],
+        num_classes: int,
+        tap_channels: List[int],
+        beta: NonNegativeFloat = 1.0,
+        unimodal: CentralEstimator = CentralEstimator.central,
+        alpha_init: float = 1.0,
+    ):
         super().__init__(feature_dims, num_classes)
         self.tap_channels = [int(c) for c in tap_channels]
         if any(d != sum(self.tap_channels) for d in feature_dims.values()):
-            raise ConfigError(f"CentralNetHead reads taps of widths {self.tap_channels}, but the features have "
-                             f"widths {feature_dims}; build it with fusion=centralnet")
+            raise ConfigError(
+                f"CentralNetHead reads taps of widths {self.tap_channels}, but the features have "
+                f"widths {feature_dims}; build it with fusion=centralnet"
+            )
         levels, mods = len(self.tap_channels), len(self.modalities)
         self.beta, self.unimodal = float(beta), CentralEstimator(unimodal)
         self.blocks = nn.ModuleList([_Block(a, b) for a, b in zip(self.tap_channels[:-1], self.tap_channels[1:])])

@@ -3,6 +3,7 @@
 ``python -m onthefly.models.cost`` prints them for every fusion at the CREMA-D shapes of docs/method.md §10.6
 (audio 1×257×188 log-STFT, one 3×224×224 frame, ResNet18 at width 64, 6 classes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,15 @@ def forward_backward_flops(model, inputs: Dict[str, torch.Tensor], labels: torch
     return forward, both.get_total_flops()
 
 
-def cost_table(fusions: Iterable[str], overrides: Iterable[str] = (), frames: int = 1, batch: int = 2,
-               audio_shape=(1, 257, 188), image: int = 224, num_classes: int = 6) -> list[dict]:
+def cost_table(
+    fusions: Iterable[str],
+    overrides: Iterable[str] = (),
+    frames: int = 1,
+    batch: int = 2,
+    audio_shape=(1, 257, 188),
+    image: int = 224,
+    num_classes: int = 6,
+) -> list[dict]:
     """One row per fusion: parameters (total, encoders, interaction, head) and FLOPs per sample."""
     rows = []
     torch.manual_seed(0)
@@ -45,15 +53,17 @@ def cost_table(fusions: Iterable[str], overrides: Iterable[str] = (), frames: in
         model = build_model(cfg, ["audio", "visual"], num_classes)
         fwd, step = forward_backward_flops(model, inputs, labels)
         interaction = model.interaction
-        rows.append({
-            "fusion": fusion,
-            "params": count_parameters(model),
-            "encoders": count_parameters(model.encoders),
-            "interaction": count_parameters(interaction) if interaction is not None else 0,
-            "head": count_parameters(model.head),
-            "gflops_forward": fwd / batch / 1e9,
-            "gflops_train_step": step / batch / 1e9,
-        })
+        rows.append(
+            {
+                "fusion": fusion,
+                "params": count_parameters(model),
+                "encoders": count_parameters(model.encoders),
+                "interaction": count_parameters(interaction) if interaction is not None else 0,
+                "head": count_parameters(model.head),
+                "gflops_forward": fwd / batch / 1e9,
+                "gflops_train_step": step / batch / 1e9,
+            }
+        )
     return rows
 
 
@@ -65,12 +75,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rows = cost_table(args.fusions.split(","), args.overrides, frames=args.frames)
     base = rows[0]
-    print("| fusion | parameters | encoders | interaction | head | GFLOPs forward / sample | GFLOPs train step / sample |")
+    print(
+        "| fusion | parameters | encoders | interaction | head | GFLOPs forward / sample | GFLOPs train step / sample |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['fusion']} | {r['params']:,} | {r['encoders']:,} | {r['interaction']:,} | {r['head']:,} | "
-              f"{r['gflops_forward']:.3f} ({r['gflops_forward'] / base['gflops_forward'] - 1:+.1%}) | "
-              f"{r['gflops_train_step']:.3f} |")
+        print(
+            f"| {r['fusion']} | {r['params']:,} | {r['encoders']:,} | {r['interaction']:,} | {r['head']:,} | "
+            f"{r['gflops_forward']:.3f} ({r['gflops_forward'] / base['gflops_forward'] - 1:+.1%}) | "
+            f"{r['gflops_train_step']:.3f} |"
+        )
     return 0
 
 

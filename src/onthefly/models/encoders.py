@@ -1,4 +1,5 @@
 """Per-modality encoders. Each exposes ``out_dim`` (its feature width)."""
+
 from __future__ import annotations
 
 from typing import Annotated
@@ -51,16 +52,24 @@ class ResNet18(nn.Module):
     ``stem="small"`` a 3x3/1 conv for tiny inputs.
     """
 
-    def __init__(self, in_channels: PositiveInt = 3, width: PositiveInt = 64,
-                 stem: Annotated[str, Choice("imagenet", "small")] = "imagenet"):
+    def __init__(
+        self,
+        in_channels: PositiveInt = 3,
+        width: PositiveInt = 64,
+        stem: Annotated[str, Choice("imagenet", "small")] = "imagenet",
+    ):
         super().__init__()
         if stem == "imagenet":
             self.stem = nn.Sequential(
-                nn.Conv2d(in_channels, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.Conv2d(in_channels, width, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, 2, 1),
             )
         elif stem == "small":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+            )
         else:
             raise ValueError(f"ResNet18 stem must be 'imagenet' or 'small', got {stem!r}")
         layers, cin = [], width
@@ -122,7 +131,9 @@ class MLPEncoder(nn.Module):
 
     def __init__(self, in_dim: PositiveInt = 32, hidden: PositiveInt = 64, out_dim: PositiveInt = 64):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim), nn.ReLU(inplace=True))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim), nn.ReLU(inplace=True)
+        )
         self.out_dim = out_dim
         init_weights(self)
 

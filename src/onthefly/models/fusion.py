@@ -1,9 +1,10 @@
-"""Fusion heads. Each maps per-modality features to class logits and can give uni-modal logits (METHOD.md §1).
+"""Fusion heads. Each maps per-modality features to class logits and can give uni-modal logits (docs/method.md §1).
 
 Every head supports the generic zero-out estimator (the head applied with every other modality's feature set to
 zero, one batched head forward for all modalities). A head with a cheaper exact estimator overrides
 :meth:`FusionHead.natural_unimodal`; one without sets ``natural_estimator = None``.
 """
+
 from __future__ import annotations
 
 import enum
@@ -35,9 +36,7 @@ class FusionHead(nn.Module):
     def zero_out_unimodal(self, feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """z_m = head(features with every modality but m zeroed), all modalities in one head forward."""
         mods, b = self.modalities, feats[self.modalities[0]].shape[0]
-        stacked = {
-            m: torch.cat([feats[m] if m == keep else torch.zeros_like(feats[m]) for keep in mods]) for m in mods
-        }
+        stacked = {m: torch.cat([feats[m] if m == keep else torch.zeros_like(feats[m]) for keep in mods]) for m in mods}
         # context (a question) and side entries are kept as they are, once per modality
         stacked.update({k: torch.cat([v] * len(mods)) for k, v in feats.items() if k not in stacked})
         return dict(zip(mods, self.forward(stacked).split(b)))
@@ -137,8 +136,13 @@ class _TwoModalityHead(FusionHead):
 
     natural_estimator = "branch"
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None,
-                 level: FusionLevel = FusionLevel.logit):
+    def __init__(
+        self,
+        feature_dims: Dict[str, int],
+        num_classes: int,
+        condition: Optional[str] = None,
+        level: FusionLevel = FusionLevel.logit,
+    ):
         super().__init__(feature_dims, num_classes)
         if len(feature_dims) != 2:
             raise ValueError(
@@ -171,8 +175,13 @@ class FiLMFusion(_TwoModalityHead):
     + b_out. Uni-modal: zero-out.
     """
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None,
-                 level: FusionLevel = FusionLevel.logit):
+    def __init__(
+        self,
+        feature_dims: Dict[str, int],
+        num_classes: int,
+        condition: Optional[str] = None,
+        level: FusionLevel = FusionLevel.logit,
+    ):
         super().__init__(feature_dims, num_classes, condition, level)
         if self.level is FusionLevel.logit:
             self.gamma = nn.Linear(feature_dims[self.cond], num_classes)
@@ -201,8 +210,14 @@ class GatedFusion(_TwoModalityHead):
     width), f = W_out (σ(u_c) ⊙ u_t) + b_out. Uni-modal: zero-out.
     """
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, condition: Optional[str] = None,
-                 level: FusionLevel = FusionLevel.logit, hidden: Optional[PositiveInt] = None):
+    def __init__(
+        self,
+        feature_dims: Dict[str, int],
+        num_classes: int,
+        condition: Optional[str] = None,
+        level: FusionLevel = FusionLevel.logit,
+        hidden: Optional[PositiveInt] = None,
+    ):
         super().__init__(feature_dims, num_classes, condition, level)
         if self.level is FusionLevel.logit:
             self.out = nn.Linear(num_classes, num_classes)
@@ -226,11 +241,14 @@ class MLPFusion(FusionHead):
 
     natural_estimator = None
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, hidden: PositiveInt = 128,
-                 dropout: DropoutRate = 0.0):
+    def __init__(
+        self, feature_dims: Dict[str, int], num_classes: int, hidden: PositiveInt = 128, dropout: DropoutRate = 0.0
+    ):
         super().__init__(feature_dims, num_classes)
         self.net = nn.Sequential(
-            nn.Linear(sum(feature_dims.values()), hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(sum(feature_dims.values()), hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
         init_weights(self)
@@ -257,9 +275,16 @@ class QuestionConditionedFusion(FusionHead):
     zero-out (the question is kept).
     """
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, context_dims: Dict[str, int],
-                 answer: AnswerForm = AnswerForm.choices, hidden: PositiveInt = 256, question: str = "question",
-                 dropout: DropoutRate = 0.1):
+    def __init__(
+        self,
+        feature_dims: Dict[str, int],
+        num_classes: int,
+        context_dims: Dict[str, int],
+        answer: AnswerForm = AnswerForm.choices,
+        hidden: PositiveInt = 256,
+        question: str = "question",
+        dropout: DropoutRate = 0.1,
+    ):
         super().__init__(feature_dims, num_classes)
         if question not in context_dims:
             raise ValueError(f"fusion=qa reads the context input {question!r}; the dataset gives {list(context_dims)}")
@@ -287,6 +312,8 @@ class QuestionConditionedFusion(FusionHead):
         if self.answer is AnswerForm.vocabulary:
             return self.classifier(j)
         if context.shape[1] < 2:
-            raise ValueError("fusion.answer=choices scores answer choices, but the questions came without any; "
-                             "use fusion=qa_vocabulary (MUSIC-AVQA)")
+            raise ValueError(
+                "fusion.answer=choices scores answer choices, but the questions came without any; "
+                "use fusion=qa_vocabulary (MUSIC-AVQA)"
+            )
         return (self.choice(context[:, 1:]) * j[:, None]).sum(-1) + self.choice_bias

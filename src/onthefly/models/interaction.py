@@ -21,6 +21,7 @@ What an interaction declares, for the methods to read:
   the gradient of each modality's feature instead of parameter gradients;
 * ``modality_parameters(m)`` / ``shared_parameters()`` — its parameters that act on modality m alone / on several.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
@@ -79,4 +80,3 @@ class Interaction(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         own = {id(p) for m in self.modalities for p in self.modality_parameters(m)}
         return [p for p in self.parameters() if id(p) not in own]
-

@@ -14,6 +14,7 @@ What the module reads from the step's context (docs/method.md §10.4, §10.5):
 * ``ctx.curation`` (Greedy): the curated branch c is gated by its running-average gate Ē_c, the same for every
   sample, so it gets no sample-specific information from the other modality.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,18 +87,25 @@ class MMTM(Interaction):
 
     fusion_name = "mmtm"
 
-    def __init__(self, encoders: Mapping[str, nn.Module], levels: List[int] = [2, 3, 4],  # noqa: B006
-                 ratio: PositiveInt = 4, gate_scale: PositiveFloat = 1.0, drop_squeeze: bool = True,
-                 squeeze_momentum: Probability = 0.99, log_gates: bool = True):
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        levels: List[int] = [2, 3, 4],  # noqa: B006
+        ratio: PositiveInt = 4,
+        gate_scale: PositiveFloat = 1.0,
+        drop_squeeze: bool = True,
+        squeeze_momentum: Probability = 0.99,
+        log_gates: bool = True,
+    ):
         super().__init__(encoders)
         bad = [lv for lv in levels if lv not in (1, 2, 3, 4)]
         if bad or not levels:
             raise ConfigError(f"fusion.interaction.levels must name ResNet18 stages 1..4, got {list(levels)}")
         channels = {m: enc.stage_channels for m, enc in encoders.items()}
         self.levels = sorted(set(int(lv) for lv in levels))
-        self.units = nn.ModuleDict({
-            str(lv): MMTMUnit({m: c[lv - 1] for m, c in channels.items()}, ratio, gate_scale) for lv in self.levels
-        })
+        self.units = nn.ModuleDict(
+            {str(lv): MMTMUnit({m: c[lv - 1] for m, c in channels.items()}, ratio, gate_scale) for lv in self.levels}
+        )
         self.feature_dims = {m: c[-1] for m, c in channels.items()}
         self.drop_squeeze, self.momentum, self.log_gates = bool(drop_squeeze), float(squeeze_momentum), log_gates
         # set by a method that curates (Greedy): update Ē in evaluation forwards too; reproduce the copy slip
@@ -138,16 +146,23 @@ class MMTM(Interaction):
             means = self._isolation[level]  # each gate: own squeeze, the others' means
             gates = {}
             for m in mods:
-                used = {k: squeezes[k] if k == m else means[k].to(squeezes[k].dtype).expand_as(squeezes[k])
-                        for k in mods}
+                used = {
+                    k: squeezes[k] if k == m else means[k].to(squeezes[k].dtype).expand_as(squeezes[k]) for k in mods
+                }
                 gates[m] = unit.gate(m, unit.code(used))
         else:
             used = squeezes
             if keep is not None:  # OPM: a dropped modality's squeeze -> its running mean (detached)
-                used = {m: torch.where(keep[:, i, None], squeezes[m],
-                                       torch.where(unit.squeeze_count > 0, unit.squeeze_mean(m),
-                                                   squeezes[m].detach().float().mean(0)).to(squeezes[m].dtype))
-                        for i, m in enumerate(mods)}
+                used = {
+                    m: torch.where(
+                        keep[:, i, None],
+                        squeezes[m],
+                        torch.where(
+                            unit.squeeze_count > 0, unit.squeeze_mean(m), squeezes[m].detach().float().mean(0)
+                        ).to(squeezes[m].dtype),
+                    )
+                    for i, m in enumerate(mods)
+                }
             code = unit.code(used)
             gates = {m: unit.gate(m, code) for m in mods}
         if self.training:
@@ -185,8 +200,10 @@ class MMTM(Interaction):
             for inputs, labels in batches:
                 model.encode(inputs)
                 n += len(labels)
-            return {lv: {m: torch.stack(v).sum(0) / max(n, 1) for m, v in rec.items()}
-                    for lv, rec in self._recording.items()}
+            return {
+                lv: {m: torch.stack(v).sum(0) / max(n, 1) for m, v in rec.items()}
+                for lv, rec in self._recording.items()
+            }
         finally:
             self._recording = None
 
@@ -209,16 +226,18 @@ class MMTM(Interaction):
                 for mode in correct:
                     with self.isolated(means) if mode == "alone" else contextlib.nullcontext():
                         logits = _branch_logits(model, model.encode(inputs), task)
-                    correct[mode] += torch.stack([(logits[m].argmax(1) == labels).sum().cpu().float()
-                                                  for m in self.modalities])
+                    correct[mode] += torch.stack(
+                        [(logits[m].argmax(1) == labels).sum().cpu().float() for m in self.modalities]
+                    )
                 total += len(labels)
         finally:
             model.train(was)
         acc = {mode: (c / max(total, 1)).tolist() for mode, c in correct.items()}
         m0, m1 = self.modalities
         # the use of m1 is read off branch m0 (and the other way round)
-        return utilisation_rates(self.modalities, {m1: acc["full"][0], m0: acc["full"][1]},
-                                 {m1: acc["alone"][0], m0: acc["alone"][1]})
+        return utilisation_rates(
+            self.modalities, {m1: acc["full"][0], m0: acc["full"][1]}, {m1: acc["alone"][0], m0: acc["alone"][1]}
+        )
 
 
 def _branch_logits(model, feats, task) -> Dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ input's encoding (AVQA's question: what the head is asked, never balanced), ever
 (side targets such as MOSI's score, which the task reads), and any side entries the interaction adds. Heads read
 the keys they know.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Optional
@@ -19,8 +20,14 @@ from onthefly.models.fusion import FusionHead
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, encoders: Dict[str, nn.Module], head: FusionHead, context: Optional[Dict[str, nn.Module]] = None,
-                 passthrough: Iterable[str] = (), interaction: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        encoders: Dict[str, nn.Module],
+        head: FusionHead,
+        context: Optional[Dict[str, nn.Module]] = None,
+        passthrough: Iterable[str] = (),
+        interaction: Optional[nn.Module] = None,
+    ):
         super().__init__()
         self.encoders = nn.ModuleDict(encoders)
         self.context = nn.ModuleDict(context or {})
@@ -82,8 +89,15 @@ def _build_encoder(config, args: dict, key: str, backbone: str) -> nn.Module:
         ) from err
 
 
-def build_model(cfg, modalities: list[str], num_classes: int, *, encoder_args: Optional[dict] = None,
-                context: Iterable[str] = (), passthrough: Iterable[str] = ()) -> MultimodalModel:
+def build_model(
+    cfg,
+    modalities: list[str],
+    num_classes: int,
+    *,
+    encoder_args: Optional[dict] = None,
+    context: Iterable[str] = (),
+    passthrough: Iterable[str] = (),
+) -> MultimodalModel:
     """Encoders from ``cfg.backbone.encoders[<modality>]`` (and ``cfg.backbone.context[<key>]`` for each context
     input), each given the dataset's ``encoder_args[<key>]`` (feature sizes, vocabulary size); the head from
     ``cfg.fusion`` with ``num_classes`` outputs (and ``context_dims`` when there is context)."""
@@ -124,13 +138,21 @@ def build_model(cfg, modalities: list[str], num_classes: int, *, encoder_args: O
     except Exception as err:  # noqa: BLE001 (Hydra wraps the TypeError of an unexpected argument)
         if "context_dims" not in runtime:
             raise
-        raise ValueError(f"fusion head {cfg.fusion._target_} cannot use the dataset's context inputs {context} "
-                         f"({err}); use a question-conditioned head (fusion=qa).") from err
+        raise ValueError(
+            f"fusion head {cfg.fusion._target_} cannot use the dataset's context inputs {context} "
+            f"({err}); use a question-conditioned head (fusion=qa)."
+        ) from err
     return MultimodalModel(encoders, head, context_encoders, passthrough, interaction)
 
 
 def model_for(cfg, modalities: list[str], splits, task) -> MultimodalModel:
     """:func:`build_model` for a dataset and a task: the task's output size, the sizes the data gives the
     encoders, its context inputs, and the side targets the task reads (passed through)."""
-    return build_model(cfg, modalities, task.output_dim(splits.num_classes), encoder_args=splits.encoder_args,
-                       context=splits.context, passthrough=task.target_keys)
+    return build_model(
+        cfg,
+        modalities,
+        task.output_dim(splits.num_classes),
+        encoder_args=splits.encoder_args,
+        context=splits.context,
+        passthrough=task.target_keys,
+    )

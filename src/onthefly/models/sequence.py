@@ -5,6 +5,7 @@ A sequence input is a dict ``{"x": [B, T, D], "length": [B]}`` (a plain ``[B, T,
 valid); steps at or past ``length`` are padding and never reach the pooled feature. The input size ``in_dim``
 is read from the data when the model is built (``DataSplits.encoder_args``), never written in a config.
 """
+
 from __future__ import annotations
 
 import enum
@@ -45,8 +46,15 @@ class TransformerSequenceEncoder(nn.Module):
     """Linear projection to ``width`` + sine positions + a pre-norm transformer encoder; the valid steps are
     averaged into one ``width`` vector."""
 
-    def __init__(self, in_dim: int, width: PositiveInt = 64, layers: PositiveInt = 2, heads: PositiveInt = 4,
-                 ff_mult: PositiveInt = 2, dropout: DropoutRate = 0.1):
+    def __init__(
+        self,
+        in_dim: int,
+        width: PositiveInt = 64,
+        layers: PositiveInt = 2,
+        heads: PositiveInt = 4,
+        ff_mult: PositiveInt = 2,
+        dropout: DropoutRate = 0.1,
+    ):
         super().__init__()
         if width % heads:
             raise ValueError(f"transformer width {width} must be divisible by heads {heads}")
@@ -72,21 +80,33 @@ class LSTMSequenceEncoder(nn.Module):
     """An LSTM over the valid steps (packed, so padding is never read); the last layer's final hidden states
     (both directions when bidirectional) form one ``width`` vector."""
 
-    def __init__(self, in_dim: int, width: PositiveInt = 64, layers: PositiveInt = 1, bidirectional: bool = True,
-                 dropout: DropoutRate = 0.0):
+    def __init__(
+        self,
+        in_dim: int,
+        width: PositiveInt = 64,
+        layers: PositiveInt = 1,
+        bidirectional: bool = True,
+        dropout: DropoutRate = 0.0,
+    ):
         super().__init__()
         if bidirectional and width % 2:
             raise ValueError(f"a bidirectional LSTM needs an even width, got {width}")
         self.directions = 2 if bidirectional else 1
-        self.lstm = nn.LSTM(in_dim, width // self.directions, num_layers=layers, batch_first=True,
-                            bidirectional=bidirectional, dropout=dropout if layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            in_dim,
+            width // self.directions,
+            num_layers=layers,
+            batch_first=True,
+            bidirectional=bidirectional,
+            dropout=dropout if layers > 1 else 0.0,
+        )
         self.out_dim = width
 
     def forward(self, inputs) -> torch.Tensor:
         x, length = _unpack(inputs)
         packed = pack_padded_sequence(x, length.cpu(), batch_first=True, enforce_sorted=False)
         _, (h, _) = self.lstm(packed)
-        return h[-self.directions:].transpose(0, 1).reshape(x.shape[0], -1)
+        return h[-self.directions :].transpose(0, 1).reshape(x.shape[0], -1)
 
 
 class TextEncoderKind(str, enum.Enum):
@@ -103,9 +123,16 @@ class QuestionEncoder(nn.Module):
     by the same network).
     """
 
-    def __init__(self, vocab_size: int, width: PositiveInt = 128, embed_dim: PositiveInt = 128,
-                 kind: TextEncoderKind = TextEncoderKind.lstm, layers: PositiveInt = 1, heads: PositiveInt = 4,
-                 dropout: DropoutRate = 0.1):
+    def __init__(
+        self,
+        vocab_size: int,
+        width: PositiveInt = 128,
+        embed_dim: PositiveInt = 128,
+        kind: TextEncoderKind = TextEncoderKind.lstm,
+        layers: PositiveInt = 1,
+        heads: PositiveInt = 4,
+        dropout: DropoutRate = 0.1,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         nn.init.normal_(self.embed.weight, std=embed_dim**-0.5)

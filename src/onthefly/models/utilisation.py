@@ -12,6 +12,7 @@ the other modalities (docs/method.md §10.5).
 Keys: ``cur_<m'>_given_<m>`` for two modalities (``cur_<m'>_given_rest`` for more), and for two modalities
 ``d_util`` = u(m_1|m_0) − u(m_0|m_1) (model order): positive when the model leans on m_1 more than on m_0.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, Mapping, Optional
@@ -19,10 +20,12 @@ from typing import Dict, Iterable, Mapping, Optional
 import torch
 
 
-def utilisation_rates(modalities: list[str], with_m: Mapping[str, float], without_m: Mapping[str, float]
-                      ) -> Dict[str, float]:
+def utilisation_rates(
+    modalities: list[str], with_m: Mapping[str, float], without_m: Mapping[str, float]
+) -> Dict[str, float]:
     """The rates from accuracies keyed by the modality m' whose use is measured: ``with_m[m']`` (m' present) and
     ``without_m[m']`` (m' removed)."""
+
     def rate(m):
         return (with_m[m] - without_m[m]) / with_m[m] if with_m[m] > 0 else float("nan")
 
@@ -49,8 +52,7 @@ def conditional_utilisation(model, train_batches: Iterable, eval_batches: Iterab
 
 
 @torch.no_grad()
-def mean_replacement_utilisation(model, train_batches: Iterable, eval_batches: Iterable, task=None
-                                 ) -> Dict[str, float]:
+def mean_replacement_utilisation(model, train_batches: Iterable, eval_batches: Iterable, task=None) -> Dict[str, float]:
     """u(m'|rest) with m''s feature replaced by its training-set mean: fused accuracy with and without."""
     mods = model.modalities
     was = model.training

@@ -6,6 +6,7 @@ cross-entropies s_m give a current ratio r_m = exp(M/(M−1)·(s̄ − s_m)) and
 since training began, a target r̄_m; the gradient reaching modality m is multiplied by
 κ_m = exp(α·min(r̄_m − r_m, clamp)), so a modality that leads by more than it usually does is slowed.
 """
+
 from __future__ import annotations
 
 import enum
@@ -56,8 +57,9 @@ def shapley_logits(f: Dict[frozenset, torch.Tensor], m: int, include_empty: bool
 
 def agm_scores(mono: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """s_m = mean_i −log p(m_m)_i[y_i], a probability below 1e-8 counted as 1e-8; [M] float32, no gradient."""
-    return torch.stack([-F.log_softmax(z.detach().float(), 1).gather(1, labels[:, None]).clamp_min(LOG_FLOOR).mean()
-                        for z in mono])
+    return torch.stack(
+        [-F.log_softmax(z.detach().float(), 1).gather(1, labels[:, None]).clamp_min(LOG_FLOOR).mean() for z in mono]
+    )
 
 
 def agm_ratios(scores: torch.Tensor, variant: Variant | str = Variant.official) -> torch.Tensor:
@@ -89,8 +91,9 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * k.to(grad.dtype), None
 
 
-def clip_if_large(params: Sequence[torch.Tensor], watched: Sequence[torch.Tensor], threshold: float,
-                  max_norm: float) -> torch.Tensor:
+def clip_if_large(
+    params: Sequence[torch.Tensor], watched: Sequence[torch.Tensor], threshold: float, max_norm: float
+) -> torch.Tensor:
     """If any entry of the ``watched`` gradients exceeds ±threshold, scale all ``params`` gradients to total norm
     ``max_norm`` (as clip_grad_norm_), without a host sync. Returns 1.0 when it clipped, else 0.0."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -113,8 +116,10 @@ def head_weight_slices(head, modalities: Sequence[str]):
         starts = [sum(dims[:i]) for i in range(len(dims))]
         return ({m: (head.fc.weight, starts[order[m]], dims[order[m]]) for m in modalities}, [head.fc.bias])
     if isinstance(head, SumFusion):
-        return ({m: (head.fc[m].weight, 0, head.fc[m].weight.shape[1]) for m in modalities},
-                [head.fc[m].bias for m in modalities])
+        return (
+            {m: (head.fc[m].weight, 0, head.fc[m].weight.shape[1]) for m in modalities},
+            [head.fc[m].bias for m in modalities],
+        )
     return None
 
 
@@ -126,9 +131,16 @@ class AGM(Modulation):
     ``variant=balancebenchmark``: no empty coalition, the reciprocal ratio, clamp 7, κ on encoder m's >1-D tensors
     only, clip threshold and norm 5."""
 
-    def __init__(self, alpha: NonNegativeFloat = 1.0, start: NonNegativeInt = 0, end: Optional[NonNegativeInt] = 19,
-                 passes: Passes = Passes.cheap, clamp: Optional[PositiveFloat] = None,
-                 clip: Optional[PositiveFloat] = None, variant: Variant = Variant.official):
+    def __init__(
+        self,
+        alpha: NonNegativeFloat = 1.0,
+        start: NonNegativeInt = 0,
+        end: Optional[NonNegativeInt] = 19,
+        passes: Passes = Passes.cheap,
+        clamp: Optional[PositiveFloat] = None,
+        clip: Optional[PositiveFloat] = None,
+        variant: Variant = Variant.official,
+    ):
         self.alpha, self.passes, self.variant = float(alpha), Passes(passes), Variant(variant)
         bb = self.variant is Variant.balancebenchmark
         self.clamp = float(clamp) if clamp is not None else (7.0 if bb else 10.0)
@@ -142,8 +154,10 @@ class AGM(Modulation):
 
     def setup(self, model, num_classes: int) -> None:
         if len(model.modalities) < 2:
-            raise ConfigError(f"AGM balances modalities, but this model has only {model.modalities}; use "
-                             "modulation=none for uni-modal runs.")
+            raise ConfigError(
+                f"AGM balances modalities, but this model has only {model.modalities}; use "
+                "modulation=none for uni-modal runs."
+            )
         if self.variant is Variant.balancebenchmark:
             self.params = {m: select_parameters(enc, Scope.all) for m, enc in model.encoders.items()}
             self.slices = None
@@ -151,9 +165,12 @@ class AGM(Modulation):
             self.params = {m: [p for p in enc.parameters() if p.requires_grad] for m, enc in model.encoders.items()}
             self.slices = head_weight_slices(model.head, model.modalities)
             if self.slices is None and not self.through_loss:
-                warnings.warn(f"AGM scales the head's per-modality weights of concat and sum heads only; with "
-                              f"{type(model.head).__name__} it scales the encoders' gradients alone "
-                              "(modulation.passes=exact scales through the head as released).", stacklevel=2)
+                warnings.warn(
+                    f"AGM scales the head's per-modality weights of concat and sum heads only; with "
+                    f"{type(model.head).__name__} it scales the encoders' gradients alone "
+                    "(modulation.passes=exact scales through the head as released).",
+                    stacklevel=2,
+                )
         self.watched = [p for p in model.head.parameters() if p.dim() > 1]
 
     # --- the coalition logits ---------------------------------------------------------------------------------
@@ -177,10 +194,19 @@ class AGM(Modulation):
         subsets = coalitions(len(mods))
         if self.passes is Passes.exact:  # eval-mode passes of the whole model on zeroed inputs
             inputs = dict(ctx.inputs)
-            inputs.update({m: torch.cat([ctx.inputs[m] if i in s else torch.zeros_like(ctx.inputs[m]) for s in subsets])
-                           for i, m in enumerate(mods)})
-            inputs.update({k: torch.cat([v] * len(subsets)) for k, v in ctx.inputs.items() if k not in mods
-                           and torch.is_tensor(v)})
+            inputs.update(
+                {
+                    m: torch.cat([ctx.inputs[m] if i in s else torch.zeros_like(ctx.inputs[m]) for s in subsets])
+                    for i, m in enumerate(mods)
+                }
+            )
+            inputs.update(
+                {
+                    k: torch.cat([v] * len(subsets))
+                    for k, v in ctx.inputs.items()
+                    if k not in mods and torch.is_tensor(v)
+                }
+            )
             model = ctx.model
             was_training = model.training
             model.eval()
@@ -192,8 +218,10 @@ class AGM(Modulation):
             return f
         absent = self._absent(ctx)
         with torch.no_grad():
-            stacked = {m: torch.cat([feats[m].detach() if i in s else absent[m].expand_as(feats[m]) for s in subsets])
-                       for i, m in enumerate(mods)}
+            stacked = {
+                m: torch.cat([feats[m].detach() if i in s else absent[m].expand_as(feats[m]) for s in subsets])
+                for i, m in enumerate(mods)
+            }
             stacked.update({k: torch.cat([v] * len(subsets)) for k, v in feats.items() if k not in stacked})
             f = dict(zip(subsets, ctx.model.head(stacked).split(b)))
         f[frozenset(range(len(mods)))] = ctx.logits.detach()
@@ -217,8 +245,9 @@ class AGM(Modulation):
         self.kappa = kappa
         if self.through_loss:  # the released route: κ scales the gradient entering each m_m
             ctx.loss_weight = 0.0
-            ctx.extra_losses["agm"] = F.cross_entropy(sum(_ScaleGrad.apply(z, kappa[i]) for i, z in enumerate(mono)),
-                                                      labels)
+            ctx.extra_losses["agm"] = F.cross_entropy(
+                sum(_ScaleGrad.apply(z, kappa[i]) for i, z in enumerate(mono)), labels
+            )
         ctx.log_per_modality("agm_score", scores)
         ctx.log_per_modality("agm_target", self.targets)
         ctx.log_per_modality("agm_ratio", ratio)

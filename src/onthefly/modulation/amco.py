@@ -19,6 +19,7 @@ Variants:
     bb_base_model  what the benchmark computes with its default model (the one of its README): the mask and the
                    flags are never applied and there is no Linear*, so the loss is CE(z) + Σ_m CE(z_m)
 """
+
 from __future__ import annotations
 
 import enum
@@ -32,7 +33,6 @@ from torch import nn
 from onthefly.config import Estimator, NonNegativeInt, PositiveFloat, Probability, configurable
 from onthefly.models.fusion import ConcatFusion, FusionHead, SumFusion
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
-
 
 ADDITIVE_HEADS = (ConcatFusion, SumFusion)  # heads whose uni-modal logits add up to the fused output
 
@@ -94,9 +94,15 @@ class MaskedSumHead(FusionHead):
 class AMCo(Modulation):
     """Mask the dependent modality (class logits or feature channels) + uni-modal co-optimization losses."""
 
-    def __init__(self, variant: AMCoVariant = AMCoVariant.bb_fixed, sigma: Probability = 0.5,
-                 eps: PositiveFloat = 0.3, ramp_epochs: PositiveFloat = 3.0, start: NonNegativeInt = 0,
-                 end: Optional[NonNegativeInt] = 80):
+    def __init__(
+        self,
+        variant: AMCoVariant = AMCoVariant.bb_fixed,
+        sigma: Probability = 0.5,
+        eps: PositiveFloat = 0.3,
+        ramp_epochs: PositiveFloat = 3.0,
+        start: NonNegativeInt = 0,
+        end: Optional[NonNegativeInt] = 80,
+    ):
         self.variant, self.sigma, self.eps = AMCoVariant(variant), float(sigma), float(eps)
         self.ramp_epochs = float(ramp_epochs)
         self.window = EpochWindow(start, end)
@@ -116,7 +122,8 @@ class AMCo(Modulation):
                 raise ValueError(
                     f"modulation=amco variant bb_fixed masks the uni-modal logits that add up to the fused output; "
                     f"fusion head {type(model.head).__name__} has no such logits. Use fusion=concat or fusion=sum, "
-                    "or modulation.variant=feature (masks feature channels, any head).")
+                    "or modulation.variant=feature (masks feature channels, any head)."
+                )
             self.head = model.head = MaskedSumHead(model.head)
 
     def epoch_start(self, ctx: StepContext) -> None:
@@ -157,17 +164,26 @@ class AMCo(Modulation):
         else:
             dims = ctx.model.feature_dims
             masks = {m: random_mask(dims[m], int(p * dims[m]), gen).to(ctx.device) for m in ctx.modalities}
-            self._step = {"p": p, "n": float(sum(int(p * dims[m]) for m in ctx.modalities)) / len(ctx.modalities),
-                          "flags": flags, "masks": masks}
+            self._step = {
+                "p": p,
+                "n": float(sum(int(p * dims[m]) for m in ctx.modalities)) / len(ctx.modalities),
+                "flags": flags,
+                "masks": masks,
+            }
 
     def on_features(self, ctx: StepContext) -> None:
         if "masks" not in self._step:
             return
         flags, masks = self._step["flags"], self._step["masks"]
         self._step["unmasked"] = dict(ctx.features)
-        ctx.features = {**ctx.features, **{
-            m: ctx.features[m] * torch.where(flags[i], masks[m], torch.ones_like(masks[m])).to(ctx.features[m].dtype)
-            for i, m in enumerate(ctx.modalities)}}
+        ctx.features = {
+            **ctx.features,
+            **{
+                m: ctx.features[m]
+                * torch.where(flags[i], masks[m], torch.ones_like(masks[m])).to(ctx.features[m].dtype)
+                for i, m in enumerate(ctx.modalities)
+            },
+        }
 
     def after_forward(self, ctx: StepContext) -> None:
         if ctx.epoch not in self.window:
@@ -197,8 +213,13 @@ class AMCo(Modulation):
             self.head.masks = None  # the masks are this step's only
 
     def state_dict(self) -> dict:
-        return {"l": self.l, "flags": self.flags, "steps_now": self.steps_now, "steps_prev": self.steps_prev,
-                "seed": self.seed}
+        return {
+            "l": self.l,
+            "flags": self.flags,
+            "steps_now": self.steps_now,
+            "steps_prev": self.steps_prev,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state:

@@ -31,6 +31,7 @@ tensors, no host sync) into ctx.metrics under `<name>_<modality>`; the trainer l
 `train/<name>_<modality>`. A method's state_dict() must hold
 everything its hooks change (a resumed run must equal an uninterrupted one).
 """
+
 from __future__ import annotations
 
 import abc
@@ -100,7 +101,7 @@ class EpochWindow:
 class StepTrainer(Protocol):
     """What a step strategy may ask of the trainer (onthefly.engine.trainer.Trainer implements it)."""
 
-    modulation: "Modulation"
+    modulation: Modulation
 
     def forward(self, ctx: StepContext, fn: Optional[Callable[[StepContext], torch.Tensor]] = None) -> torch.Tensor:
         """Run ``fn(ctx)`` (default: the joint forward with the method's forward hooks, returning the loss) as the

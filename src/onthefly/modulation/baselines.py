@@ -1,7 +1,8 @@
-"""Baselines the paper compares against (METHOD.md §6): modality dropout and online Gradient-Blending.
+"""Baselines the paper compares against (docs/method.md §6): modality dropout and online Gradient-Blending.
 
 Uni-modal models need no method: `trainer.modalities=[audio]` builds a one-encoder model.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -12,6 +12,7 @@ Variants:
     balancebenchmark   BalanceBenchmark's trainer: one removal order per epoch for every sample; the hinge
                        max(0, Σ_i (conf_{j+1} - conf_j)) on the batch sum, no sign mask, no margin
 """
+
 from __future__ import annotations
 
 import enum
@@ -30,8 +31,13 @@ class CMLVariant(str, enum.Enum):
     balancebenchmark = "balancebenchmark"
 
 
-def confidence_hinge(fuller: torch.Tensor, reduced: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.0,
-                     variant: CMLVariant | str = CMLVariant.official) -> tuple[torch.Tensor, dict]:
+def confidence_hinge(
+    fuller: torch.Tensor,
+    reduced: torch.Tensor,
+    labels: torch.Tensor,
+    epsilon: float = 0.0,
+    variant: CMLVariant | str = CMLVariant.official,
+) -> tuple[torch.Tensor, dict]:
     """The penalty on a confidence increase from ``fuller`` logits to ``reduced`` logits (one removal step).
 
     official: Σ_i ReLU((conf_r,i - conf_f,i)·σ_i - ε), σ_i = 0 if the reduced input predicts y_i and the fuller
@@ -44,8 +50,12 @@ def confidence_hinge(fuller: torch.Tensor, reduced: torch.Tensor, labels: torch.
         penalty = F.relu((conf_r - conf_f) * sigma - epsilon).sum()
     else:
         penalty = (conf_r - conf_f).sum().clamp_min(0)
-    return penalty, {"violation": (conf_r > conf_f).float().detach(), "sigma": sigma, "conf_full": conf_f.detach(),
-                     "conf_partial": conf_r.detach()}
+    return penalty, {
+        "violation": (conf_r > conf_f).float().detach(),
+        "sigma": sigma,
+        "conf_full": conf_f.detach(),
+        "conf_partial": conf_r.detach(),
+    }
 
 
 def removal_positions(batch: int, order: Optional[torch.Tensor], modalities: int, device) -> torch.Tensor:
@@ -73,17 +83,24 @@ def partial_logits(head, feats: dict, modalities: list[str], positions: torch.Te
 class CML(Modulation):
     """Cross-entropy averaged over the removal chain + λ·(confidence hinge), inside the epoch window."""
 
-    def __init__(self, lam: NonNegativeFloat = 0.1, epsilon: NonNegativeFloat = 0.0,
-                 variant: CMLVariant = CMLVariant.official, start: NonNegativeInt = 0,
-                 end: Optional[NonNegativeInt] = None):
+    def __init__(
+        self,
+        lam: NonNegativeFloat = 0.1,
+        epsilon: NonNegativeFloat = 0.0,
+        variant: CMLVariant = CMLVariant.official,
+        start: NonNegativeInt = 0,
+        end: Optional[NonNegativeInt] = None,
+    ):
         self.lam, self.epsilon, self.variant = float(lam), float(epsilon), CMLVariant(variant)
         self.window = EpochWindow(start, end)
         self.order: Optional[torch.Tensor] = None  # balancebenchmark: this epoch's removal order
 
     def setup(self, model, num_classes: int) -> None:
         if model.head.num_classes < 2:
-            raise ValueError("modulation=cml penalises softmax confidences: it needs a classification head "
-                             "(task=classification or sentiment with head=classification)")
+            raise ValueError(
+                "modulation=cml penalises softmax confidences: it needs a classification head "
+                "(task=classification or sentiment with head=classification)"
+            )
 
     def epoch_start(self, ctx: StepContext) -> None:
         if self.variant is CMLVariant.balancebenchmark:

@@ -1,8 +1,9 @@
-"""Uni-modal scores s_m and the discrepancy ratio ρ_m (METHOD.md §2).
+"""Uni-modal scores s_m and the discrepancy ratio ρ_m (docs/method.md §2).
 
 Pure tensor functions: no host sync, float32 whatever the autocast dtype. A data-parallel run all-reduces the
 scores (pass ``all_reduce``) before the ratio is formed, so every rank computes the same ρ.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional
@@ -14,8 +15,9 @@ from onthefly.config import RhoReduce
 EPS = 1e-8
 
 
-def scores(unimodal_logits: Dict[str, torch.Tensor], labels: torch.Tensor,
-           weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def scores(
+    unimodal_logits: Dict[str, torch.Tensor], labels: torch.Tensor, weight: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """s_m = Σ_i w_i softmax(z_m,i)[y_i] (w_i = 1 unless ``weight`` [B] is given: 0 leaves sample i out), stacked in
     the dict's modality order -> [M] float32."""
     idx = labels.view(-1, 1)

@@ -10,6 +10,7 @@ curation steps for the caring branch c (0 if d_BDR > 0, else 1): every MMTM gate
 gate Ē_c (``ctx.curation``), so c learns without sample-specific help from the other modality. Random variant: once
 unlocked, each step is regular, curates branch 0 or curates branch 1 with probability 1/3 each.
 """
+
 from __future__ import annotations
 
 import enum
@@ -54,9 +55,16 @@ def balance_difference(main: torch.Tensor, bypass: torch.Tensor) -> tuple[torch.
 class Greedy(Modulation):
     """Guided (or random) re-balancing of an MMTM model (see the module docstring)."""
 
-    def __init__(self, variant: Variant = Variant.guided, epsilon: NonNegativeFloat = 0.01, window: PositiveInt = 5,
-                 starting_epoch: NonNegativeInt = 2, loss: BranchLoss = BranchLoss.branch_sum,
-                 gate_average: GateAverage = GateAverage.train, gate_bug: bool = False):
+    def __init__(
+        self,
+        variant: Variant = Variant.guided,
+        epsilon: NonNegativeFloat = 0.01,
+        window: PositiveInt = 5,
+        starting_epoch: NonNegativeInt = 2,
+        loss: BranchLoss = BranchLoss.branch_sum,
+        gate_average: GateAverage = GateAverage.train,
+        gate_bug: bool = False,
+    ):
         self.variant, self.epsilon, self.window = Variant(variant), float(epsilon), int(window)
         self.starting_epoch, self.loss = int(starting_epoch), BranchLoss(loss)
         self.gate_average, self.gate_bug = GateAverage(gate_average), bool(gate_bug)
@@ -89,10 +97,13 @@ class Greedy(Modulation):
         interaction.gate_average_bug = self.gate_bug
         self.modalities = list(model.modalities)
         shared = [p for p in interaction.shared_parameters() if p.requires_grad]
-        self.main = [[p for p in [*model.encoders[m].parameters(), *model.head.modality_parameters(m)]
-                      if p.requires_grad] for m in self.modalities]
-        self.bypass = [[p for p in interaction.modality_parameters(m) if p.requires_grad] + shared
-                       for m in self.modalities]
+        self.main = [
+            [p for p in [*model.encoders[m].parameters(), *model.head.modality_parameters(m)] if p.requires_grad]
+            for m in self.modalities
+        ]
+        self.bypass = [
+            [p for p in interaction.modality_parameters(m) if p.requires_grad] + shared for m in self.modalities
+        ]
 
     def epoch_start(self, ctx: StepContext) -> None:
         if ctx.epoch >= self.starting_epoch:
@@ -124,8 +135,12 @@ class Greedy(Modulation):
         if self.left > 0:  # this step curated: no speed is measured
             self.left -= 1
         else:
-            speeds = torch.stack([torch.stack([learning_speed(g) for g in self.main]),
-                                  torch.stack([learning_speed(g) for g in self.bypass])])
+            speeds = torch.stack(
+                [
+                    torch.stack([learning_speed(g) for g in self.main]),
+                    torch.stack([learning_speed(g) for g in self.bypass]),
+                ]
+            )
             self.speed_sums = self.speed_sums.to(speeds.device) + speeds.double()
             bdr, d = balance_difference(self.speed_sums[0], self.speed_sums[1])
             self.bdr, self.d_bdr = bdr.float(), d.float()
@@ -137,8 +152,14 @@ class Greedy(Modulation):
         ctx.metrics["greedy_d_bdr"] = self.d_bdr.to(ctx.device)
 
     def state_dict(self) -> dict:
-        return {"speed_sums": self.speed_sums.cpu(), "unlocked": self.unlocked, "caring": self.caring,
-                "left": self.left, "bdr": self.bdr.cpu(), "d_bdr": self.d_bdr.cpu()}
+        return {
+            "speed_sums": self.speed_sums.cpu(),
+            "unlocked": self.unlocked,
+            "caring": self.caring,
+            "left": self.left,
+            "bdr": self.bdr.cpu(),
+            "d_bdr": self.d_bdr.cpu(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.speed_sums = state.get("speed_sums", self.speed_sums)

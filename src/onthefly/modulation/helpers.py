@@ -1,5 +1,6 @@
 """Pieces several methods share, so that no method writes them again: per-loss gradients of a set of parameters,
 and one linear uni-modal head per modality."""
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, Mapping, Sequence
@@ -8,8 +9,9 @@ import torch
 from torch import nn
 
 
-def loss_gradients(losses: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor],
-                   retain_graph: bool = True) -> Dict[str, list[torch.Tensor]]:
+def loss_gradients(
+    losses: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor], retain_graph: bool = True
+) -> Dict[str, list[torch.Tensor]]:
     """{name: [∂loss/∂p for p in params]} for each named loss, in float32. A parameter a loss does not reach gets
     zeros (autograd's None). The graph is kept (``retain_graph``) so the step's own backward can still run; by
     linearity, the gradient of a sum of losses is the sum of these, so a method that needs the total needs no
@@ -18,7 +20,9 @@ def loss_gradients(losses: Mapping[str, torch.Tensor], params: Sequence[torch.Te
     out = {}
     for name, loss in losses.items():
         grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-        out[name] = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for p, g in zip(params, grads)]
+        out[name] = [
+            torch.zeros_like(p, dtype=torch.float32) if g is None else g.float() for p, g in zip(params, grads)
+        ]
     return out
 
 

@@ -10,6 +10,7 @@ The window is read from a Fisher-information trace: T_m(e) = Σ_tensors mean ove
 (the edited gradients of encoder m's weight matrices and kernels, epoch e). With the history padded by W zeros,
 k(e) = (T(e-1) - T(e-1-W)) / Σ_{j=e-W}^{e-1} T(j) (k = 1 at the first epoch); the window is open while k > τ.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -52,8 +53,14 @@ class InfoReg(Modulation):
 
     needs_rho = True  # reads the loop's batch scores S_m (summed over ranks, so every rank agrees)
 
-    def __init__(self, coef: list[NonNegativeFloat] = [0.95, 0.1], tau: float = 0.05, trace_window: PositiveInt = 10,
-                 window_modality: str = "first", unimodal_loss: bool = True):
+    def __init__(
+        self,
+        coef: list[NonNegativeFloat] = [0.95, 0.1],  # noqa: B006 (copied below; the schema reads this default)
+        tau: float = 0.05,
+        trace_window: PositiveInt = 10,
+        window_modality: str = "first",
+        unimodal_loss: bool = True,
+    ):
         self.coef, self.tau, self.trace_window = [float(c) for c in coef], float(tau), int(trace_window)
         self.window_modality, self.unimodal_loss = window_modality, bool(unimodal_loss)
         self.params: dict[str, list[torch.nn.Parameter]] = {}
@@ -69,12 +76,15 @@ class InfoReg(Modulation):
     def setup(self, model, num_classes: int) -> None:
         mods = model.modalities
         if len(self.coef) != len(mods):
-            raise ValueError(f"modulation.coef has {len(self.coef)} values but the model has {len(mods)} modalities "
-                             f"{mods}: give one per modality, in that order (the official [0.95, 0.1] is for "
-                             "[audio, visual])")
+            raise ValueError(
+                f"modulation.coef has {len(self.coef)} values but the model has {len(mods)} modalities "
+                f"{mods}: give one per modality, in that order (the official [0.95, 0.1] is for "
+                "[audio, visual])"
+            )
         if self.window_modality not in ("first", "dominant", *mods):
-            raise ValueError(f"modulation.window_modality={self.window_modality!r}: expected first, dominant or one "
-                             f"of {mods}")
+            raise ValueError(
+                f"modulation.window_modality={self.window_modality!r}: expected first, dominant or one of {mods}"
+            )
         if model.head.num_classes < 2:
             raise ValueError("modulation=inforeg needs a classification head (task=classification)")
         self.params = {m: [p for p in enc.parameters() if p.requires_grad] for m, enc in model.encoders.items()}
@@ -113,8 +123,9 @@ class InfoReg(Modulation):
             device = ctx.device
             self._cached = {
                 "coef": torch.tensor(self.coef, device=device),
-                "trace": torch.tensor([self.traces[m][-1] if self.traces[m] else 0.0 for m in ctx.modalities],
-                                      device=device),
+                "trace": torch.tensor(
+                    [self.traces[m][-1] if self.traces[m] else 0.0 for m in ctx.modalities], device=device
+                ),
                 "k": torch.tensor(self.k, device=device),
                 "open": torch.tensor(float(self.window_open), device=device),
             }
@@ -134,8 +145,9 @@ class InfoReg(Modulation):
             if edited and self.window_open:  # the gradient of (β/2)‖θ - θ⁰‖²
                 grads = [g for g, _ in edited]
                 torch._foreach_add_(grads, torch._foreach_mul([d for _, d in edited], beta[i].to(grads[0].dtype)))
-            fisher = [params[j].grad if params[j].grad is not None else torch.zeros_like(params[j])
-                      for j in self.weights[m]]
+            fisher = [
+                params[j].grad if params[j].grad is not None else torch.zeros_like(params[j]) for j in self.weights[m]
+            ]
             if fisher:  # a step whose gradients overflowed (fp16: the scaler skips it) adds nothing
                 norms = torch.stack(torch._foreach_norm(fisher)).float().square()
                 self.sq_sums[m] += torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms))
@@ -155,10 +167,17 @@ class InfoReg(Modulation):
         self.last_mean_scores = (self.score_sums / max(self.steps, 1)).tolist()
 
     def state_dict(self) -> dict:
-        return {"snapshot": self.snapshot, "traces": self.traces, "sq_sums": self.sq_sums,
-                "score_sums": self.score_sums, "steps": self.steps,
-                "last_mean_scores": self.last_mean_scores, "k": self.k, "window_open": self.window_open,
-                "trace_of": self.trace_of}
+        return {
+            "snapshot": self.snapshot,
+            "traces": self.traces,
+            "sq_sums": self.sq_sums,
+            "score_sums": self.score_sums,
+            "steps": self.steps,
+            "last_mean_scores": self.last_mean_scores,
+            "k": self.k,
+            "window_open": self.window_open,
+            "trace_of": self.trace_of,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if not state:

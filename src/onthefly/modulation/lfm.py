@@ -13,6 +13,7 @@ Variants:
     balancebenchmark   BalanceBenchmark's trainer: α learnt once per epoch from a Hessian-vector product on a small
                        held-out batch (start α_cls = 0.95, α_align = 0.05), CE on the head's fused logits
 """
+
 from __future__ import annotations
 
 import enum
@@ -65,24 +66,39 @@ def pairwise_alignment(unimodal: list[torch.Tensor]) -> torch.Tensor:
 class LFM(Modulation):
     """2·[α₁·CE + α₂·alignment] with α from the fitted schedule (official) or learnt per epoch (balancebenchmark)."""
 
-    def __init__(self, variant: LFMVariant = LFMVariant.official, time_scale: TimeScale = TimeScale.raw,
-                 fit_epochs: PositiveInt = 200, run_epochs: Optional[PositiveInt] = None, clamp: bool = True,
-                 lr_alpha: NonNegativeFloat = 1e-4, halve_every: PositiveInt = 20, probe_samples: PositiveInt = 8):
+    def __init__(
+        self,
+        variant: LFMVariant = LFMVariant.official,
+        time_scale: TimeScale = TimeScale.raw,
+        fit_epochs: PositiveInt = 200,
+        run_epochs: Optional[PositiveInt] = None,
+        clamp: bool = True,
+        lr_alpha: NonNegativeFloat = 1e-4,
+        halve_every: PositiveInt = 20,
+        probe_samples: PositiveInt = 8,
+    ):
         self.variant, self.time_scale = LFMVariant(variant), TimeScale(time_scale)
         self.fit_epochs, self.run_epochs, self.clamp = int(fit_epochs), run_epochs, bool(clamp)
         self.lr_alpha, self.halve_every, self.probe_samples = float(lr_alpha), int(halve_every), int(probe_samples)
         if self.time_scale is TimeScale.stretch and not run_epochs:
-            raise ValueError("modulation.time_scale=stretch needs modulation.run_epochs (the run's epoch count; "
-                             "conf/modulation/lfm.yaml sets it to ${trainer.epochs})")
+            raise ValueError(
+                "modulation.time_scale=stretch needs modulation.run_epochs (the run's epoch count; "
+                "conf/modulation/lfm.yaml sets it to ${trainer.epochs})"
+            )
         # α = (α_cls, α_align); balancebenchmark starts at (0.95, 0.05) and learns α_align
-        self.alpha = (fitted_alpha(0.0, self.clamp), 1 - fitted_alpha(0.0, self.clamp)) \
-            if self.variant is LFMVariant.official else (0.95, 0.05)
+        self.alpha = (
+            (fitted_alpha(0.0, self.clamp), 1 - fitted_alpha(0.0, self.clamp))
+            if self.variant is LFMVariant.official
+            else (0.95, 0.05)
+        )
         self.hvp: Optional[float] = None  # balancebenchmark: the last α gradient (for the log)
 
     def setup(self, model, num_classes: int) -> None:
         if model.head.num_classes < 2:
-            raise ValueError("modulation=lfm trains with cross-entropy and softmax alignment: it needs a "
-                             "classification head (task=classification)")
+            raise ValueError(
+                "modulation=lfm trains with cross-entropy and softmax alignment: it needs a "
+                "classification head (task=classification)"
+            )
         if len(model.modalities) < 2:
             raise ValueError("modulation=lfm aligns modality pairs: the model needs at least two modalities")
 
@@ -121,8 +137,9 @@ class LFM(Modulation):
         grads = torch.autograd.grad(total, params, create_graph=True, allow_unused=True)
         ce_grads = torch.autograd.grad(ce, params, create_graph=True, allow_unused=True)
         used = [(g, v) for g, v in zip(grads, ce_grads) if g is not None and v is not None and g.requires_grad]
-        (hvp,) = torch.autograd.grad([g for g, _ in used], params[0], grad_outputs=[v for _, v in used],
-                                     allow_unused=True)
+        (hvp,) = torch.autograd.grad(
+            [g for g, _ in used], params[0], grad_outputs=[v for _, v in used], allow_unused=True
+        )
         model.train(was_training)
         g = 0.0 if hvp is None else float(hvp.mean())
         if ctx.epoch % self.halve_every == 0 and ctx.epoch != 0:

@@ -14,6 +14,7 @@ Variants (the distillation term KD):
     corrected          w detached; KD_i = KL(sg(p_strong,i) ‖ p_weak,i) over the classes, the teacher being the
                        modality with the larger q_i (self-distillation from the stronger modality)
 """
+
 from __future__ import annotations
 
 import enum
@@ -32,8 +33,13 @@ class MBSDVariant(str, enum.Enum):
     corrected = "corrected"
 
 
-def pair_terms(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, rs_on_probs: bool,
-               variant: MBSDVariant | str = MBSDVariant.balancebenchmark) -> dict:
+def pair_terms(
+    za: torch.Tensor,
+    zb: torch.Tensor,
+    labels: torch.Tensor,
+    rs_on_probs: bool,
+    variant: MBSDVariant | str = MBSDVariant.balancebenchmark,
+) -> dict:
     """Per-sample w, RS, KD of one modality pair, and the teacher mask (True where a is the stronger)."""
     la, lb = F.log_softmax(za.float(), 1), F.log_softmax(zb.float(), 1)
     idx = labels.view(-1, 1)
@@ -62,8 +68,12 @@ def pair_terms(za: torch.Tensor, zb: torch.Tensor, labels: torch.Tensor, rs_on_p
 class MBSD(Modulation):
     """Uni-modal CE + w-weighted logit similarity + distillation between modality pairs, in the epoch window."""
 
-    def __init__(self, variant: MBSDVariant = MBSDVariant.balancebenchmark, start: NonNegativeInt = 0,
-                 end: Optional[NonNegativeInt] = 80):
+    def __init__(
+        self,
+        variant: MBSDVariant = MBSDVariant.balancebenchmark,
+        start: NonNegativeInt = 0,
+        end: Optional[NonNegativeInt] = 80,
+    ):
         self.variant = MBSDVariant(variant)
         self.window = EpochWindow(start, end)
 

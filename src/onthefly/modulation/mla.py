@@ -9,6 +9,7 @@ evaluation the modalities' logits h(z_m) are mixed with weights from their predi
 modalities count more); the mixing lives in the head (:class:`SharedHead`), so the saved model and the analyses
 predict the same way.
 """
+
 from __future__ import annotations
 
 import enum
@@ -58,23 +59,25 @@ def entropy(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return -(p * torch.log_softmax(logits, dim=dim)).sum(dim)
 
 
-def fusion_weights(logits: Sequence[torch.Tensor], fusion: Fusion | str, fixed: Optional[Sequence[float]] = None,
-                   batch: int = 64) -> torch.Tensor:
+def fusion_weights(
+    logits: Sequence[torch.Tensor], fusion: Fusion | str, fixed: Optional[Sequence[float]] = None, batch: int = 64
+) -> torch.Tensor:
     """[B, M] weights λ of each modality's logits u_m. ``dynamic``: λ_{i,m} = exp(max_j e_{i,j} - e_{i,m}) /
     Σ_k exp(max_j e_{i,j} - e_{i,k}) with e_{i,m} the entropy of softmax(u_{i,m}) over classes. ``dynamic_batch``:
     the same with e_m the entropy of the softmax over the samples of each run of ``batch`` rows (summed over
     samples and classes), one weight per modality per run. ``fixed``: ``fixed`` (None: 1/M each)."""
     fusion, b, m_count = Fusion(fusion), logits[0].shape[0], len(logits)
     if fusion is Fusion.fixed:
-        w = torch.tensor(fixed if fixed is not None else [1.0 / m_count] * m_count, dtype=logits[0].dtype,
-                         device=logits[0].device)
+        w = torch.tensor(
+            fixed if fixed is not None else [1.0 / m_count] * m_count, dtype=logits[0].dtype, device=logits[0].device
+        )
         return w.expand(b, m_count)
     if fusion is Fusion.dynamic:
         e = torch.stack([entropy(u.float(), 1) for u in logits], dim=1)  # [B, M]
         return torch.softmax(-e, dim=1).to(logits[0].dtype)  # = exp(max e - e_m) / Σ exp(max e - e_k)
     out = []
     for start in range(0, b, batch):
-        e = torch.stack([entropy(u[start:start + batch].float(), 0).sum() for u in logits])  # [M]
+        e = torch.stack([entropy(u[start : start + batch].float(), 0).sum() for u in logits])  # [M]
         out.append(torch.softmax(-e, dim=0).expand(min(batch, b - start), m_count))
     return torch.cat(out).to(logits[0].dtype)
 
@@ -85,16 +88,26 @@ class SharedHead(FusionHead):
 
     natural_estimator = "shared"
 
-    def __init__(self, feature_dims: Dict[str, int], num_classes: int, fusion: Fusion = Fusion.dynamic,
-                 fixed_weights: Optional[Sequence[float]] = None, fusion_batch: int = 64):
+    def __init__(
+        self,
+        feature_dims: Dict[str, int],
+        num_classes: int,
+        fusion: Fusion = Fusion.dynamic,
+        fixed_weights: Optional[Sequence[float]] = None,
+        fusion_batch: int = 64,
+    ):
         super().__init__(feature_dims, num_classes)
         widths = set(feature_dims.values())
         if len(widths) != 1:
-            raise ValueError(f"MLA shares one classifier between modalities, so their feature widths must agree; "
-                             f"this model has {feature_dims}. Use encoders of one width (e.g. backbone=resnet18).")
+            raise ValueError(
+                f"MLA shares one classifier between modalities, so their feature widths must agree; "
+                f"this model has {feature_dims}. Use encoders of one width (e.g. backbone=resnet18)."
+            )
         if fixed_weights is not None and len(fixed_weights) != len(feature_dims):
-            raise ValueError(f"modulation.fixed_weights has {len(fixed_weights)} values for "
-                             f"{len(feature_dims)} modalities {list(feature_dims)}")
+            raise ValueError(
+                f"modulation.fixed_weights has {len(fixed_weights)} values for "
+                f"{len(feature_dims)} modalities {list(feature_dims)}"
+            )
         self.fc = nn.Linear(widths.pop(), num_classes)
         self.fusion, self.fixed_weights, self.fusion_batch = Fusion(fusion), fixed_weights, int(fusion_batch)
         init_weights(self)
@@ -105,7 +118,7 @@ class SharedHead(FusionHead):
     def forward(self, feats):
         logits = [self.fc(feats[m]) for m in self.modalities]
         w = fusion_weights([u.detach() for u in logits], self.fusion, self.fixed_weights, self.fusion_batch)
-        return sum(w[:, i:i + 1] * u for i, u in enumerate(logits))
+        return sum(w[:, i : i + 1] * u for i, u in enumerate(logits))
 
 
 def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -158,9 +171,15 @@ class MLA(Modulation):
     """Alternating uni-modal sub-steps through a shared head, with head-gradient projection and entropy-weighted
     fusion at evaluation (docs/method.md §11)."""
 
-    def __init__(self, variant: Variant = Variant.paper, projection: Projection = Projection.owm,
-                 alpha: Annotated[float, Range(gt=0, le=1)] = 0.1, fusion: Fusion = Fusion.dynamic,
-                 fixed_weights: Optional[List[float]] = None, fusion_batch: PositiveInt = 64):
+    def __init__(
+        self,
+        variant: Variant = Variant.paper,
+        projection: Projection = Projection.owm,
+        alpha: Annotated[float, Range(gt=0, le=1)] = 0.1,
+        fusion: Fusion = Fusion.dynamic,
+        fixed_weights: Optional[List[float]] = None,
+        fusion_batch: PositiveInt = 64,
+    ):
         self.variant, self.projection = Variant(variant), Projection(projection)
         self.alpha, self.fusion, self.fusion_batch = float(alpha), Fusion(fusion), int(fusion_batch)
         self.fixed_weights = None if fixed_weights is None else [float(w) for w in fixed_weights]
@@ -170,11 +189,14 @@ class MLA(Modulation):
 
     def setup(self, model, num_classes: int) -> None:
         if len(model.modalities) < 2:
-            raise ValueError("MLA alternates between modalities; this model has only "
-                             f"{model.modalities} (use modulation=none for a uni-modal run)")
+            raise ValueError(
+                "MLA alternates between modalities; this model has only "
+                f"{model.modalities} (use modulation=none for a uni-modal run)"
+            )
         device = next(model.parameters()).device
-        model.head = SharedHead(model.feature_dims, num_classes, self.fusion, self.fixed_weights,
-                                self.fusion_batch).to(device)
+        model.head = SharedHead(model.feature_dims, num_classes, self.fusion, self.fixed_weights, self.fusion_batch).to(
+            device
+        )
         self.head = model.head
         self.P = torch.eye(self.head.fc.in_features, device=device)
 

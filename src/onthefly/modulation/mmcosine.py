@@ -6,6 +6,7 @@ the size of its features or weights. The head is wrapped in ``setup``: training,
 analyses all predict with the cosine logits. An optional supervised contrastive term (λ·NCE, off by default)
 pulls same-class features of two modalities together.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -37,7 +38,8 @@ class CosineHead(FusionHead):
         if not isinstance(inner, (ConcatFusion, SumFusion)):
             raise ConfigError(
                 f"MMCosine normalises the per-modality blocks of a linear fusion head; {type(inner).__name__} has "
-                "none. Use fusion=concat (as released) or fusion=sum.")
+                "none. Use fusion=concat (as released) or fusion=sum."
+            )
         self.inner, self.scale = inner, float(scale)
         for bias in self._biases():
             bias.requires_grad_(False)
@@ -77,8 +79,9 @@ def supervised_nce(f1: torch.Tensor, f2: torch.Tensor, labels: torch.Tensor, tem
 class MMCosine(Modulation):
     """Cosine logits with scale s (a head wrapper) and, when ``nce_weight`` > 0, λ·NCE averaged over modality pairs."""
 
-    def __init__(self, scale: PositiveFloat = 10.0, nce_weight: NonNegativeFloat = 0.0,
-                 nce_temperature: PositiveFloat = 0.1):
+    def __init__(
+        self, scale: PositiveFloat = 10.0, nce_weight: NonNegativeFloat = 0.0, nce_temperature: PositiveFloat = 0.1
+    ):
         self.scale, self.nce_weight, self.temperature = float(scale), float(nce_weight), float(nce_temperature)
 
     def setup(self, model, num_classes: int) -> None:
@@ -95,9 +98,13 @@ class MMCosine(Modulation):
             feats = {m: ctx.features[m].detach() for m in ctx.modalities}
             uni = head.natural_unimodal(feats)
             weights = head.weights()
-            ctx.log_per_modality("mmcosine_logit", torch.stack(
-                [uni[m].float().gather(1, labels[:, None]).mean() for m in ctx.modalities]))
-            ctx.log_per_modality("mmcosine_featnorm", torch.stack(
-                [feats[m].float().norm(dim=1).mean() for m in ctx.modalities]))
-            ctx.log_per_modality("mmcosine_wnorm", torch.stack(
-                [weights[m].float().norm(dim=1).mean() for m in ctx.modalities]))
+            ctx.log_per_modality(
+                "mmcosine_logit",
+                torch.stack([uni[m].float().gather(1, labels[:, None]).mean() for m in ctx.modalities]),
+            )
+            ctx.log_per_modality(
+                "mmcosine_featnorm", torch.stack([feats[m].float().norm(dim=1).mean() for m in ctx.modalities])
+            )
+            ctx.log_per_modality(
+                "mmcosine_wnorm", torch.stack([weights[m].float().norm(dim=1).mean() for m in ctx.modalities])
+            )

@@ -8,6 +8,7 @@ the norm of the summed gradient and multiplied by γ. The heads get the plain gr
 The step needs only one extra backward per encoder: g_u comes from ``torch.autograd.grad`` of L_m (it reaches
 only encoder m), and by linearity g_mm = (the accumulated gradient) − g_u.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence
@@ -28,13 +29,19 @@ def pareto_weights(g_mm: torch.Tensor, g_u: torch.Tensor) -> tuple[torch.Tensor,
     v11, v12, v22 = g_mm.dot(g_mm), g_mm.dot(g_u), g_u.dot(g_u)
     cos = v12 / (v11.sqrt() * v22.sqrt()).clamp_min(1e-8)
     solved = (v22 - v12) / (v11 + v22 - 2 * v12).clamp_min(1e-30)
-    solved = torch.where(v12 >= v11, torch.full_like(v11, 0.999), torch.where(v12 >= v22, torch.full_like(v11, 0.001),
-                                                                              solved))
+    solved = torch.where(
+        v12 >= v11, torch.full_like(v11, 0.999), torch.where(v12 >= v22, torch.full_like(v11, 0.001), solved)
+    )
     return torch.where(cos > 0, torch.full_like(cos, 0.5), solved), cos
 
 
-def pareto_gradients(total: Sequence[torch.Tensor], g_mm: Sequence[torch.Tensor], g_u: Sequence[torch.Tensor],
-                     c1: torch.Tensor, gamma: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+def pareto_gradients(
+    total: Sequence[torch.Tensor],
+    g_mm: Sequence[torch.Tensor],
+    g_u: Sequence[torch.Tensor],
+    c1: torch.Tensor,
+    gamma: float,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per tensor P: n_P = 2c_1 g_mm[P] + 2c_2 g_u[P]; with t_P = ‖total[P]‖ (the summed loss's gradient),
     grad[P] = γ·max(t_P/‖n_P‖, 1)·n_P (a tensor with n_P = 0 keeps n_P = 0). Returns (grads, t_P/‖n_P‖ [P])."""
     new = [2 * c1 * a + 2 * (1 - c1) * b for a, b in zip(g_mm, g_u)]
@@ -58,8 +65,13 @@ class MMPareto(Modulation):
     fusion head (W-slice logits) and the two compared gradients are the same accumulated gradient, so cos = 1,
     the Pareto branch never runs and every encoder gradient is 2γ(g_mm + g_u)."""
 
-    def __init__(self, gamma: PositiveFloat = 1.5, start: NonNegativeInt = 0, end: Optional[NonNegativeInt] = None,
-                 variant: Variant = Variant.official):
+    def __init__(
+        self,
+        gamma: PositiveFloat = 1.5,
+        start: NonNegativeInt = 0,
+        end: Optional[NonNegativeInt] = None,
+        variant: Variant = Variant.official,
+    ):
         self.gamma, self.variant = float(gamma), Variant(variant)
         self.window = EpochWindow(start, end)
         self.aux: Optional[UnimodalHeads] = None
@@ -90,8 +102,10 @@ class MMPareto(Modulation):
             for m, loss in losses.items():  # one backward through encoder m alone
                 self._g_u[m] = loss_gradients({m: loss}, self.params[m])[m]
         ctx.log_per_modality("mmpareto_uniloss", torch.stack([loss.detach().float() for loss in losses.values()]))
-        ctx.log_per_modality("mmpareto_uniacc", torch.stack([(uni[m].detach().argmax(1) == labels).float().mean()
-                                                             for m in ctx.modalities]))
+        ctx.log_per_modality(
+            "mmpareto_uniacc",
+            torch.stack([(uni[m].detach().argmax(1) == labels).float().mean() for m in ctx.modalities]),
+        )
 
     def after_backward(self, ctx: StepContext) -> None:
         if ctx.epoch not in self.window:
@@ -108,8 +122,13 @@ class MMPareto(Modulation):
             c1, cos = pareto_weights(flat(g_mm), flat(g_u))
             new, ratio = pareto_gradients(total, g_mm, g_u, c1, self.gamma)
             set_gradients(params, new)
-            for key, value in (("cos", cos), ("conflict", (cos <= 0).float()), ("c1", c1),
-                               ("ratio_mean", ratio.mean()), ("ratio_max", ratio.max())):
+            for key, value in (
+                ("cos", cos),
+                ("conflict", (cos <= 0).float()),
+                ("c1", c1),
+                ("ratio_mean", ratio.mean()),
+                ("ratio_max", ratio.max()),
+            ):
                 stats[key].append(value)
         for key, values in stats.items():
             ctx.log_per_modality(f"mmpareto_{key}", torch.stack(values))

@@ -1,4 +1,5 @@
-"""On-the-fly Gradient Modulation, with and without Generalization Enhancement noise (METHOD.md §3)."""
+"""On-the-fly Gradient Modulation, with and without Generalization Enhancement noise (docs/method.md §3)."""
+
 from __future__ import annotations
 
 import enum
@@ -29,8 +30,9 @@ def ogm_coefficients(rho: torch.Tensor, alpha: float, form: CoeffForm | str = Co
     return torch.where(rho > 1, 1 - torch.tanh(alpha * arg), torch.ones_like(rho))
 
 
-def tie_rule(k: torch.Tensor, scores: torch.Tensor, index: int, alpha: float,
-             form: CoeffForm | str = CoeffForm.paper) -> torch.Tensor:
+def tie_rule(
+    k: torch.Tensor, scores: torch.Tensor, index: int, alpha: float, form: CoeffForm | str = CoeffForm.paper
+) -> torch.Tensor:
     """The released CVPR code's tie rule (docs/method.md §9): when every modality has exactly the same score
     (ρ = 1), the modality ``index`` is modulated as if dominant, k = 1 - tanh(α·1) (its else-branch); otherwise
     ``k`` unchanged. No host sync."""
@@ -52,8 +54,9 @@ def tie_index(tie_modality: Optional[str], modalities: list[str]) -> Optional[in
         return modalities.index(tie_modality)
     if tie_modality in ("first", "second") and len(modalities) >= 2:
         return 0 if tie_modality == "first" else 1
-    raise ValueError(f"modulation.tie_modality={tie_modality!r}: use one of the modalities {modalities}, first, "
-                     "second, or null")
+    raise ValueError(
+        f"modulation.tie_modality={tie_modality!r}: use one of the modalities {modalities}, first, second, or null"
+    )
 
 
 def select_parameters(encoder: nn.Module, scope: Scope | str) -> list[nn.Parameter]:
@@ -141,8 +144,12 @@ class OGM(Modulation):
                 modules.append(model.head)
             for m in self.params:
                 own = {id(p) for p in self.params[m]}
-                extra = [p for mod in modules if mod is not None
-                         for p in getattr(mod, "modality_parameters", lambda _m: [])(m)]
+                extra = [
+                    p
+                    for mod in modules
+                    if mod is not None
+                    for p in getattr(mod, "modality_parameters", lambda _m: [])(m)
+                ]
                 self.params[m] += [p for p in extra if p.requires_grad and id(p) not in own]
         for m, ps in self.params.items():
             if not ps:

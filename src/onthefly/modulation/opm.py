@@ -1,4 +1,5 @@
-"""On-the-fly Prediction Modulation: drop the dominant modality's features in the forward pass (METHOD.md §4)."""
+"""On-the-fly Prediction Modulation: drop the dominant modality's features in the forward pass (docs/method.md §4)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,6 @@ import torch
 
 from onthefly.config import NonNegativeFloat, NonNegativeInt, Probability, configurable
 from onthefly.modulation.base import EpochWindow, Modulation, StepContext
-
 
 # global: every feature × 1/(1 - θ), θ = Σ d_m q_m / Σ d_m (official code) | per_modality: φ_m × 1/(1 - q_m) | none.
 # OmegaConf matches a config string to an enum member by NAME, and `global` is a Python keyword, so the enum is
@@ -124,9 +124,11 @@ class OPM(Modulation):
         self.window = EpochWindow(start, end, warmup_epochs)
         self.rescale_grad, self.exe_draw = bool(rescale_grad), ExeDraw(exe_draw)
         if self.rescale_grad and (self.rescale is not Rescale.global_ or self.q_source is not QSource.current):
-            raise ValueError("modulation.rescale_grad=true is the released code's gradient of its global rescale, "
-                             "with q from the current batch: it needs modulation.rescale=global and "
-                             "modulation.q_source=current")
+            raise ValueError(
+                "modulation.rescale_grad=true is the released code's gradient of its global rescale, "
+                "with q from the current batch: it needs modulation.rescale=global and "
+                "modulation.q_source=current"
+            )
         self.prev_rho: Optional[torch.Tensor] = None
         self.in_forward = False  # masks drawn before the forward (the model reads ctx.keep)
         self._q: Optional[torch.Tensor] = None
@@ -134,9 +136,11 @@ class OPM(Modulation):
     def setup(self, model, num_classes: int) -> None:
         self.in_forward = bool(getattr(model, "reads_keep_masks", False))
         if self.in_forward and self.rescale_grad:
-            raise ValueError("modulation.rescale_grad=true needs q from this batch's scores, but this model reads its "
-                             "keep masks in the forward, drawn from the previous step's rho: set "
-                             "modulation.rescale_grad=false")
+            raise ValueError(
+                "modulation.rescale_grad=true needs q from this batch's scores, but this model reads its "
+                "keep masks in the forward, drawn from the previous step's rho: set "
+                "modulation.rescale_grad=false"
+            )
 
     def _execute(self, ctx: StepContext) -> bool:
         """Whether this step drops: p_exe, drawn on this rank's stream or (exe_draw=global_batch) on the one all

@@ -1,4 +1,5 @@
-"""OPM and OGM together (METHOD.md §5): ρ is computed once per step by the loop and shared by both."""
+"""OPM and OGM together (docs/method.md §5): ρ is computed once per step by the loop and shared by both."""
+
 from __future__ import annotations
 
 from onthefly.config import configurable

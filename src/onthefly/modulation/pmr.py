@@ -6,6 +6,7 @@ distances to the prototypes; their cross-entropy (PCE) is added, with weight α,
 prototype score S_m (batch sum of the true-class softmax) is below the best one, pushing the lagging modality's
 encoder only.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,9 +59,16 @@ class PMR(Modulation):
     for three or more modalities, BalanceBenchmark's OGM-GE-like rule instead (k_m = 1 - tanh(η r_m) with
     r_m = S_m / min_j S_j, plus Gaussian noise, on every >1-D encoder tensor). Two modalities: both alike."""
 
-    def __init__(self, alpha: NonNegativeFloat = 1.0, momentum: Probability = 0.2, start: NonNegativeInt = 0,
-                 end: Optional[NonNegativeInt] = 100, proto_fraction: Annotated[float, Range(gt=0, le=1)] = 0.1,
-                 variant: Variant = Variant.official, eta: NonNegativeFloat = 0.01):
+    def __init__(
+        self,
+        alpha: NonNegativeFloat = 1.0,
+        momentum: Probability = 0.2,
+        start: NonNegativeInt = 0,
+        end: Optional[NonNegativeInt] = 100,
+        proto_fraction: Annotated[float, Range(gt=0, le=1)] = 0.1,
+        variant: Variant = Variant.official,
+        eta: NonNegativeFloat = 0.01,
+    ):
         self.alpha, self.momentum, self.fraction = float(alpha), float(momentum), float(proto_fraction)
         self.window = EpochWindow(start, end)
         self.variant, self.eta = Variant(variant), float(eta)
@@ -106,8 +114,9 @@ class PMR(Modulation):
         if self.prototypes is None:
             return
         labels = ctx.labels.long()
-        logits = {m: prototype_logits(ctx.features[m], self.prototypes[m].to(ctx.features[m].device))
-                  for m in ctx.modalities}
+        logits = {
+            m: prototype_logits(ctx.features[m], self.prototypes[m].to(ctx.features[m].device)) for m in ctx.modalities
+        }
         scores = prototype_scores(logits, labels)
         pce = torch.stack([F.cross_entropy(z, labels) for z in logits.values()])
         active = ctx.epoch in self.window
@@ -122,8 +131,9 @@ class PMR(Modulation):
         ctx.log_per_modality("pmr_ratio", scores / others_best(scores).clamp_min(1e-12))
         ctx.log_per_modality("pmr_beta", beta)
         ctx.log_per_modality("pmr_pce", pce)
-        ctx.log_per_modality("pmr_protoacc", torch.stack([(z.argmax(1) == labels).float().mean()
-                                                          for z in logits.values()]))
+        ctx.log_per_modality(
+            "pmr_protoacc", torch.stack([(z.argmax(1) == labels).float().mean() for z in logits.values()])
+        )
 
     def after_backward(self, ctx: StepContext) -> None:
         scores = getattr(self, "_scores", None)

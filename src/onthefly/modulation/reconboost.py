@@ -12,6 +12,7 @@ Training runs in stages; stage s boosts one modality m (audio, visual, audio, ..
 E holds the modalities boosted so far (each learner is the latest version of its network). The head
 (:class:`EnsembleHead`) computes F, so evaluation, best.pt and the analyses predict with the ensemble.
 """
+
 from __future__ import annotations
 
 import enum
@@ -75,8 +76,10 @@ class EnsembleHead(FusionHead):
         super().__init__(feature_dims, num_classes)
         widths = set(feature_dims.values())
         if len(widths) != 1:
-            raise ValueError(f"ReconBoost shares one classifier between modalities, so their feature widths must "
-                             f"agree; this model has {feature_dims}. Use encoders of one width.")
+            raise ValueError(
+                f"ReconBoost shares one classifier between modalities, so their feature widths must "
+                f"agree; this model has {feature_dims}. Use encoders of one width."
+            )
         self.classifier = nn.Sequential(nn.Linear(widths.pop(), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
         self.boost_rate = nn.Parameter(torch.tensor(float(boost_rate)))
         self.register_buffer("members", torch.zeros(len(feature_dims)))  # 1: in the ensemble
@@ -92,8 +95,9 @@ class EnsembleHead(FusionHead):
         self.members.copy_(torch.tensor([float(m in members) for m in self.modalities]))
 
 
-def boosting_loss(logits: torch.Tensor, labels: torch.Tensor, p_others: Optional[torch.Tensor], w1: float,
-                  w2: float) -> tuple[torch.Tensor, torch.Tensor]:
+def boosting_loss(
+    logits: torch.Tensor, labels: torch.Tensor, p_others: Optional[torch.Tensor], w1: float, w2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean over the batch of -(w1 - w2·p̃(y))/K · log softmax(f)(y), the mean weight (w1 - w2·p̃(y))).
     ``p_others``: the other learners' ensemble probabilities [B, K], or None when there is none (then p̃(y) = 1,
     as the official code's empty ensemble gives)."""
@@ -134,12 +138,22 @@ class BoostStep(StepStrategy):
 class ReconBoost(Modulation):
     """Alternating boosting of one modality's learner and reconcilement of the ensemble (docs/method.md §12)."""
 
-    def __init__(self, variant: Variant = Variant.paper, boost_epochs: PositiveInt = 4,
-                 rectify_epochs: NonNegativeInt = 4, w1: float = 5.0, w2: float = 1.0,
-                 ga_weight: NonNegativeFloat = 0.5, boost_rate: float = 1.0, hidden: PositiveInt = 256,
-                 boost_lr: PositiveFloat = 0.01, rectify_lr: PositiveFloat = 0.01,
-                 weight_decay: Optional[NonNegativeFloat] = 5e-4, lr_decay: Annotated[float, Range(gt=0, le=1)] = 0.1,
-                 lr_decay_every: Optional[PositiveInt] = 30):
+    def __init__(
+        self,
+        variant: Variant = Variant.paper,
+        boost_epochs: PositiveInt = 4,
+        rectify_epochs: NonNegativeInt = 4,
+        w1: float = 5.0,
+        w2: float = 1.0,
+        ga_weight: NonNegativeFloat = 0.5,
+        boost_rate: float = 1.0,
+        hidden: PositiveInt = 256,
+        boost_lr: PositiveFloat = 0.01,
+        rectify_lr: PositiveFloat = 0.01,
+        weight_decay: Optional[NonNegativeFloat] = 5e-4,
+        lr_decay: Annotated[float, Range(gt=0, le=1)] = 0.1,
+        lr_decay_every: Optional[PositiveInt] = 30,
+    ):
         self.variant = Variant(variant)
         self.boost_epochs, self.rectify_epochs = int(boost_epochs), int(rectify_epochs)
         self.w1, self.w2, self.ga_weight = float(w1), float(w2), float(ga_weight)
@@ -151,8 +165,10 @@ class ReconBoost(Modulation):
 
     def setup(self, model, num_classes: int) -> None:
         if len(model.modalities) < 2:
-            raise ValueError(f"ReconBoost boosts one modality against the others; this model has only "
-                             f"{model.modalities} (use modulation=none for a uni-modal run)")
+            raise ValueError(
+                f"ReconBoost boosts one modality against the others; this model has only "
+                f"{model.modalities} (use modulation=none for a uni-modal run)"
+            )
         device = next(model.parameters()).device
         model.head = EnsembleHead(model.feature_dims, num_classes, self.hidden, self.boost_rate).to(device)
         self.head = model.head
@@ -194,8 +210,9 @@ class ReconBoost(Modulation):
         with torch.no_grad():  # the other learners, as the official code runs them (train mode, no gradient)
             others = {j: head.classifier(encoders[j](ctx.inputs[j])) for j in self.stages.members(ctx.epoch) if j != m}
             ensemble = head.boost_rate * sum(others.values()) if others else None
-        loss, mean_weight = boosting_loss(f_m, labels, None if ensemble is None else torch.softmax(ensemble, 1),
-                                          self.w1, self.w2)
+        loss, mean_weight = boosting_loss(
+            f_m, labels, None if ensemble is None else torch.softmax(ensemble, 1), self.w1, self.w2
+        )
         ctx.metrics["boost_loss"] = loss.detach()
         ctx.metrics["boost_weight"] = mean_weight.detach()
         previous = self.stages.previous(ctx.epoch)
@@ -204,5 +221,5 @@ class ReconBoost(Modulation):
             ctx.metrics["reconcile"] = ga.detach()
             loss = loss + self.ga_weight * ga
         ctx.metrics[f"acc_{m}"] = (f_m.detach().argmax(1) == labels).float().mean()
-        ctx.logits = (f_m.detach() * head.boost_rate.detach() + (ensemble if ensemble is not None else 0))
+        ctx.logits = f_m.detach() * head.boost_rate.detach() + (ensemble if ensemble is not None else 0)
         return loss

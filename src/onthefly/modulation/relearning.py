@@ -6,6 +6,7 @@ and the purity of the clusters (the share of samples in their cluster's majority
 whose train purity runs far ahead of its val purity has learnt its training data too well; it is pulled back
 towards its initial weights, softly: θ_m ← w_m·θ_m⁰ + (1 - w_m)·θ_m with w_m = tanh(λ·|P_train - P_val|).
 """
+
 from __future__ import annotations
 
 import enum
@@ -31,8 +32,9 @@ def minmax_scale(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / span * 2 - 1
 
 
-def kmeans(x: torch.Tensor, k: int, n_init: int = 10, max_iter: int = 300, tol: float = 1e-4,
-           seed: int = 0) -> torch.Tensor:
+def kmeans(
+    x: torch.Tensor, k: int, n_init: int = 10, max_iter: int = 300, tol: float = 1e-4, seed: int = 0
+) -> torch.Tensor:
     """Cluster ids [N] of the best (lowest inertia) of ``n_init`` Lloyd runs from k-means++ seeds, drawn from a
     generator seeded with ``seed``. ``tol``: stop when the centres move less than tol × the mean feature variance."""
     x = x.double()
@@ -100,9 +102,17 @@ class Relearning(Modulation):
     """Diagnosing & Re-learning: k-means purity of each encoder's features on train vs val every ``every`` epochs
     (at most ``times`` times), then a soft re-initialisation of each encoder (docs/method.md §13)."""
 
-    def __init__(self, lam: NonNegativeFloat = 3.0, every: PositiveInt = 20, times: NonNegativeInt = 3,
-                 train_views: TrainViews = TrainViews.eval, max_batches: Optional[PositiveInt] = None,
-                 n_init: PositiveInt = 10, max_iter: PositiveInt = 300, seed: NonNegativeInt = 0):
+    def __init__(
+        self,
+        lam: NonNegativeFloat = 3.0,
+        every: PositiveInt = 20,
+        times: NonNegativeInt = 3,
+        train_views: TrainViews = TrainViews.eval,
+        max_batches: Optional[PositiveInt] = None,
+        n_init: PositiveInt = 10,
+        max_iter: PositiveInt = 300,
+        seed: NonNegativeInt = 0,
+    ):
         self.lam, self.every, self.times = float(lam), int(every), int(times)
         self.train_views, self.max_batches = TrainViews(train_views), max_batches
         self.n_init, self.max_iter, self.seed = int(n_init), int(max_iter), int(seed)
@@ -120,7 +130,8 @@ class Relearning(Modulation):
             raise ValueError(
                 "Diagnosing & Re-learning compares train with a held-out val split, but this run's val split is its "
                 "test split (the dataset has no val split and dataset.val_fraction=0): the diagnosis would train on "
-                "the test set. Set dataset.val_fraction (e.g. 0.1) to carve val from train.")
+                "the test set. Set dataset.val_fraction (e.g. 0.1) to carve val from train."
+            )
 
     @torch.no_grad()
     def _features(self, ctx: StepContext, split: str):
@@ -156,8 +167,11 @@ class Relearning(Modulation):
             ctx.metrics[f"purity_val_{m}"] = torch.tensor(p_val)
             ctx.metrics[f"reinit_{m}"] = torch.tensor(w)
         if len(ytrain) < 2 * self.num_classes or len(yval) < 2 * self.num_classes:
-            warnings.warn(f"re-learning diagnosed {len(ytrain)} train and {len(yval)} val samples for "
-                          f"{self.num_classes} clusters: the purities are noisy", stacklevel=2)
+            warnings.warn(
+                f"re-learning diagnosed {len(ytrain)} train and {len(yval)} val samples for "
+                f"{self.num_classes} clusters: the purities are noisy",
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict:
         return {"initial": self.initial, "events": self.events}

@@ -8,6 +8,7 @@ UMT first trains a uni-modal model per modality (Stage 1: plain runs of the same
 ``trainer.modalities=[m]``, or checkpoints the user names), then trains the multimodal model with
 CE + λ·Σ_m MSE(φ_m, φ_m^teacher) on the encoder outputs, the teachers frozen in eval mode.
 """
+
 from __future__ import annotations
 
 import copy
@@ -93,23 +94,30 @@ def load_teacher(encoder: nn.Module, source: Path | str, modality: str) -> None:
         raise ConfigError(
             f"UMT teacher for {modality!r}: {path} not found. Give a run folder of a finished uni-modal run "
             f"(`python -m onthefly.train trainer.modalities=[{modality}]`) or its best.pt, or leave "
-            f"modulation.teachers.{modality} out to train the teacher first.")
+            f"modulation.teachers.{modality} out to train the teacher first."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (a damaged or foreign file)
-        raise ConfigError(f"UMT teacher for {modality!r}: {path} is not a readable weights-only checkpoint ({err}); "
-                         "retrain the uni-modal run or point to its best.pt.") from err
+        raise ConfigError(
+            f"UMT teacher for {modality!r}: {path} is not a readable weights-only checkpoint ({err}); "
+            "retrain the uni-modal run or point to its best.pt."
+        ) from err
     state = state.get("model", state) if isinstance(state, dict) else state
     prefix = f"encoders.{modality}."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if isinstance(state, dict) else {}
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)} if isinstance(state, dict) else {}
     if not weights:
-        raise ConfigError(f"UMT teacher for {modality!r}: {path} holds no {modality} encoder (keys "
-                         f"'encoders.{modality}.*'); point to a run trained with trainer.modalities=[{modality}].")
+        raise ConfigError(
+            f"UMT teacher for {modality!r}: {path} holds no {modality} encoder (keys "
+            f"'encoders.{modality}.*'); point to a run trained with trainer.modalities=[{modality}]."
+        )
     try:
         encoder.load_state_dict(weights)
     except RuntimeError as err:
-        raise ConfigError(f"UMT teacher for {modality!r}: the encoder in {path} does not match this run's "
-                         f"{modality} encoder (the teacher must use the same backbone): {err}") from err
+        raise ConfigError(
+            f"UMT teacher for {modality!r}: the encoder in {path} does not match this run's "
+            f"{modality} encoder (the teacher must use the same backbone): {err}"
+        ) from err
 
 
 def distill_losses(student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -125,9 +133,16 @@ class UMT(Modulation):
     ``variant=balancebenchmark`` keeps the teachers in train mode (BatchNorm uses and updates batch statistics),
     as the benchmark does; ``official`` (the default) runs them in eval mode."""
 
-    def __init__(self, weight: NonNegativeFloat = 10.0, teachers: Dict[str, str] = {},  # noqa: B006
-                 train_teachers: bool = True, teacher_epochs: Optional[PositiveInt] = None,
-                 start: NonNegativeInt = 0, end: Optional[NonNegativeInt] = None, variant: Variant = Variant.official):
+    def __init__(
+        self,
+        weight: NonNegativeFloat = 10.0,
+        teachers: Dict[str, str] = {},  # noqa: B006
+        train_teachers: bool = True,
+        teacher_epochs: Optional[PositiveInt] = None,
+        start: NonNegativeInt = 0,
+        end: Optional[NonNegativeInt] = None,
+        variant: Variant = Variant.official,
+    ):
         self.weight, self.teachers = float(weight), dict(teachers or {})
         self.train_teachers, self.teacher_epochs = bool(train_teachers), teacher_epochs
         self.window, self.variant = EpochWindow(start, end), Variant(variant)
@@ -138,7 +153,9 @@ class UMT(Modulation):
         self.modalities = list(model.modalities)
         unknown = sorted(set(self.teachers) - set(self.modalities))
         if unknown:
-            raise ConfigError(f"modulation.teachers names {unknown}, which this model does not have ({self.modalities})")
+            raise ConfigError(
+                f"modulation.teachers names {unknown}, which this model does not have ({self.modalities})"
+            )
         self.nets = nn.ModuleDict({m: copy.deepcopy(model.encoders[m]) for m in self.modalities})
         self.nets.requires_grad_(False)
         self.nets.train(self.variant is Variant.balancebenchmark)
@@ -150,7 +167,8 @@ class UMT(Modulation):
                 f"UMT needs a uni-modal teacher per modality and has none for {missing}: pass "
                 + " ".join(f"+modulation.teachers.{m}=<run folder or best.pt>" for m in missing)
                 + f" (train one with `python -m onthefly.train trainer.modalities=[{missing[0]}]`), or set "
-                "modulation.train_teachers=true to train them before this run.")
+                "modulation.train_teachers=true to train them before this run."
+            )
         changes = {} if self.teacher_epochs is None else {"trainer.epochs": int(self.teacher_epochs)}
         return {f"teacher_{m}": {"trainer.modalities": [m], **changes} for m in missing}
 
@@ -166,8 +184,10 @@ class UMT(Modulation):
 
     def after_forward(self, ctx: StepContext) -> None:
         if not self.ready:
-            raise RuntimeError("UMT has no teachers loaded: it trains through onthefly's run (python -m onthefly.train "
-                               "modulation=umt), which trains or loads them before the first step.")
+            raise RuntimeError(
+                "UMT has no teachers loaded: it trains through onthefly's run (python -m onthefly.train "
+                "modulation=umt), which trains or loads them before the first step."
+            )
         if ctx.epoch not in self.window:
             return
         with torch.no_grad():

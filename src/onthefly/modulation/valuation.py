@@ -16,6 +16,7 @@ forward pass), so the model has to learn from it:
 The copies are tagged train indices (``i + k·N``, see ``Modulation.train_indices``): tag k = 1 + m + M·r keeps
 only modality m (r numbers repeats, so each copy gets its own augmentation).
 """
+
 from __future__ import annotations
 
 import enum
@@ -60,12 +61,18 @@ def keep_only(feats: Dict[str, torch.Tensor], modalities: Sequence[str], subset:
 
 
 @torch.no_grad()
-def subset_correct(head: nn.Module, feats: Dict[str, torch.Tensor], labels: torch.Tensor,
-                   class_logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def subset_correct(
+    head: nn.Module,
+    feats: Dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    class_logits: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """[N, 2^M] bool: is the fused prediction right when only the subset's modalities are kept (2^M head passes
     over cached features)."""
     modalities = list(head.modalities)
-    cols = [class_logits(head(keep_only(feats, modalities, s))).argmax(1) == labels for s in range(2 ** len(modalities))]
+    cols = [
+        class_logits(head(keep_only(feats, modalities, s))).argmax(1) == labels for s in range(2 ** len(modalities))
+    ]
     return torch.stack(cols, dim=1)
 
 
@@ -140,10 +147,18 @@ def kept_modality(tagged: torch.Tensor, n: int, m_count: int) -> torch.Tensor:
 class Valuation(Modulation):
     """Sample- or modality-level valuation with epoch-end re-sampling of the training set (docs/method.md §14)."""
 
-    def __init__(self, level: Level = Level.sample, warmup: NonNegativeInt = 5, alpha: NonNegativeFloat = 1.0,
-                 part_ratio: Annotated[float, Range(gt=0, le=1)] = 0.2, growth: Growth = Growth.linear,
-                 sample_value: SampleValue = SampleValue.scaled, train_views: TrainViews = TrainViews.eval,
-                 max_batches: Optional[PositiveInt] = None, seed: NonNegativeInt = 0):
+    def __init__(
+        self,
+        level: Level = Level.sample,
+        warmup: NonNegativeInt = 5,
+        alpha: NonNegativeFloat = 1.0,
+        part_ratio: Annotated[float, Range(gt=0, le=1)] = 0.2,
+        growth: Growth = Growth.linear,
+        sample_value: SampleValue = SampleValue.scaled,
+        train_views: TrainViews = TrainViews.eval,
+        max_batches: Optional[PositiveInt] = None,
+        seed: NonNegativeInt = 0,
+    ):
         self.level, self.warmup, self.alpha = Level(level), int(warmup), float(alpha)
         self.part_ratio, self.growth, self.sample_value = float(part_ratio), Growth(growth), SampleValue(sample_value)
         self.train_views, self.max_batches, self.seed = TrainViews(train_views), max_batches, int(seed)

@@ -1,5 +1,6 @@
 """Pieces the zoo methods share: the `variant` switch of the methods whose released code and BalanceBenchmark's
 re-implementation differ, and a mean over data-parallel ranks for the statistics a method's decision reads."""
+
 from __future__ import annotations
 
 import enum

@@ -5,6 +5,7 @@ A *record* is one finished run as a flat dict: table, row, col, seed, and value 
 folders (results.json + probe.json / robustness.json / estimator.json) or from the W&B API (config + summary);
 from there on both take the same path.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import pandas as pd
 
 from onthefly.resources import PUBLISHED_CSV
 from onthefly.tables.spec import IMBALANCE_PREFIXES, TableSpec
+
 ID_COLUMNS = ["table", "row", "col", "seed"]
 
 
@@ -76,11 +78,24 @@ def wandb_records(spec: TableSpec, api, project: str, entity: Optional[str] = No
         if len(row) != 1 or len(col) != 1:
             continue
         summary = dict(run.summary)
-        values = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                  and k.split("/")[0] in ("test", "best", "probe", "robustness", "estimator", "val", "train",
-                                          *IMBALANCE_PREFIXES)}
-        rows.append({"table": spec.name, "row": row.pop(), "col": col.pop(), "seed": run.config.get("seed"),
-                     **values, "run_dir": f"wandb:{path}/{run.id}"})
+        values = {
+            k: v
+            for k, v in summary.items()
+            if isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and k.split("/")[0]
+            in ("test", "best", "probe", "robustness", "estimator", "val", "train", *IMBALANCE_PREFIXES)
+        }
+        rows.append(
+            {
+                "table": spec.name,
+                "row": row.pop(),
+                "col": col.pop(),
+                "seed": run.config.get("seed"),
+                **values,
+                "run_dir": f"wandb:{path}/{run.id}",
+            }
+        )
     return pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
 
 
@@ -99,8 +114,12 @@ def published_numbers(spec: TableSpec, csv: Path = PUBLISHED_CSV) -> dict:
         source, table = pub.get("source", spec.published_source), pub.get("table", spec.published_table)
         if not pub or not source:
             continue
-        sel = df[(df["source"] == source) & (df["table"] == table) & (df["fusion"] == pub.get("fusion"))
-                 & (df["method"] == pub.get("method"))]
+        sel = df[
+            (df["source"] == source)
+            & (df["table"] == table)
+            & (df["fusion"] == pub.get("fusion"))
+            & (df["method"] == pub.get("method"))
+        ]
         for col in spec.columns:
             hits = sel[sel["dataset"] == (col.published_dataset or col.id)]
             for key in spec.value_keys(row):
@@ -136,8 +155,9 @@ def explain(missing: list[int], key: str, jobs: Optional[dict], source: str = "l
             text = "not run yet"
         else:
             kind = key.split("/")[0]
-            text = f"finished without {key}" + (f" (the {kind} analysis has not run)"
-                                                 if kind in ("probe", "robustness", "estimator") else "")
+            text = f"finished without {key}" + (
+                f" (the {kind} analysis has not run)" if kind in ("probe", "robustness", "estimator") else ""
+            )
         reasons.setdefault(text, []).append(job if job is not None else seed)
     parts = []
     for text, items in reasons.items():
@@ -147,17 +167,30 @@ def explain(missing: list[int], key: str, jobs: Optional[dict], source: str = "l
             continue
         if all(getattr(i, "state", None) == sweep.FAILED for i in items):
             logs = [i.log_path if i.log_path.exists() else i.run_dir for i in items]
-            where = sweep.display_path(logs[0]) if len(logs) == 1 else (
-                sweep.display_path(items[0].run_dir.parent) + "/seed{" + ",".join(map(str, seeds)) + "}/"
-                + (logs[0].name if logs[0].name == "train.log" else ""))
+            where = (
+                sweep.display_path(logs[0])
+                if len(logs) == 1
+                else (
+                    sweep.display_path(items[0].run_dir.parent)
+                    + "/seed{"
+                    + ",".join(map(str, seeds))
+                    + "}/"
+                    + (logs[0].name if logs[0].name == "train.log" else "")
+                )
+            )
             text += f" (log: {where})"
         parts.append(f"seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))} {text}")
     return "; ".join(parts)
 
 
-def summarise(spec: TableSpec, records: pd.DataFrame, published: Optional[dict] = None,
-              seeds: Optional[Iterable[int]] = None, jobs: Optional[list] = None,
-              source: str = "local") -> pd.DataFrame:
+def summarise(
+    spec: TableSpec,
+    records: pd.DataFrame,
+    published: Optional[dict] = None,
+    seeds: Optional[Iterable[int]] = None,
+    jobs: Optional[list] = None,
+    source: str = "local",
+) -> pd.DataFrame:
     """Long table: one line per (row, col, value key) with n (seeds with a value) of ``expected``, mean, std
     (population, ddof=0; values in %), the published number and ours minus it, the seeds used, and ``reason``:
     why seeds are missing (from ``jobs``, the sweep's :class:`~onthefly.tables.sweep.Job` list), None when none is."""
@@ -179,11 +212,19 @@ def summarise(spec: TableSpec, records: pd.DataFrame, published: Optional[dict] 
             missing = [s for s in seeds if s not in have]
             pub = published.get((row.id, col.id, key))
             mean = float(vals.mean()) if len(vals) else float("nan")
-            lines.append({
-                "row": row.id, "col": col.id, "key": key, "n": int(len(vals)), "expected": len(seeds), "mean": mean,
-                "std": float(vals.std(ddof=0)) if len(vals) else float("nan"),
-                "published": pub, "delta": mean - pub if pub is not None and len(vals) else None,
-                "seeds": ",".join(map(str, have)),
-                "reason": explain(missing, key, by_cell.get((src, col.id)), source) if missing else None,
-            })
+            lines.append(
+                {
+                    "row": row.id,
+                    "col": col.id,
+                    "key": key,
+                    "n": int(len(vals)),
+                    "expected": len(seeds),
+                    "mean": mean,
+                    "std": float(vals.std(ddof=0)) if len(vals) else float("nan"),
+                    "published": pub,
+                    "delta": mean - pub if pub is not None and len(vals) else None,
+                    "seeds": ",".join(map(str, have)),
+                    "reason": explain(missing, key, by_cell.get((src, col.id)), source) if missing else None,
+                }
+            )
     return pd.DataFrame(lines)

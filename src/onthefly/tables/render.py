@@ -1,4 +1,5 @@
 """Summaries -> Markdown, LaTeX and CSV tables, a report-ready PNG, and the spec's figures."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,17 +76,38 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines + ([""] + [f"{n}  " for n in notes] if notes else []))
 
 
-_LATEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
-          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "Δ": r"$\Delta$",
-          "×": r"$\times$", "–": "--", "…": r"\ldots{}"}
+_LATEX = {
+    "\\": r"\textbackslash{}",
+    "_": r"\_",
+    "%": r"\%",
+    "&": r"\&",
+    "#": r"\#",
+    "$": r"\$",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    "×": r"$\times$",
+    "–": "--",
+    "…": r"\ldots{}",
+}
 
 
 def to_latex(df: pd.DataFrame, caption: str, label: str) -> str:
     esc = lambda s: "".join(_LATEX.get(ch, ch) for ch in str(s))  # noqa: E731
     cols = "l" + "c" * len(df.columns)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(caption)}}}", rf"\label{{tab:{label}}}",
-             rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
-             " & ".join([esc(df.index.name or "")] + [esc(c) for c in df.columns]) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{esc(caption)}}}",
+        rf"\label{{tab:{label}}}",
+        rf"\begin{{tabular}}{{{cols}}}",
+        r"\toprule",
+        " & ".join([esc(df.index.name or "")] + [esc(c) for c in df.columns]) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join([esc(i)] + [esc(v) for v in r]) + r" \\" for i, r in df.iterrows()]
     lines += [r"\bottomrule", r"\end{tabular}"]
     notes = notes_lines(df)
@@ -97,7 +119,7 @@ def to_latex(df: pd.DataFrame, caption: str, label: str) -> str:
 
 def table_png(spec: TableSpec, summary: pd.DataFrame, path: Path) -> Optional[Path]:
     """Bars of ours (± std) per row for each column × key, published numbers as black ticks."""
-    from onthefly.plots import plt, _save
+    from onthefly.plots import _save, plt
 
     groups = summary.groupby(["col", "key"], sort=False)
     if not len(summary) or summary["n"].sum() == 0:
@@ -108,8 +130,15 @@ def table_png(spec: TableSpec, summary: pd.DataFrame, path: Path) -> Optional[Pa
         x = range(len(g))
         ax.bar(x, g["mean"].fillna(0), yerr=g["std"].fillna(0), capsize=3, color="#4C72B0")
         pub = g["published"].astype(float)
-        ax.scatter([i for i, p in zip(x, pub) if p == p], [p for p in pub if p == p], marker="_", s=300,
-                   color="black", label="paper", zorder=3)
+        ax.scatter(
+            [i for i, p in zip(x, pub) if p == p],
+            [p for p in pub if p == p],
+            marker="_",
+            s=300,
+            color="black",
+            label="paper",
+            zorder=3,
+        )
         ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{col} {_key_label(key)}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -144,35 +173,62 @@ def spec_plots(spec: TableSpec, records: pd.DataFrame, out: Path) -> list[Path]:
                     mean = hist.mean(numeric_only=True)
                     std = hist.std(ddof=0, numeric_only=True)
                     for c in [c for c in mean.columns if c.startswith(prefix)]:
-                        series[f"{label}: {c.split('_', 1)[1]}" if plot != "acc_curves" else f"{label}: {c[len(prefix):]}"] = (
-                            mean.index, mean[c].values, std[c].values)
+                        series[
+                            f"{label}: {c.split('_', 1)[1]}" if plot != "acc_curves" else f"{label}: {c[len(prefix) :]}"
+                        ] = (mean.index, mean[c].values, std[c].values)
                 if series:
                     if plot == "acc_curves":
                         ylabel, what = "val accuracy", "per-modality val accuracy"
                     else:
                         ylabel = f"{QUANTITIES.get(plot, plot)}, epoch mean"
                         what = f"{QUANTITIES.get(plot, plot)}: epoch mean of the per-step values"
-                    paths.append(line_plot(series, out / f"{col}_{plot}.png", "epoch", ylabel,
-                                           f"{spec.name} · {col} · {what}, mean ± std over seeds",
-                                           hline=1.0 if plot == "rho" else None))
+                    paths.append(
+                        line_plot(
+                            series,
+                            out / f"{col}_{plot}.png",
+                            "epoch",
+                            ylabel,
+                            f"{spec.name} · {col} · {what}, mean ± std over seeds",
+                            hline=1.0 if plot == "rho" else None,
+                        )
+                    )
         if "robustness" in spec.plots:
             series = {}
             for rid, g in by_col.groupby("row", sort=False):
-                keys = sorted({k.split("@")[0] for k in g.columns if k.startswith("robustness/") and g[k].notna().any()})
+                keys = sorted(
+                    {k.split("@")[0] for k in g.columns if k.startswith("robustness/") and g[k].notna().any()}
+                )
                 for k in keys:
                     ratios = sorted(float(c.split("@")[1]) for c in g.columns if c.startswith(k + "@"))
                     vals = [g[f"{k}@{r}"] for r in ratios]
                     series[f"{labels[rid]}: {k.split('acc_')[1]} removed"] = (
-                        ratios, [v.mean() for v in vals], [v.std(ddof=0) for v in vals])
+                        ratios,
+                        [v.mean() for v in vals],
+                        [v.std(ddof=0) for v in vals],
+                    )
             if series:
-                paths.append(line_plot(series, out / f"{col}_robustness.png", "fraction of test samples without the modality",
-                                       "fused accuracy", f"{spec.name} · {col} · robustness"))
+                paths.append(
+                    line_plot(
+                        series,
+                        out / f"{col}_robustness.png",
+                        "fraction of test samples without the modality",
+                        "fused accuracy",
+                        f"{spec.name} · {col} · robustness",
+                    )
+                )
         if "probe" in spec.plots:
             cols = [c for c in by_col.columns if c.startswith("probe/acc_") and by_col[c].notna().any()]
             if cols:
                 grouped = by_col.groupby("row", sort=False)[cols]
                 mean = grouped.mean().rename(index=labels) * 100
                 std = grouped.std(ddof=0).rename(index=labels) * 100
-                paths.append(grouped_bars(mean, out / f"{col}_probe.png", "linear-probe test accuracy (%)",
-                                          f"{spec.name} · {col} · linear probes", errors=std))
+                paths.append(
+                    grouped_bars(
+                        mean,
+                        out / f"{col}_probe.png",
+                        "linear-probe test accuracy (%)",
+                        f"{spec.name} · {col} · linear probes",
+                        errors=std,
+                    )
+                )
     return paths

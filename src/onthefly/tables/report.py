@@ -9,6 +9,7 @@ and turned into a `wandb-workspaces` report from there (:func:`to_wandb_report`)
 ``--offline``, or when saving fails) the command writes the specification, with the payload W&B would receive,
 to ``experiments/results/<NAME>/report.json`` and says what to run once online.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,9 @@ def column_modalities(spec: TableSpec, col) -> list[str]:
         return list(DEFAULT_MODALITIES)
 
 
-def report_spec(spec: TableSpec, results: Path, project: str = "onthefly", entity: Optional[str] = None,
-                modalities_of=None) -> dict:
+def report_spec(
+    spec: TableSpec, results: Path, project: str = "onthefly", entity: Optional[str] = None, modalities_of=None
+) -> dict:
     """The report as plain data: title, the W&B group, one section per runnable column (filter: group + the
     column's tag; panels: metric keys, x-axis, group-by), the runs table's filter, and the published-vs-ours
     table in Markdown."""
@@ -56,25 +58,46 @@ def report_spec(spec: TableSpec, results: Path, project: str = "onthefly", entit
         for kind in ("rho", "k", "q"):
             for m in modalities_of(col):
                 metric = METRICS[kind]
-                panels.append({"kind": kind, "title": metric["title"].format(m=m), "x": metric["x"],
-                               "y": [metric["key"].format(m=m)], "groupby": GROUP_BY})
-        panels.append({"kind": "val_acc", "title": METRICS["val_acc"]["title"], "x": METRICS["val_acc"]["x"],
-                       "y": [METRICS["val_acc"]["key"]], "groupby": GROUP_BY})
-        sections.append({"column": col.id, "label": col.label or col.id,
-                         "filter": {"group": spec.group, "tag": col.id}, "panels": panels})
+                panels.append(
+                    {
+                        "kind": kind,
+                        "title": metric["title"].format(m=m),
+                        "x": metric["x"],
+                        "y": [metric["key"].format(m=m)],
+                        "groupby": GROUP_BY,
+                    }
+                )
+        panels.append(
+            {
+                "kind": "val_acc",
+                "title": METRICS["val_acc"]["title"],
+                "x": METRICS["val_acc"]["x"],
+                "y": [METRICS["val_acc"]["key"]],
+                "groupby": GROUP_BY,
+            }
+        )
+        sections.append(
+            {
+                "column": col.id,
+                "label": col.label or col.id,
+                "filter": {"group": spec.group, "tag": col.id},
+                "panels": panels,
+            }
+        )
     table_md = results / spec.folder / "table.md"
     make_fidelity = "" if spec.fidelity == spec.default_fidelity else f" FIDELITY={spec.fidelity}"
     return {
         "title": spec.heading[:128],
         "description": f"Runs of `make reproduce-table-{spec.name}{make_fidelity}` (W&B group {spec.group}), by "
-                       "dataset and method.",
+        "dataset and method.",
         "project": project,
         "entity": entity,
         "group": spec.group,
         "sections": sections,
         "runs_table": {"filter": {"group": spec.group}},
-        "published_vs_ours": table_md.read_text() if table_md.exists() else
-        f"(no table yet: run `make build-table-{spec.name}{make_fidelity}` and then this command again)",
+        "published_vs_ours": table_md.read_text()
+        if table_md.exists()
+        else f"(no table yet: run `make build-table-{spec.name}{make_fidelity}` and then this command again)",
         "metrics": METRICS,
     }
 
@@ -93,16 +116,47 @@ def to_wandb_report(rspec: dict, entity: str):
 
     blocks = [wr.P(rspec["description"])]
     for section in rspec["sections"]:
-        runset = wr.Runset(entity=entity, project=rspec["project"], name=section["label"],
-                           filters=_filters(section["filter"]), groupby=[GROUP_BY])
-        panels = [wr.LinePlot(title=p["title"], x=p["x"], y=p["y"], groupby=p["groupby"], groupby_aggfunc="mean",
-                              groupby_rangefunc="minmax") for p in section["panels"]]
+        runset = wr.Runset(
+            entity=entity,
+            project=rspec["project"],
+            name=section["label"],
+            filters=_filters(section["filter"]),
+            groupby=[GROUP_BY],
+        )
+        panels = [
+            wr.LinePlot(
+                title=p["title"],
+                x=p["x"],
+                y=p["y"],
+                groupby=p["groupby"],
+                groupby_aggfunc="mean",
+                groupby_rangefunc="minmax",
+            )
+            for p in section["panels"]
+        ]
         blocks += [wr.H2(section["label"]), wr.PanelGrid(runsets=[runset], panels=panels)]
-    blocks += [wr.H2("Runs"), wr.PanelGrid(runsets=[wr.Runset(entity=entity, project=rspec["project"], name="all runs",
-                                                              filters=_filters(rspec["runs_table"]["filter"]))])]
+    blocks += [
+        wr.H2("Runs"),
+        wr.PanelGrid(
+            runsets=[
+                wr.Runset(
+                    entity=entity,
+                    project=rspec["project"],
+                    name="all runs",
+                    filters=_filters(rspec["runs_table"]["filter"]),
+                )
+            ]
+        ),
+    ]
     blocks += [wr.H2("Published vs ours"), wr.MarkdownBlock(text=rspec["published_vs_ours"])]
-    return wr.Report(project=rspec["project"], entity=entity, title=rspec["title"],
-                     description=rspec["description"], blocks=blocks, width="fluid")
+    return wr.Report(
+        project=rspec["project"],
+        entity=entity,
+        title=rspec["title"],
+        description=rspec["description"],
+        blocks=blocks,
+        width="fluid",
+    )
 
 
 def write_offline(rspec: dict, path: Path, why: str, name: str) -> Path:
@@ -115,14 +169,17 @@ def write_offline(rspec: dict, path: Path, why: str, name: str) -> Path:
         data["wandb_viewspec_error"] = f"{type(err).__name__}: {err}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False))
-    print(f"{why}: wrote the report's specification to {path}.\nOnce online (`wandb login`), run "
-          f"`make report-table-{name}` (python -m onthefly.tables report {name}) to create the report in W&B; "
-          "sync the offline runs first (`wandb sync <run>/wandb/offline-run-*`).")
+    print(
+        f"{why}: wrote the report's specification to {path}.\nOnce online (`wandb login`), run "
+        f"`make report-table-{name}` (python -m onthefly.tables report {name}) to create the report in W&B; "
+        "sync the offline runs first (`wandb sync <run>/wandb/offline-run-*`)."
+    )
     return path
 
 
-def make_report(spec: TableSpec, results: Path, project: str = "onthefly", entity: Optional[str] = None,
-                offline: bool = False) -> int:
+def make_report(
+    spec: TableSpec, results: Path, project: str = "onthefly", entity: Optional[str] = None, offline: bool = False
+) -> int:
     from onthefly.logging.sinks import wandb_logged_in
 
     rspec = report_spec(spec, results, project, entity)

@@ -14,6 +14,7 @@ spec's results (``<results>/<name>/official/``) and its W&B runs in their own gr
 Loading checks everything that can be checked without running: known keys only, every experiment preset and
 every group option named by an override exists in conf/, every value key is well formed.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,9 +29,11 @@ from onthefly.resources import EXPERIMENTS_DIR
 
 FIDELITIES = tuple(sorted(p.stem for p in (CONF_DIR / "fidelity").glob("*.yaml")))  # clean, official
 _GROUPS = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
-_VALUE_KEY = re.compile(r"^(test|val|best)/[a-z0-9_]+$|^probe/acc_[a-z0-9_]+$|^robustness/acc_[a-z0-9_]+@[01](\.\d+)?$"
-                        r"|^estimator/[a-z0-9_]+$|^train/[a-z0-9_]+$"
-                        r"|^(shapley|shapley_share|shapley_sample|cur|cost)/[a-z0-9_]+$")
+_VALUE_KEY = re.compile(
+    r"^(test|val|best)/[a-z0-9_]+$|^probe/acc_[a-z0-9_]+$|^robustness/acc_[a-z0-9_]+@[01](\.\d+)?$"
+    r"|^estimator/[a-z0-9_]+$|^train/[a-z0-9_]+$"
+    r"|^(shapley|shapley_share|shapley_sample|cur|cost)/[a-z0-9_]+$"
+)
 # imbalance and cost keys of results.json (engine/imbalance.py); cost/* are counts, not fractions
 IMBALANCE_PREFIXES = ("shapley", "shapley_share", "shapley_sample", "cur", "cost")
 
@@ -141,24 +144,53 @@ class TableSpec:
         overrides = [*self.overrides, *col.overrides, *row.overrides]
         methods = [o.split("=", 1)[1] for o in overrides if o.startswith("modulation=")]
         method = methods[-1] if methods else "none"
-        return [f"experiment={col.preset}", f"fidelity={self.row_fidelity(row)}", *overrides,
-                *col.method_overrides.get(method, []), *col.row_overrides.get(row.id, [])]
+        return [
+            f"experiment={col.preset}",
+            f"fidelity={self.row_fidelity(row)}",
+            *overrides,
+            *col.method_overrides.get(method, []),
+            *col.row_overrides.get(row.id, []),
+        ]
 
     def analyses(self) -> set[str]:
         """Post-training analyses the rows need (probe, robustness, estimator)."""
         needed = set()
         for row in self.rows:
             needed.update(row.analyses)
-            for key in self.value_keys(row) + [k for r in self.rows if r.same_runs_as == row.id for k in self.value_keys(r)]:
+            for key in self.value_keys(row) + [
+                k for r in self.rows if r.same_runs_as == row.id for k in self.value_keys(r)
+            ]:
                 if key.split("/")[0] in ("probe", "robustness", "estimator"):
                     needed.add(key.split("/")[0])
         return needed
 
 
-_SPEC_KEYS = {"name", "title", "columns", "rows", "seeds", "values", "protocol", "published", "overrides", "plots",
-              "notes", "fidelity"}
-_COL_KEYS = {"preset", "data", "prep", "label", "published_dataset", "overrides", "pending", "train_clips",
-             "method_overrides", "row_overrides"}
+_SPEC_KEYS = {
+    "name",
+    "title",
+    "columns",
+    "rows",
+    "seeds",
+    "values",
+    "protocol",
+    "published",
+    "overrides",
+    "plots",
+    "notes",
+    "fidelity",
+}
+_COL_KEYS = {
+    "preset",
+    "data",
+    "prep",
+    "label",
+    "published_dataset",
+    "overrides",
+    "pending",
+    "train_clips",
+    "method_overrides",
+    "row_overrides",
+}
 _ROW_KEYS = {"overrides", "label", "values", "published", "analyses", "same_runs_as", "fidelity"}
 _PLOTS = {"rho", "k", "q", "acc_curves", "robustness", "probe"}
 
@@ -175,8 +207,10 @@ def _check_override(where: str, override: str) -> None:
         raise SpecError(f"{where}: override {override!r} is not key=value")
     key = key.lstrip("+~")
     if key in ("fidelity", "table_cell"):
-        raise SpecError(f"{where}: override {override!r}: a table sets {key} itself (the spec's or a row's "
-                        "`fidelity:` key; --fidelity)")
+        raise SpecError(
+            f"{where}: override {override!r}: a table sets {key} itself (the spec's or a row's "
+            "`fidelity:` key; --fidelity)"
+        )
     if key in _GROUPS and key != "experiment":
         if not (CONF_DIR / key / f"{value}.yaml").exists():
             options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
@@ -193,9 +227,11 @@ def _check_preset(where: str, preset: str) -> None:
 
 def _check_value_key(where: str, key: str) -> None:
     if not _VALUE_KEY.match(key):
-        raise SpecError(f"{where}: value key {key!r} is not one of test/…, val/…, best/…, probe/acc_<m>, "
-                        "robustness/acc_<m>@<r>, estimator/…, shapley/<m>, shapley_share/<m>, shapley_sample/<m>, "
-                        "cur/…, cost/…")
+        raise SpecError(
+            f"{where}: value key {key!r} is not one of test/…, val/…, best/…, probe/acc_<m>, "
+            "robustness/acc_<m>@<r>, estimator/…, shapley/<m>, shapley_share/<m>, shapley_sample/<m>, "
+            "cur/…, cost/…"
+        )
 
 
 def official_data_folder(data: str) -> str:
@@ -253,9 +289,18 @@ def load_spec(path: Path | str, fidelity: Optional[str] = None) -> TableSpec:
             raise SpecError(f"{where} row {rid}: unknown analyses {sorted(bad)}")
         if "fidelity" in r:
             _check_fidelity(f"{where} row {rid}", r["fidelity"])
-        rows.append(Row(id=rid, overrides=list(r.get("overrides", [])), label=r.get("label"), values=r.get("values"),
-                        published=r.get("published"), analyses=list(r.get("analyses", [])),
-                        same_runs_as=r.get("same_runs_as"), fidelity=r.get("fidelity")))
+        rows.append(
+            Row(
+                id=rid,
+                overrides=list(r.get("overrides", [])),
+                label=r.get("label"),
+                values=r.get("values"),
+                published=r.get("published"),
+                analyses=list(r.get("analyses", [])),
+                same_runs_as=r.get("same_runs_as"),
+                fidelity=r.get("fidelity"),
+            )
+        )
     ids = {r.id for r in rows}
     for col in columns:
         for rid, extra in col.row_overrides.items():
@@ -278,11 +323,20 @@ def load_spec(path: Path | str, fidelity: Optional[str] = None) -> TableSpec:
     if fidelity is not None:
         _check_fidelity("--fidelity", fidelity)
     return TableSpec(
-        name=raw["name"], title=raw["title"], path=path, columns=columns, rows=rows,
-        seeds=list(raw.get("seeds", [0, 1, 2])), values=list(raw.get("values", ["test/acc"])),
-        protocol=raw.get("protocol", ""), published_source=published.get("source"),
-        published_table=published.get("table"), overrides=list(raw.get("overrides", [])),
-        plots=list(raw.get("plots", [])), notes=raw.get("notes", ""), default_fidelity=default,
+        name=raw["name"],
+        title=raw["title"],
+        path=path,
+        columns=columns,
+        rows=rows,
+        seeds=list(raw.get("seeds", [0, 1, 2])),
+        values=list(raw.get("values", ["test/acc"])),
+        protocol=raw.get("protocol", ""),
+        published_source=published.get("source"),
+        published_table=published.get("table"),
+        overrides=list(raw.get("overrides", [])),
+        plots=list(raw.get("plots", [])),
+        notes=raw.get("notes", ""),
+        default_fidelity=default,
         fidelity=fidelity or default,
     )
 
