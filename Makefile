@@ -55,7 +55,10 @@ SEEDS ?=
 PARTITION ?=
 ACCOUNT ?=
 RETRY_FAILED ?=
-DRY_RUN ?=
+# DRY_RUN=1, or make's own -n / --dry-run: list the jobs a table would run (the table command itself runs, in
+# dry-run mode, so that `make reproduce-table-zoo --dry-run` shows the jobs rather than one command line)
+MAKE_DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
+DRY_RUN ?= $(if $(MAKE_DRY_RUN),1)
 ARGS ?=
 .PHONY: tables
 ifneq ($(filter-out clean official,$(FIDELITY)),)
@@ -67,7 +70,7 @@ tables: $(STAMP)  ## list every table spec with its runs, datasets, job states a
 	$(PY) -m onthefly.tables list $(TABLE_FIDELITY)
 
 reproduce-table-%: $(STAMP)  ## run + build one table: make reproduce-table-cvpr-t2 [FIDELITY=official|clean] [LAUNCHER=serial|parallel|local|slurm] [PARTITION=gpu] [ACCOUNT=] [SEEDS=0,1,2] [RETRY_FAILED=1] [DRY_RUN=1] [ARGS="key=value ..."]
-	$(PY) -m onthefly.tables run $* $(TABLE_FIDELITY) --launcher $(LAUNCHER) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(RETRY_FAILED),--retry-failed) $(if $(DRY_RUN),--dry-run) $(ARGS)
+	+$(PY) -m onthefly.tables run $* $(TABLE_FIDELITY) --launcher $(LAUNCHER) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(RETRY_FAILED),--retry-failed) $(if $(DRY_RUN),--dry-run) $(ARGS)
 
 build-table-%: $(STAMP)  ## build one table from the runs that finished, and say what is failed, running or missing [FIDELITY=]
 	$(PY) -m onthefly.tables build $* $(TABLE_FIDELITY) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
