@@ -46,3 +46,15 @@ class UnimodalHeads(nn.ModuleDict):
 
     def forward(self, feats: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {m: head(feats[m]) for m, head in self.items()}
+
+
+def require_one_width(feature_dims: dict, method: str, hint: str = "") -> int:
+    """The one feature width of every modality, which methods that share one classifier between modalities (MLA,
+    ReconBoost) need; a model with several widths is refused with the fix."""
+    widths = set(feature_dims.values())
+    if len(widths) != 1:
+        raise ValueError(
+            f"{method} shares one classifier between modalities, so their feature widths must agree; "
+            f"this model has {feature_dims}. Use encoders of one width{hint}."
+        )
+    return widths.pop()

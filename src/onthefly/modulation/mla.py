@@ -23,6 +23,7 @@ from onthefly.config import PositiveInt, Range, configurable
 from onthefly.models.encoders import init_weights
 from onthefly.models.fusion import FusionHead
 from onthefly.modulation.base import Modulation, StepContext, StepStrategy
+from onthefly.modulation.helpers import require_one_width
 
 
 class Variant(str, enum.Enum):
@@ -97,18 +98,13 @@ class SharedHead(FusionHead):
         fusion_batch: int = 64,
     ):
         super().__init__(feature_dims, num_classes)
-        widths = set(feature_dims.values())
-        if len(widths) != 1:
-            raise ValueError(
-                f"MLA shares one classifier between modalities, so their feature widths must agree; "
-                f"this model has {feature_dims}. Use encoders of one width (e.g. backbone=resnet18)."
-            )
+        width = require_one_width(feature_dims, "MLA", " (e.g. backbone=resnet18)")
         if fixed_weights is not None and len(fixed_weights) != len(feature_dims):
             raise ValueError(
                 f"modulation.fixed_weights has {len(fixed_weights)} values for "
                 f"{len(feature_dims)} modalities {list(feature_dims)}"
             )
-        self.fc = nn.Linear(widths.pop(), num_classes)
+        self.fc = nn.Linear(width, num_classes)
         self.fusion, self.fixed_weights, self.fusion_batch = Fusion(fusion), fixed_weights, int(fusion_batch)
         init_weights(self)
 

@@ -25,6 +25,7 @@ from torch import nn
 from onthefly.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Range, configurable
 from onthefly.models.fusion import FusionHead
 from onthefly.modulation.base import EpochSchedule, JointStep, Modulation, StepContext, StepStrategy
+from onthefly.modulation.helpers import require_one_width
 
 
 class Variant(str, enum.Enum):
@@ -74,13 +75,8 @@ class EnsembleHead(FusionHead):
 
     def __init__(self, feature_dims, num_classes: int, hidden: int = 256, boost_rate: float = 1.0):
         super().__init__(feature_dims, num_classes)
-        widths = set(feature_dims.values())
-        if len(widths) != 1:
-            raise ValueError(
-                f"ReconBoost shares one classifier between modalities, so their feature widths must "
-                f"agree; this model has {feature_dims}. Use encoders of one width."
-            )
-        self.classifier = nn.Sequential(nn.Linear(widths.pop(), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        width = require_one_width(feature_dims, "ReconBoost", "")
+        self.classifier = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
         self.boost_rate = nn.Parameter(torch.tensor(float(boost_rate)))
         self.register_buffer("members", torch.zeros(len(feature_dims)))  # 1: in the ensemble
 
