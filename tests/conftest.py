@@ -88,3 +88,15 @@ def subprocess_env() -> dict:
     env.pop("WANDB_API_KEY", None)
     env["HYDRA_FULL_ERROR"] = "0"
     return env
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny tensor ops (far slower with several threads on a busy 2-core machine);
+    a module takes it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,13 +30,7 @@ from onthefly.modulation.opm_ogm import OPMOGM
 AV = ["audio", "visual"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # tiny tensor ops are far slower with several threads on a busy 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conv_model(head_cls=ConcatFusion, num_classes=3) -> MultimodalModel:

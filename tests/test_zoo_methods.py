@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from test_methods import AV, _one_torch_thread, mlp_model  # noqa: F401  (the fixture: one torch thread)
+from test_methods import AV, mlp_model
 from test_methods import assert_close as close
 from torch import nn
 
@@ -36,6 +36,8 @@ from onthefly.modulation.pmr import PMR, class_means, pmr_coefficients, prototyp
 from onthefly.modulation.umt import UME, UMT, EnsembleHead, distill_losses, load_teacher
 
 from conftest import read_results
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch(b=6, dims=(5, 7), num_classes=3, seed=1):

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from test_methods import _one_torch_thread  # noqa: F401  (autouse: one torch thread for the tiny tensor ops)
 from torch import nn
 
 from onthefly.engine import checkpoint as ckpt
@@ -28,6 +27,8 @@ from onthefly.modulation.lfm import FITTED_COEFFS, LFM, alignment_divergence, fi
 from onthefly.modulation.mbsd import MBSD, pair_terms
 
 from conftest import read_metrics, read_results
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 AV = ["audio", "visual"]
 LN = math.log

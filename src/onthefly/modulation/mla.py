@@ -24,6 +24,7 @@ from onthefly.models.encoders import init_weights
 from onthefly.models.fusion import FusionHead
 from onthefly.modulation.base import Modulation, StepContext, StepStrategy
 from onthefly.modulation.helpers import require_one_width
+from onthefly.modulation.zoo import mean_over_ranks
 
 
 class Variant(str, enum.Enum):
@@ -117,17 +118,6 @@ class SharedHead(FusionHead):
         return sum(w[:, i : i + 1] * u for i, u in enumerate(logits))
 
 
-def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """``x`` averaged over data-parallel ranks (identity in one process), so every rank updates P alike."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
-
-
 class AlternatingStep(StepStrategy):
     """One uni-modal sub-step per modality through the shared head: forward of encoder m and h, backward,
     head-gradient projection, optimizer step. Logs loss_<m>, acc_<m> and the fused accuracy."""
@@ -204,7 +194,7 @@ class MLA(Modulation):
         """Project the shared head's weight gradient (variant paper); logs α_t and trace(P)."""
         weight = self.head.fc.weight
         if self.variant is Variant.paper and weight.grad is not None:
-            r = _mean_over_ranks(z.float().mean(0))
+            r = mean_over_ranks(z.float().mean(0))  # every rank updates P alike
             alpha = step_alpha(self.alpha, ctx.step, ctx.steps_in_epoch)
             g = weight.grad.float()
             if self.projection is Projection.owm:
