@@ -119,7 +119,13 @@ def test_few_nonfinite_steps_are_skipped_not_fatal(train_run, monkeypatch):
     assert saved["nonfinite_steps"] == 1
     steps = pd.read_csv(out / "steps.csv")
     assert steps["train/loss"].isna().sum() == 1 and steps["train/loss"].notna().sum() == len(steps) - 1
-    # the epoch mean of train/loss is NaN now; results.json must still be strict JSON (NaN written as null)
+    # the skipped step stays out of the epoch means: the epoch's train/loss is the mean of its finite steps
+    metrics = read_metrics(out).dropna(subset=["train/loss"])
+    by_epoch = steps.dropna(subset=["train/loss"]).groupby("epoch")["train/loss"].mean()
+    assert len(metrics) == len(by_epoch)
+    for _, row in metrics.iterrows():
+        assert row["train/loss"] == pytest.approx(by_epoch[int(row["epoch"])], rel=1e-6)
+    # results.json must be strict JSON (a NaN anywhere would be written as null)
     strict = json.loads((out / "results.json").read_text(), parse_constant=_no_nan)
     assert strict["status"] == "ok"
 

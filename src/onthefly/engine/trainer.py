@@ -390,9 +390,10 @@ class Trainer:
                 with self.imbalance.counting() if step == start else contextlib.nullcontext():  # its FLOPs
                     values = self.train_step(self._ctx(epoch, step), inputs, labels, indices)
                 self.global_step += 1
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
+                if np.isfinite(values["loss"]):  # a skipped (non-finite) step stays out of the epoch's means
+                    for k, v in values.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
                 if self.global_step % self.tc.log_every_n_steps == 0:  # steps.csv is written as the rows come
                     self.logger.log_step({f"train/{k}": v for k, v in values.items()}, self.global_step, epoch)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['acc']:.2f}")
