@@ -141,6 +141,16 @@ def test_compile_keeps_the_numbers_and_the_parameter_names(train_run, monkeypatc
     pd.testing.assert_frame_equal(_numbers(plain), _numbers(compiled), check_exact=False, rtol=1e-5)
 
 
+def test_compile_asks_for_static_shapes(monkeypatch):
+    """inductor's dynamic-shape path fails on these encoders at the second batch shape ("cannot determine truth value
+    of Relational: 3*s0*s92 < 3", torch 2.11 on an H200 host and 2.14 here, measured with debug=fast
+    trainer.compile=true): the encoders are compiled with dynamic=False, one static graph per shape."""
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: seen.append(kwargs))
+    builder.build(compose(["debug=fast", "trainer.compile=true"]), torch.device("cpu"))
+    assert len(seen) == 2 and all(kw.get("dynamic") is False for kw in seen)
+
+
 # --- channels_last: a GPU speed option (oneDNN's AVX-512 NHWC conv backward crashes on some CPU shapes) -------------
 def _is_channels_last(model) -> bool:
     # a 3x3 kernel over several channels is NHWC exactly when it is not NCHW-contiguous

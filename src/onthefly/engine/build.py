@@ -53,6 +53,55 @@ def use_channels_last(setting, device: torch.device) -> bool:
     return value == "true"
 
 
+# oneDNN's AMX kernels for bfloat16 convolution (CPUs with amx_bf16: Intel Xeon Sapphire Rapids and later) return
+# garbage (values near 1e37, or NaN) for some small outputs at batch 64, e.g. a 3x3 stride-2 conv of a 64x32x5x2 input:
+# the width-8 ResNet18's last stage on synth_av (torch 2.11 and 2.14). The AVX512_CORE_BF16 kernels compute it right.
+BF16_SAFE_ISA = "AVX512_CORE_BF16"
+CPU_BF16_ERROR = (
+    "trainer.precision=bf16 on this CPU: oneDNN's bfloat16 convolution returns wrong values here (its AMX kernels, on "
+    "some small conv shapes). Start the command with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 in the environment (oneDNN "
+    "reads it before its first convolution), or use trainer.precision=32; the README's troubleshooting says more."
+)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_conv_is_right() -> bool:
+    """Whether a bfloat16 convolution of the shape oneDNN's AMX kernels get wrong matches float32 on this CPU."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, 5, 2, generator=g).bfloat16()
+    w = (torch.randn(64, 32, 3, 3, generator=g) * 0.05).bfloat16()
+    y = nn.functional.conv2d(x, w, stride=2, padding=1).float()
+    ref = nn.functional.conv2d(x.float(), w.float(), stride=2, padding=1)
+    return bool(torch.isfinite(y).all()) and float((y - ref).abs().max()) < 0.1
+
+
+def check_cpu_bf16(precision, device: torch.device) -> None:
+    """Before a bf16 run on a CPU: on a CPU with AMX, limit oneDNN to its AVX512_CORE_BF16 kernels (unless the user
+    chose ONEDNN_MAX_CPU_ISA), then check that a bf16 convolution is right, and stop with the fix if it is not (oneDNN
+    fixes its kernel set at its first convolution, so the limit comes too late in a process that already ran one)."""
+    if device.type != "cpu" or str(getattr(precision, "value", precision)) != "bf16":
+        return
+    if "ONEDNN_MAX_CPU_ISA" not in os.environ and "amx_bf16" in _cpu_flags():
+        os.environ["ONEDNN_MAX_CPU_ISA"] = BF16_SAFE_ISA
+        warnings.warn(
+            f"trainer.precision=bf16 on a CPU with AMX: oneDNN is limited to its {BF16_SAFE_ISA} kernels for this run, "
+            "since its AMX bfloat16 convolution returns wrong values on some shapes (README, troubleshooting).",
+            stacklevel=2,
+        )
+    if not bf16_conv_is_right():
+        raise TrainingError(CPU_BF16_ERROR)
+
+
 @dataclass
 class Parts:
     """What a run trains: built (and seeded) the same way on every rank."""
@@ -117,7 +166,10 @@ def build_model(cfg: DictConfig, splits, device: torch.device, info: Optional[Di
         model = model.to(memory_format=torch.channels_last)
     if tc.compile:
         for encoder in model.encoders.values():
-            encoder.compile(backend=tc.compile_backend)  # in place: parameter names stay as they are
+            # in place, so parameter names stay as they are. dynamic=False: one static graph per input shape (the
+            # train batch, a last partial batch, the eval batch), since inductor's dynamic-shape path fails on these
+            # encoders ("cannot determine truth value of Relational", torch 2.11 and 2.14)
+            encoder.compile(backend=tc.compile_backend, dynamic=False)
     return model, modalities, task
 
 
@@ -127,6 +179,7 @@ def build(cfg: DictConfig, device: torch.device, info: Optional[DistInfo] = None
     tc = cfg.trainer
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    check_cpu_bf16(tc.precision, device)
     seed_everything(cfg.seed, tc.deterministic)
     splits = build_splits(cfg)
     model, modalities, task = build_model(cfg, splits, device, info)
