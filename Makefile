@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 # the wheels that match each other; set TORCH_PINS= to keep whatever torch your environment already has.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 PYTEST_ARGS ?=
+# test processes (pytest-xdist; whole files per process, so module fixtures stay whole); TEST_WORKERS=0 runs in one
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-fast lint format clean
@@ -26,11 +29,11 @@ install: $(STAMP)  ## create .venv (once) and install onthefly with its dev extr
 demo: $(STAMP)  ## train + evaluate OGM-GE, OPM, OPM+OGM, joint and uni-modal models on the synthetic benchmark (4 seeds, ~4 min on 2 cores) and print the table
 	$(PY) -m onthefly.demo
 
-test: $(STAMP)  ## run the whole test suite (what CI runs), slow end-to-end tests included
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP)  ## run the whole test suite (what CI runs), slow end-to-end tests included, in TEST_WORKERS=2 processes
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## run the fast tests only (skips `slow`)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff: lint rules and formatting check (what CI runs before the tests)
 	$(PY) -m ruff check src tests data_prep
