@@ -10,16 +10,12 @@ import pandas as pd
 import pytest
 
 # In-process bf16 runs (tests/test_precision.py) share this process's oneDNN, whose kernel set is fixed at its first
-# convolution: on a CPU with AMX, cap it now at the kernels a bf16 CLI run would get (onthefly.engine.build.
-# check_cpu_bf16 sets the same cap in a fresh process). AMX only serves bf16 / int8 work, so float32 tests run the
-# same kernels either way; tests/test_cpu_kernels.py runs its subprocesses without the cap, on the native kernels.
-if "ONEDNN_MAX_CPU_ISA" not in os.environ:
-    try:
-        with open("/proc/cpuinfo") as _f:
-            if any(line.startswith("flags") and " amx_bf16" in line for line in _f):
-                os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
-    except OSError:
-        pass
+# convolution: on a CPU with AMX, cap it now at the kernels a bf16 CLI run gets (the same call as in
+# onthefly.engine.build.check_cpu_bf16). AMX only serves bf16 / int8 work, so float32 tests run the same kernels either
+# way; tests/test_cpu_kernels.py runs its subprocesses without the cap, on the native kernels.
+from onthefly.engine.build import limit_onednn_for_bf16
+
+limit_onednn_for_bf16()
 
 # A few seconds per run on one CPU thread: 64/32/32 samples, 4 train steps per epoch, 2 epochs, no W&B
 # (debug=fast sets logger.mode=disabled; add logger.mode=offline where a test needs W&B), no end-of-run plots.

@@ -85,14 +85,22 @@ def bf16_conv_is_right() -> bool:
     return bool(torch.isfinite(y).all()) and float((y - ref).abs().max()) < 0.1
 
 
+def limit_onednn_for_bf16() -> bool:
+    """On a CPU with AMX, limit oneDNN to its AVX512_CORE_BF16 kernels, unless ONEDNN_MAX_CPU_ISA is already chosen;
+    True when this set the limit. Effective only before oneDNN's first convolution in the process."""
+    if "ONEDNN_MAX_CPU_ISA" in os.environ or "amx_bf16" not in _cpu_flags():
+        return False
+    os.environ["ONEDNN_MAX_CPU_ISA"] = BF16_SAFE_ISA
+    return True
+
+
 def check_cpu_bf16(precision, device: torch.device) -> None:
     """Before a bf16 run on a CPU: on a CPU with AMX, limit oneDNN to its AVX512_CORE_BF16 kernels (unless the user
     chose ONEDNN_MAX_CPU_ISA), then check that a bf16 convolution is right, and stop with the fix if it is not (oneDNN
     fixes its kernel set at its first convolution, so the limit comes too late in a process that already ran one)."""
     if device.type != "cpu" or str(getattr(precision, "value", precision)) != "bf16":
         return
-    if "ONEDNN_MAX_CPU_ISA" not in os.environ and "amx_bf16" in _cpu_flags():
-        os.environ["ONEDNN_MAX_CPU_ISA"] = BF16_SAFE_ISA
+    if limit_onednn_for_bf16():
         warnings.warn(
             f"trainer.precision=bf16 on a CPU with AMX: oneDNN is limited to its {BF16_SAFE_ISA} kernels for this run, "
             "since its AMX bfloat16 convolution returns wrong values on some shapes (README, troubleshooting).",
